@@ -1,0 +1,289 @@
+"""Typed configuration: one dataclass tree, loaded from YAML, overridden from the command line.
+
+A run's configuration is ``Config``. ``load_config(path, overrides)`` merges, in order, the
+dataclass defaults, the YAML file (and the files it lists under ``defaults:``, relative to it),
+and ``key.sub=value`` overrides. Unknown keys and ill-typed values are errors, never ignored.
+``save_config`` writes the resolved tree as YAML; every checkpoint carries one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class VideoConfig:
+    """How frames are sampled and shaped. Times are in seconds, never in frame indices."""
+
+    num_frames: int = 16
+    # Sampled frames per second: the stride between sampled frames is 1 / frame_rate seconds,
+    # so files at 25, 29.97 and 30 fps cover the same span.
+    frame_rate: float = 8.0
+    resize: int = 256  # short side before the crop
+    size: int = 224  # square crop fed to the model
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    decoder: str = "decord"  # decord | pyav
+
+    def __post_init__(self) -> None:
+        _check_choice("video.decoder", self.decoder, ("decord", "pyav"))
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.frame_rate
+
+
+@dataclass
+class AudioConfig:
+    """Kaldi fbank exactly as CAV-MAE / AST / AudioMAE compute it; (x - norm_mean) / norm_std."""
+
+    sample_rate: int = 16000
+    seconds: float = 10.24  # audio window, centred on the video clip's centre
+    num_mel_bins: int = 128
+    frame_shift_ms: float = 10.0
+    frame_length_ms: float = 25.0
+    norm_mean: float = -5.081  # CAV-MAE's AudioSet statistics; AST uses -4.2677393
+    norm_std: float = 4.4849  # CAV-MAE; AST uses 2 x 4.5689974 = 9.1379948
+    # A clip whose video has no audio stream: "skip" drops it (counted), "silence" feeds
+    # the fbank of a silent waveform (counted as well).
+    no_audio: str = "skip"
+
+    def __post_init__(self) -> None:
+        _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
+
+    @property
+    def target_length(self) -> int:
+        """Number of fbank frames of one window, e.g. 1024 for 10.24 s at a 10 ms shift."""
+        return int(round(self.seconds * 1000.0 / self.frame_shift_ms))
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where its media live, and how it is loaded."""
+
+    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae
+    root: str = "data/synthetic"  # media folder; relative paths in manifests resolve against it
+    train: str = "train.csv"  # manifest files, relative to root unless absolute
+    val: str = "val.csv"
+    test: str = "test.csv"
+    label_file: Optional[str] = None  # class list where the format needs one
+    audio_root: Optional[str] = None  # separate wav/flac files, when audio is not in the mp4
+    batch_size: int = 8  # per process
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    pin_memory: bool = True
+    clips_per_video: int = 1  # training: clips drawn from one decoded video
+    test_clips: int = 4  # multi-view evaluation: temporal clips
+    test_crops: int = 1  # multi-view evaluation: spatial crops (1 or 3)
+    balanced_sampling: bool = False  # AudioSet-style weighted sampling
+    max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice(
+            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae")
+        )
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentations of arXiv 2110.07082 and the audio recipe; `strength` scales all of them."""
+
+    enabled: bool = True
+    strength: float = 1.0
+    # sampling-based temporal augmentation
+    random_start: bool = True
+    speed_range: tuple[float, float] = (1.0, 1.0)  # playback-speed factor range for the stride
+    # lossy spatiotemporal transforms, one parameter draw per clip (temporal coherency kept)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    hflip: float = 0.5
+    color_jitter: float = 0.8  # probability
+    color_jitter_magnitude: float = 0.4
+    grayscale: float = 0.2
+    blur: float = 0.0
+    downup: float = 0.0  # spatial down-up sampling
+    frame_rate_reduction: float = 0.0  # drop frames and repeat neighbours
+    tube_cutout: float = 0.0
+    # coherency-breaking controls (ablation only)
+    per_frame: bool = False  # draw the spatial parameters per frame
+    frame_shuffle: float = 0.0
+    time_reversal: float = 0.0
+    # audio
+    gain_db: float = 0.0  # +- range of random gain
+    noise: float = 0.0  # probability of additive noise
+    time_roll: bool = False
+    freq_mask: int = 0  # SpecAugment widths in bins / frames; 0 disables
+    time_mask: int = 0
+    num_freq_masks: int = 2
+    num_time_masks: int = 2
+    mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha)
+    two_views: bool = False  # return two independently augmented views of each clip
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and pretraining objectives. Input geometry comes from DataConfig."""
+
+    size: str = "tiny"  # registry name: micro | tiny | small | base | large
+    patch_size: int = 16  # spatial patch of video, and the square patch of the fbank image
+    tubelet: int = 2  # frames per video token
+    fusion: str = "mid"  # early | late | shared | mid
+    fusion_layers: int = 1  # joint layers at the top of a mid-fusion encoder
+    decoder: str = "separate"  # separate | shared | joint
+    decoder_width: int = 384
+    decoder_depth: int = 4
+    decoder_heads: int = 8
+    reconstruction: str = "joint"  # joint | inpaint | both
+    modality_embed: bool = True
+    drop_path: float = 0.0
+    # masking
+    mask_ratio_video: float = 0.9
+    mask_ratio_audio: float = 0.7
+    video_masking: str = "random"  # random | tube
+    audio_masking: str = "random"  # random | time | freq | time_freq
+    norm_pix_loss: bool = True
+    loss_weight_video: float = 0.5
+    loss_weight_audio: float = 0.5
+    mae_weight: float = 1.0  # 0 turns the reconstruction branch off
+    # contrastive branch
+    contrastive: str = "none"  # none | infonce | simsiam | mocov3
+    contrastive_weight: float = 0.01
+    contrastive_pairs: str = "modalities"  # modalities (audio vs video) | views (two augmented views)
+    contrastive_masked: bool = True  # run the contrastive branch on the masked (visible) tokens
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    proj_dim: int = 256
+    pred_dim: int = 1024
+    momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
+
+    def __post_init__(self) -> None:
+        _check_choice("model.fusion", self.fusion, ("early", "late", "shared", "mid"))
+        _check_choice("model.decoder", self.decoder, ("separate", "shared", "joint"))
+        _check_choice("model.reconstruction", self.reconstruction, ("joint", "inpaint", "both"))
+        _check_choice("model.video_masking", self.video_masking, ("random", "tube"))
+        _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
+        _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
+        _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and logging of one run."""
+
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # optimiser steps; 0 means epochs x steps per epoch
+    base_lr: float = 1.5e-4  # lr = base_lr x effective batch / 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 0.0  # 0 disables
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 500  # optimiser steps
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+    def __post_init__(self) -> None:
+        _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+
+
+@dataclass
+class FinetuneConfig:
+    """Downstream training and evaluation from an exported model."""
+
+    pretrained: str = ""  # an export folder (model.safetensors + config.json); empty = random init
+    modalities: str = "audiovisual"  # audio | video | audiovisual
+    linear_probe: bool = False
+    layer_decay: float = 0.75
+    label_smoothing: float = 0.1
+    multi_label: bool = False
+    # Head name -> number of classes; empty means "as many as the dataset's label list".
+    heads: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Read one YAML file, merging the files it names under `defaults:` before it."""
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"{path}: circular 'defaults:' include")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    merged = OmegaConf.create()
+    for base in raw.pop("defaults", []) or []:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / base, seen + (path,)))
+    return OmegaConf.merge(merged, OmegaConf.create(raw))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- `a.b=value` overrides, validated against the dataclasses."""
+    schema = OmegaConf.structured(Config)
+    try:
+        if path is not None:
+            schema = OmegaConf.merge(schema, _read_yaml(Path(path)))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ValueError(f"overrides must look like key.sub=value, got {bad}")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(schema)
+    except Exception as err:  # OmegaConf's errors do not name the file
+        where = f" (from {path})" if path else ""
+        raise ValueError(f"invalid configuration{where}: {err}") from err
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists), suitable for YAML and JSON."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Inverse of `config_to_dict`, validated the same way as a YAML file."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data)))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` re-exported, so callers derive variants without mutating."""
+    return dataclasses.replace(cfg, **changes)
