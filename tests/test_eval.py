@@ -1,0 +1,81 @@
+"""Multi-view evaluation: padded duplicates dropped, views averaged, results written."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from avmae.evaluation.evaluate import aggregate_views, format_table, write_results
+
+
+def _rows(num_records: int, num_views: int, num_classes: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.arange(num_records).repeat_interleave(num_views)
+    view = torch.arange(num_views).repeat(num_records)
+    scores = torch.rand(index.numel(), num_classes, generator=gen).softmax(-1)
+    labels = torch.randint(0, num_classes, (num_records,), generator=gen)
+    return index, view, scores, labels
+
+
+def test_aggregate_views_drops_a_padded_tail_and_averages_views():
+    index, view, scores, labels = _rows(num_records=5, num_views=3, num_classes=4)
+    # What a 2-process sampler does with 15 items: each process gets 8, the 16th repeats item 0.
+    # Interleave the shards the way a gather returns them, to make the order realistic.
+    padded = torch.cat([torch.arange(15), torch.tensor([0])])
+    order = torch.cat([padded[0::2], padded[1::2]])
+    agg = aggregate_views(index[order], view[order], {"cls": scores[order]}, {"cls": labels[index[order]]})
+
+    assert agg["duplicates"] == 1
+    assert agg["index"].tolist() == [0, 1, 2, 3, 4]
+    assert agg["views"].tolist() == [3, 3, 3, 3, 3]
+    expected = scores.view(5, 3, 4).mean(dim=1)
+    torch.testing.assert_close(agg["scores"]["cls"], expected)
+    assert torch.equal(agg["targets"]["cls"], labels)
+
+
+def test_counting_the_duplicate_would_change_the_result():
+    """The padded row is a real, different-weighted vote: keeping it would bias record 0."""
+    index, view, scores, labels = _rows(num_records=3, num_views=2, num_classes=3, seed=1)
+    order = torch.tensor([0, 1, 2, 3, 4, 5, 0, 0])  # two repeats of (record 0, view 0)
+    agg = aggregate_views(index[order], view[order], {"cls": scores[order]}, {"cls": labels[index[order]]})
+    assert agg["duplicates"] == 2
+    naive = scores[[0, 1, 0, 0]].mean(dim=0)
+    assert not torch.allclose(agg["scores"]["cls"][0], naive)
+    torch.testing.assert_close(agg["scores"]["cls"][0], scores[[0, 1]].mean(dim=0))
+
+
+def test_aggregate_views_multi_label_targets_and_shapes_checked():
+    index = torch.tensor([2, 2, 7, 7])
+    view = torch.tensor([0, 1, 0, 1])
+    scores = torch.tensor([[0.2, 0.9], [0.4, 0.7], [0.6, 0.1], [0.8, 0.3]])
+    multi_hot = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    agg = aggregate_views(index, view, {"tags": scores}, {"tags": multi_hot})
+    assert agg["index"].tolist() == [2, 7]
+    torch.testing.assert_close(agg["scores"]["tags"], torch.tensor([[0.3, 0.8], [0.7, 0.2]]))
+    assert agg["targets"]["tags"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(ValueError, match="index and view"):
+        aggregate_views(index, view[:3], {"tags": scores}, {"tags": multi_hot})
+
+
+def test_write_results_and_table(tmp_path):
+    metrics = {
+        "labels": {
+            "mAP": 41.5,
+            "mAUC": 0.9,
+            "d_prime": 1.81,
+            "per_class_ap": [0.5, math.nan, 0.33],
+            "excluded_classes": [1],
+            "auc_excluded_classes": [1],
+        },
+        "num_records": 10,
+    }
+    write_results(tmp_path, metrics, {"labels": ["Speech", "Dog, barking", "Music"]})
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["labels"]["mAP"] == 41.5 and "per_class_ap" not in saved["labels"]
+    with open(tmp_path / "per_class_ap_labels.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["index", "name", "ap"], ["0", "Speech", "0.500000"], ["1", "Dog, barking", ""], ["2", "Music", "0.330000"]]
+    table = format_table(metrics)
+    assert "41.50" in table and "1 classes without a positive" in table
