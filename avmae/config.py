@@ -209,17 +209,27 @@ class TrainConfig:
 class FinetuneConfig:
     """Downstream training and evaluation from an exported model."""
 
+    # Optimisation (lr, epochs, warmup, weight decay, output_dir) is `train.*`; drop path is
+    # `model.drop_path`; mixup and SpecAugment are `augment.*`. Single- or multi-label comes from
+    # the dataset's manifest.
     pretrained: str = ""  # an export folder (model.safetensors + config.json); empty = random init
     modalities: str = "audiovisual"  # audio | video | audiovisual
-    linear_probe: bool = False
-    layer_decay: float = 0.75
-    label_smoothing: float = 0.1
-    multi_label: bool = False
+    layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
+    label_smoothing: float = 0.1  # single-label heads only
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
+    eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
+    eval_split: str = "val"  # split scored during finetuning: val | test
+    # Linear probe: L2 weight sweep of the L-BFGS classifier, selected on the validation split.
+    probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    probe_max_iter: int = 200
+    probe_holdout: float = 0.1  # fraction of train held out for the sweep when data.val is empty
+    probe_raw_video_grid: tuple[int, int, int] = (2, 4, 4)  # (t, h, w) pooling of raw pixels
+    probe_raw_audio_grid: tuple[int, int] = (8, 8)  # (time, freq) pooling of the raw fbank
 
     def __post_init__(self) -> None:
         _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
+        _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
 
 
 @dataclass
