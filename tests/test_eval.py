@@ -79,3 +79,26 @@ def test_write_results_and_table(tmp_path):
     assert rows == [["index", "name", "ap"], ["0", "Speech", "0.500000"], ["1", "Dog, barking", ""], ["2", "Music", "0.330000"]]
     table = format_table(metrics)
     assert "41.50" in table and "1 classes without a positive" in table
+
+
+def test_linear_probe_classifier_separates_features_and_sweeps_weight_decay():
+    from avmae.evaluation.probe import holdout_split, train_probe
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(4, 16, generator=gen)
+
+    def split(n):
+        y = torch.randint(0, 4, (n,), generator=gen)
+        return centres[y] + torch.randn(n, 16, generator=gen), y
+
+    feats, targets = {}, {}
+    for name, n in (("train", 120), ("val", 40), ("test", 40)):
+        feats[name], y = split(n)
+        targets[name] = {"cls": y}
+    out = train_probe(feats, targets, {"cls": 4}, multi_label=False, weight_decays=[1e-3, 1e3], max_iter=50)
+    assert out["test"]["cls"]["top1"] > 90.0
+    # A huge L2 weight squashes the logits to ties, so the sweep must prefer the small one.
+    assert out["weight_decay"]["cls"] == 1e-3
+    assert set(out["sweep"]["cls"]) == {1e-3, 1e3}
+    train_rows, val_rows = holdout_split(50, 0.2, seed=0)
+    assert len(val_rows) == 10 and len(set(train_rows.tolist()) | set(val_rows.tolist())) == 50

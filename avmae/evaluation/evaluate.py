@@ -67,7 +67,7 @@ def aggregate_views(
     }
 
 
-def _model_inputs(batch: dict, modalities: str) -> dict[str, torch.Tensor]:
+def model_inputs(batch: dict, modalities: str) -> dict[str, torch.Tensor]:
     """The keyword inputs of a classifier for ``audio``, ``video`` or ``audiovisual``."""
     names = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}[modalities]
     return {name: batch[name] for name in names}
@@ -84,7 +84,7 @@ def predict(model: nn.Module, loader: Iterable, accelerator, modalities: str, mu
     model.eval()
     chunks: dict[str, list] = {"index": [], "view": [], "scores": [], "targets": []}
     for batch in loader:
-        logits = model(**_model_inputs(batch, modalities))
+        logits = model(**model_inputs(batch, modalities))
         probs = {h: (l.float().sigmoid() if multi_label else l.float().softmax(dim=-1)) for h, l in logits.items()}
         # Batches may differ in size across processes at the tail: pad, gather, then cut.
         local = {"index": batch["index"], "view": batch["view"], "scores": probs, "targets": batch["targets"]}

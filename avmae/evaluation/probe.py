@@ -1,0 +1,194 @@
+"""Linear probing: a frozen feature extractor, features computed once, a linear classifier on top.
+
+Three feature sources share one code path, so their numbers are comparable:
+
+- ``feature="encoder"`` with an encoder: mean-pooled tokens of each modality from
+  ``encoder.forward_features``, concatenated (video first) for audiovisual probes;
+- ``feature="encoder"`` with ``None``: the same with a randomly initialised encoder built from the
+  config (the "no pretraining" reference);
+- ``feature="raw"``: the inputs themselves, average-pooled to a small grid (pixels
+  ``finetune.probe_raw_video_grid``, fbank ``finetune.probe_raw_audio_grid``): the "no network"
+  baseline.
+
+Features of the evaluation views of a record are averaged. The classifier is fitted by full-batch
+L-BFGS on standardised features for every weight decay in ``finetune.probe_weight_decays``; the
+one with the best validation score is reported on train, val and test.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from .evaluate import model_inputs, aggregate_views
+from .metrics import multilabel_metrics, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+
+def pool_tokens(tokens: dict[str, torch.Tensor], modalities: str) -> torch.Tensor:
+    """Mean over tokens of each modality, concatenated video then audio: ``(B, N, D)`` -> ``(B, D')``."""
+    names = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}[modalities]
+    return torch.cat([tokens[name].mean(dim=1) for name in names], dim=1)
+
+
+def pool_raw(
+    inputs: dict[str, torch.Tensor], video_grid: tuple[int, int, int], audio_grid: tuple[int, int]
+) -> torch.Tensor:
+    """Inputs average-pooled to a small grid and flattened, video then audio.
+
+    Args:
+        inputs: ``video`` ``(B, C, T, H, W)`` and/or ``audio`` ``(B, 1, T_a, F)``.
+        video_grid: ``(t, h, w)`` output grid; audio_grid: ``(t, f)``.
+
+    Returns:
+        ``(B, C*t*h*w + t*f)`` for audiovisual inputs.
+    """
+    parts = []
+    if "video" in inputs:
+        parts.append(rearrange(F.adaptive_avg_pool3d(inputs["video"], video_grid), "b c t h w -> b (c t h w)"))
+    if "audio" in inputs:
+        parts.append(rearrange(F.adaptive_avg_pool2d(inputs["audio"], audio_grid), "b c t f -> b (c t f)"))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module | None, loader: DataLoader, modalities: str, cfg: Config, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Features of every record of ``loader``'s dataset, views averaged.
+
+    Args:
+        encoder: an ``AVEncoder`` (``forward_features(video=None, audio=None)``), or None for raw
+            pooled inputs.
+
+    Returns:
+        ``features`` ``(M, D)`` in record order and ``targets`` head -> ``(M,)`` or ``(M, K)``.
+    """
+    if encoder is not None:
+        encoder.eval().to(device)
+    index, view, feats, targets = [], [], [], []
+    for batch in loader:
+        inputs = {k: v.to(device) for k, v in model_inputs(batch, modalities).items()}
+        if encoder is None:
+            f = pool_raw(inputs, tuple(cfg.finetune.probe_raw_video_grid), tuple(cfg.finetune.probe_raw_audio_grid))
+        else:
+            f = pool_tokens(encoder.forward_features(**inputs), modalities)
+        feats.append(f.float().cpu())
+        index.append(batch["index"])
+        view.append(batch["view"])
+        targets.append(batch["targets"])
+    if not feats:
+        raise ValueError("the feature loader yielded no batch")
+    agg = aggregate_views(
+        torch.cat(index),
+        torch.cat(view),
+        {"features": torch.cat(feats)},
+        {h: torch.cat([t[h] for t in targets]) for h in targets[0]},
+    )
+    return agg["scores"]["features"], agg["targets"]
+
+
+def _score(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> dict[str, float]:
+    return multilabel_metrics(logits, targets) if multi_label else topk_accuracy(logits, targets)
+
+
+def _selection_value(scores: dict[str, float], multi_label: bool) -> float:
+    return scores["mAP"] if multi_label else scores["top1"]
+
+
+def fit_linear(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, multi_label: bool, weight_decay: float, max_iter: int
+) -> nn.Linear:
+    """Full-batch L-BFGS on ``(N, D)`` features: cross-entropy, or BCE for multi-hot ``(N, K)`` targets.
+
+    ``weight_decay`` is the coefficient of ``0.5 * ||W||^2`` (the bias is not decayed).
+    """
+    torch.manual_seed(0)  # the fit is convex; the seed only fixes the starting point
+    linear = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.LBFGS(
+        linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        logits = linear(x)
+        if multi_label:
+            loss = F.binary_cross_entropy_with_logits(logits, y.float())
+        else:
+            loss = F.cross_entropy(logits, y.long())
+        loss = loss + 0.5 * weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with statistics of the training features (constant dims left at 0)."""
+
+    def __init__(self, train_features: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", train_features.mean(dim=0))
+        self.register_buffer("std", train_features.std(dim=0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def train_probe(
+    features: dict[str, torch.Tensor],
+    targets: dict[str, dict[str, torch.Tensor]],
+    num_classes: dict[str, int],
+    multi_label: bool,
+    weight_decays: list[float],
+    max_iter: int = 200,
+) -> dict:
+    """Fit one linear classifier per head, choosing the weight decay on the ``val`` split.
+
+    Args:
+        features: split (``train``, ``val``, optionally ``test``) -> ``(N_split, D)``.
+        targets: split -> head -> ``(N_split,)`` class indices or ``(N_split, K)`` multi-hot.
+        num_classes: head -> K.
+
+    Returns:
+        dict with ``weight_decay`` (head -> chosen value), ``sweep`` (head -> {wd: val score}) and,
+        per split, head -> metrics (``topk_accuracy`` or ``multilabel_metrics`` summary).
+    """
+    norm = Standardize(features["train"])
+    x = {split: norm(f) for split, f in features.items()}
+    result: dict = {"weight_decay": {}, "sweep": {}, **{split: {} for split in features}}
+    for head, k in num_classes.items():
+        best, best_wd, sweep = None, None, {}
+        for wd in weight_decays:
+            linear = fit_linear(x["train"], targets["train"][head], k, multi_label, wd, max_iter)
+            with torch.no_grad():
+                value = _selection_value(_score(linear(x["val"]), targets["val"][head], multi_label), multi_label)
+            sweep[wd] = value
+            if best is None or value > sweep[best_wd]:
+                best, best_wd = linear, wd
+        result["weight_decay"][head], result["sweep"][head] = best_wd, sweep
+        with torch.no_grad():
+            for split in features:
+                scores = _score(best(x[split]), targets[split][head], multi_label)
+                result[split][head] = {k: v for k, v in scores.items() if isinstance(v, float)}
+    return result
+
+
+def holdout_split(num: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic ``(train_rows, val_rows)`` of ``range(num)``, ``fraction`` of them held out."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"finetune.probe_holdout must be in (0, 1), got {fraction}")
+    perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    held = max(1, int(math.floor(num * fraction)))
+    return perm[held:], perm[:held]
