@@ -35,6 +35,9 @@ class VideoConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     decoder: str = "decord"  # decord | pyav
+    # A file shorter than this fraction of the clip span is an error; a longer one that is still
+    # shorter than the span repeats its last frame for the times past its end.
+    min_duration_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _check_choice("video.decoder", self.decoder, ("decord", "pyav"))
@@ -77,8 +80,16 @@ class DataConfig:
     train: str = "train.csv"  # manifest files, relative to root unless absolute
     val: str = "val.csv"
     test: str = "test.csv"
-    label_file: Optional[str] = None  # class list where the format needs one
+    label_file: Optional[str] = None  # class list (EPIC: verb classes); see avmae.data.manifests
+    noun_label_file: Optional[str] = None  # EPIC: the noun classes csv
+    # Media file of a record, relative to root, from the manifest's fields; None = the format's
+    # default (vggsound "{ytid}_{start:06d}.mp4", audioset "{ytid}.mp4",
+    # epic "{participant_id}/videos/{video_id}.MP4", ave "{video_id}.mp4").
+    video_template: Optional[str] = None
     audio_root: Optional[str] = None  # separate wav/flac files, when audio is not in the mp4
+    audio_template: str = "{stem}.wav"  # file under audio_root; {stem} is the video's file stem
+    # Where the list of missing media files is written; None = <train.output_dir>/missing_<split>.txt
+    missing_list: Optional[str] = None
     batch_size: int = 8  # per process
     num_workers: int = 2
     prefetch_factor: int = 2
@@ -99,38 +110,75 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Augmentations of arXiv 2110.07082 and the audio recipe; `strength` scales all of them."""
+    """Augmentations (docs/augmentations.md): the spatiotemporal transforms of arXiv 2110.07082 and
+    the audio recipe. Values are those of strength 1; `strength` scales every probability and
+    magnitude (0 = off, i.e. the evaluation transform; 2 = stronger) by the rule in
+    `avmae.augment.apply_strength`."""
 
     enabled: bool = True
     strength: float = 1.0
-    # sampling-based temporal augmentation
+    two_views: bool = False  # return two independently augmented views of each clip
+    # sampling-based temporal augmentation, done by the dataset before decoding
     random_start: bool = True
     speed_range: tuple[float, float] = (1.0, 1.0)  # playback-speed factor range for the stride
     # lossy spatiotemporal transforms, one parameter draw per clip (temporal coherency kept)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333)
-    hflip: float = 0.5
+    crop: float = 1.0  # probability of a random resized crop instead of the evaluation crop
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # area fraction of the frame
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)  # aspect ratio w / h, drawn log-uniformly
+    hflip: float = 0.5  # at most 0.5: flipping every clip adds no variety
     color_jitter: float = 0.8  # probability
-    color_jitter_magnitude: float = 0.4
+    color_jitter_magnitude: float = 0.4  # brightness, contrast, saturation +- this; hue +- 1/4 of it
     grayscale: float = 0.2
-    blur: float = 0.0
-    downup: float = 0.0  # spatial down-up sampling
-    frame_rate_reduction: float = 0.0  # drop frames and repeat neighbours
-    tube_cutout: float = 0.0
+    blur: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the output crop
+    downup: float = 0.0  # probability of spatial down-up sampling
+    downup_factor: float = 4.0  # largest down-sampling factor
+    frame_rate_reduction: float = 0.0  # probability of keeping every k-th frame, repeated k times
+    frame_rate_factor: int = 4  # largest k
+    tube_cutout: float = 0.0  # probability of erasing one box in every frame
+    cutout_scale: tuple[float, float] = (0.02, 0.25)  # area fraction of the box
     # coherency-breaking controls (ablation only)
     per_frame: bool = False  # draw the spatial parameters per frame
     frame_shuffle: float = 0.0
-    time_reversal: float = 0.0
-    # audio
+    time_reversal: float = 0.0  # at most 0.5, as hflip
+    # audio: waveform before the fbank, SpecAugment on the normalised fbank
     gain_db: float = 0.0  # +- range of random gain
-    noise: float = 0.0  # probability of additive noise
-    time_roll: bool = False
+    noise: float = 0.0  # probability of additive Gaussian noise
+    noise_level: float = 0.1  # largest noise RMS relative to the clip's RMS
+    time_roll: float = 0.0  # largest circular shift, as a fraction of the window (1 = anywhere)
     freq_mask: int = 0  # SpecAugment widths in bins / frames; 0 disables
     time_mask: int = 0
     num_freq_masks: int = 2
     num_time_masks: int = 2
-    mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha)
-    two_views: bool = False  # return two independently augmented views of each clip
+    mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
+
+    def __post_init__(self) -> None:
+        probabilities = (
+            "crop", "hflip", "color_jitter", "grayscale", "blur", "downup", "frame_rate_reduction",
+            "tube_cutout", "frame_shuffle", "time_reversal", "noise",
+        )
+        for name in probabilities:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name}={getattr(self, name)} is not a probability in [0, 1]")
+        for name in ("hflip", "time_reversal"):
+            if getattr(self, name) > 0.5:
+                raise ValueError(f"augment.{name}={getattr(self, name)}: at most 0.5 (1.0 always flips, no variety)")
+        ranges = {
+            "speed_range": (1e-3, None), "crop_scale": (1e-3, 1.0), "crop_ratio": (1e-3, None),
+            "blur_sigma": (0.0, None), "cutout_scale": (0.0, 1.0),
+        }
+        for name, (low, high) in ranges.items():
+            lo, hi = getattr(self, name)
+            if not (low <= lo <= hi and (high is None or hi <= high)):
+                raise ValueError(
+                    f"augment.{name}={[lo, hi]} must be an ordered range within [{low}, {high or 'inf'}]"
+                )
+        for name in ("strength", "gain_db", "noise_level", "time_roll", "freq_mask", "time_mask",
+                     "num_freq_masks", "num_time_masks", "mixup", "color_jitter_magnitude"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name}={getattr(self, name)} must not be negative")
+        if self.downup_factor < 1.0 or self.frame_rate_factor < 1:
+            raise ValueError("augment.downup_factor and augment.frame_rate_factor must be >= 1")
 
 
 @dataclass

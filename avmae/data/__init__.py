@@ -1,0 +1,38 @@
+"""Data: manifests, video/audio decoding, fbank, the Dataset and samplers.
+
+- ``manifests``: ``ClipRecord``, ``Manifest``, ``read_manifest(data_cfg, split)``, one reader per format.
+- ``video``: ``open_video(path, decoder)`` and clip sampling in seconds.
+- ``audio``: ``read_audio`` windows, ``fbank`` (CAV-MAE / AST / AudioMAE features), ``NoAudioError``.
+- ``transforms``: the evaluation video transform and the resize/crop/normalise pieces.
+- ``dataset``: ``AVDataset``, ``build_dataset(cfg, split, train)``.
+- ``sampler``: ``DistributedWeightedSampler``, ``balanced_weights`` (AudioSet balanced sampling).
+- ``synthetic``: the embedded synthetic audiovisual dataset.
+"""
+
+from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
+from avmae.data.dataset import AVDataset, TooManyDecodeFailures, build_dataset
+from avmae.data.manifests import ClipRecord, Manifest, ManifestError, read_manifest
+from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
+from avmae.data.video import ClipTooShortError, VideoDecodeError, VideoReader, open_video
+
+__all__ = [
+    "AVDataset",
+    "AudioDecodeError",
+    "ClipRecord",
+    "ClipTooShortError",
+    "DistributedWeightedSampler",
+    "Manifest",
+    "ManifestError",
+    "NoAudioError",
+    "TooManyDecodeFailures",
+    "VideoDecodeError",
+    "VideoReader",
+    "balanced_weights",
+    "build_dataset",
+    "fbank",
+    "kaldi_fbank",
+    "normalize_fbank",
+    "open_video",
+    "read_audio",
+    "read_manifest",
+]

@@ -1,0 +1,171 @@
+"""Waveform windows and the Kaldi fbank of CAV-MAE / AST / AudioMAE.
+
+``read_audio(path, start, seconds, sample_rate)`` returns ``(N,)`` float32 mono samples of
+``[start, start + seconds)``: the first channel, resampled to ``sample_rate``, zeros where the
+window leaves the file. A video's own audio track is read with PyAV; wav/flac/ogg files with
+soundfile. A file without an audio stream raises ``NoAudioError``.
+
+``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the
+reference features of REFERENCE.md normalised by the configured ``(x - norm_mean) / norm_std``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+
+from avmae.config import AudioConfig
+
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
+# Seconds of extra source samples on each side of a window that is resampled, so the resampling
+# filter sees real neighbours instead of an edge (torchaudio's default filter is 6 zero crossings
+# wide, far below 0.05 s at any common rate).
+_RESAMPLE_MARGIN = 0.05
+
+
+class AudioDecodeError(RuntimeError):
+    """An audio file or track could not be read. The message names the file."""
+
+
+class NoAudioError(AudioDecodeError):
+    """The file has no audio stream (a video-only clip). The message names the file."""
+
+
+def read_audio(path: str | Path, start: float, seconds: float, sample_rate: int) -> torch.Tensor:
+    """``(round(seconds * sample_rate),)`` float32 samples of ``[start, start + seconds)``.
+
+    Time 0 is the start of the file's timeline (for a video, the time of its first frame).
+    """
+    path = Path(path)
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        source, source_rate, source_start = _read_soundfile(path, start, seconds)
+    else:
+        source, source_rate, source_start = _read_av(path, start, seconds)
+    return _window(source, source_rate, source_start, start, seconds, sample_rate)
+
+
+def _source_span(start: float, seconds: float) -> tuple[float, float]:
+    return start - _RESAMPLE_MARGIN, start + seconds + _RESAMPLE_MARGIN
+
+
+def _read_soundfile(path: Path, start: float, seconds: float) -> tuple[np.ndarray, int, float]:
+    """First-channel samples around the window, the file's rate, and the time of sample 0."""
+    try:
+        info = soundfile.info(str(path))
+        lo, hi = _source_span(start, seconds)
+        first = min(max(0, math.floor(lo * info.samplerate)), info.frames)
+        last = min(max(first, math.ceil(hi * info.samplerate)), info.frames)
+        data, rate = soundfile.read(
+            str(path), start=first, stop=last, dtype="float32", always_2d=True
+        )
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
+        raise AudioDecodeError(f"{path}: cannot read audio: {err}") from err
+    if data.shape[1] == 0:
+        raise NoAudioError(f"{path}: the audio file has no channels")
+    return data[:, 0], rate, first / rate
+
+
+def _read_av(path: Path, start: float, seconds: float) -> tuple[np.ndarray, int, float]:
+    """First-channel samples of the audio track around the window, its rate, and the time of
+    the first returned sample."""
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise AudioDecodeError(f"{path}: cannot open the file: {err}") from err
+    with container:
+        if not container.streams.audio:
+            raise NoAudioError(f"{path}: the file has no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate or stream.rate
+        if not rate:
+            raise AudioDecodeError(f"{path}: the audio stream has no sample rate")
+        lo, hi = _source_span(start, seconds)
+        # Decoded samples may be any sample format; convert to float planar, keeping rate and
+        # channels, so channel 0 is row 0 of the array.
+        to_float = av.AudioResampler(format="fltp")
+        pieces: list[np.ndarray] = []
+        first_time = None
+        try:
+            if lo > 1.0:  # long files (EPIC): start near the window instead of at 0
+                container.seek(int(max(0.0, lo - 1.0) * av.time_base))
+            for frame in container.decode(stream):
+                if frame.time is None or frame.time + frame.samples / rate <= lo:
+                    continue
+                if frame.time >= hi:
+                    break
+                for converted in to_float.resample(frame):
+                    if first_time is None:
+                        first_time = frame.time
+                    pieces.append(converted.to_ndarray()[0])
+        except (av.FFmpegError, OSError) as err:
+            raise AudioDecodeError(f"{path}: the audio track is damaged: {err}") from err
+    if not pieces:
+        return np.zeros(0, np.float32), rate, start
+    return np.concatenate(pieces).astype(np.float32, copy=False), rate, first_time
+
+
+def _window(
+    source: np.ndarray, source_rate: int, source_start: float, start: float, seconds: float, sample_rate: int
+) -> torch.Tensor:
+    """Cut ``[start, start + seconds)`` out of ``source`` (sample 0 at ``source_start`` seconds),
+    zero-padding outside it, and resample from ``source_rate`` to ``sample_rate``."""
+    length = int(round(seconds * sample_rate))
+    margin = 0.0 if source_rate == sample_rate else _RESAMPLE_MARGIN
+    # the window plus margin on the source's sample grid
+    first = int(round((start - margin - source_start) * source_rate))
+    count = int(round((seconds + 2 * margin) * source_rate))
+    padded = np.zeros(count, np.float32)
+    lo, hi = max(first, 0), min(first + count, source.size)
+    if hi > lo:
+        padded[lo - first : hi - first] = source[lo:hi]
+    wave = torch.from_numpy(padded)
+    if source_rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, int(source_rate), int(sample_rate))
+        skip = int(round(margin * sample_rate))
+        wave = wave[skip : skip + length]
+    if wave.numel() < length:  # rounding of the margin can leave one sample short
+        wave = torch.nn.functional.pad(wave, (0, length - wave.numel()))
+    return wave[:length].contiguous()
+
+
+def kaldi_fbank(waveform: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
+    """Unnormalised log-mel fbank ``(target_length, num_mel_bins)`` of a ``(N,)`` waveform.
+
+    Exactly CAV-MAE / AST / AudioMAE: mean-subtracted waveform, torchaudio's Kaldi fbank with
+    their arguments, zero-padded at the end or cut to ``audio_cfg.target_length`` frames.
+    """
+    if waveform.ndim != 1:
+        raise ValueError(f"expected a mono waveform (N,), got shape {tuple(waveform.shape)}")
+    waveform = waveform.float()
+    waveform = waveform - waveform.mean()
+    features = torchaudio.compliance.kaldi.fbank(
+        waveform[None],
+        htk_compat=True,
+        sample_frequency=audio_cfg.sample_rate,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=audio_cfg.num_mel_bins,
+        dither=0.0,
+        frame_shift=audio_cfg.frame_shift_ms,
+        frame_length=audio_cfg.frame_length_ms,
+    )
+    missing = audio_cfg.target_length - features.shape[0]
+    if missing > 0:
+        features = torch.nn.functional.pad(features, (0, 0, 0, missing))
+    return features[: audio_cfg.target_length]
+
+
+def normalize_fbank(features: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
+    """``(x - norm_mean) / norm_std`` with the configured dataset statistics."""
+    return (features - audio_cfg.norm_mean) / audio_cfg.norm_std
+
+
+def fbank(waveform: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
+    """Normalised model input ``(target_length, num_mel_bins)`` of a ``(N,)`` waveform."""
+    return normalize_fbank(kaldi_fbank(waveform, audio_cfg), audio_cfg)

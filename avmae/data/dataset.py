@@ -1,0 +1,322 @@
+"""``AVDataset``: decoded, aligned and transformed audio-video clips of a manifest.
+
+Items are the dicts of docs/architecture.md. Training gives one randomly sampled clip per
+record (two independently sampled and augmented views with ``augment.two_views``); evaluation
+gives ``data.test_clips x data.test_crops`` items per record, evenly spaced clips x spatial crops,
+that share ``index`` and differ in ``view``.
+
+Randomness. Each item draws from its own ``torch.Generator`` seeded from
+``(train.seed, epoch, index, view, attempt)``, so an item is the same whatever the number of
+workers, and a resumed run that calls ``set_epoch`` reproduces it.
+
+Bad data. Records whose media files are missing are dropped when the dataset is built, with one
+log line and the list written to ``data.missing_list``. A clip that fails to decode in
+``__getitem__`` (damaged, too short, no audio track under ``audio.no_audio: skip``) is logged
+once per file and process, and replaced by another record chosen by the item's generator; the
+item's ``failures`` counts the bad clips skipped to make it. Once more than
+``data.max_decode_failures`` of the records have failed, ``TooManyDecodeFailures`` stops the run.
+Under ``audio.no_audio: silence`` a video without audio gets the fbank of a silent waveform and
+``no_audio = 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch.utils.data import Dataset
+
+from avmae.config import AugmentConfig, Config, DataConfig
+from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
+from avmae.data.manifests import ClipRecord, Manifest, read_manifest
+from avmae.data.transforms import crop_positions, eval_video_transform
+from avmae.data.video import (
+    VideoDecodeError,
+    check_duration,
+    clip_span,
+    clip_starts,
+    frame_times,
+    open_video,
+)
+
+log = logging.getLogger(__name__)
+
+# Replacement draws for one item before giving up: reaching it means most records are bad,
+# which max_decode_failures normally reports first.
+MAX_ATTEMPTS = 20
+
+
+class TooManyDecodeFailures(RuntimeError):
+    """More than ``data.max_decode_failures`` of a dataset's clips could not be decoded."""
+
+
+def item_seed(seed: int, epoch: int, index: int, view: int, attempt: int = 0) -> int:
+    """A 64-bit seed that depends on every argument (numpy's SeedSequence hashing)."""
+    entropy = [seed, epoch, index, view, attempt]
+    if min(entropy) < 0:
+        raise ValueError(f"seed components must be non-negative, got {entropy}")
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+def missing_list_path(cfg: Config, split: str) -> Path:
+    """``data.missing_list`` (``{split}`` is filled in), default ``<train.output_dir>/missing_<split>.txt``."""
+    template = cfg.data.missing_list or str(Path(cfg.train.output_dir) / "missing_{split}.txt")
+    return Path(template.format(split=split))
+
+
+def _is_present(record: ClipRecord) -> bool:
+    return record.video is not None and record.video.is_file() and (record.audio is None or record.audio.is_file())
+
+
+class AVDataset(Dataset):
+    """Audio-video clips of ``manifest``; see the module docstring.
+
+    Args:
+        manifest: the split's records and classes.
+        data_cfg: clip geometry (``video``, ``audio``), multi-view counts, failure policy.
+        augment_cfg: temporal sampling (``random_start``, ``speed_range``) and ``two_views``.
+        train: random clips and ``transforms``; otherwise multi-view evaluation clips.
+        transforms: an ``avmae.augment.AVTransforms`` for training; unused in evaluation, which
+            applies ``avmae.data.transforms.eval_video_transform`` and no audio change.
+        seed: base of every item's generator.
+        missing_list: where the ids and paths of records with missing files are written.
+        split: name used in log lines.
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        data_cfg: DataConfig,
+        augment_cfg: AugmentConfig,
+        train: bool,
+        transforms=None,
+        seed: int = 0,
+        missing_list: Path | None = None,
+        split: str = "",
+    ):
+        if train and transforms is None:
+            raise ValueError("a training dataset needs transforms (avmae.augment.build_transforms)")
+        if data_cfg.clips_per_video != 1:
+            raise ValueError(f"data.clips_per_video={data_cfg.clips_per_video}: only 1 clip per video is supported")
+        self.data_cfg = data_cfg
+        self.augment_cfg = augment_cfg
+        self.train = train
+        self.transforms = transforms
+        self.seed = seed
+        self.split = split
+        self.classes = manifest.classes
+        self.multi_label = manifest.multi_label
+        self.records = self._present_records(manifest, missing_list)
+        self.crops = crop_positions(data_cfg.test_crops)
+        self.views = 1 if train else data_cfg.test_clips * len(self.crops)
+        self.two_views = train and augment_cfg.two_views
+        # shared with DataLoader workers, so set_epoch reaches persistent workers and the failure
+        # limit counts the bad clips of all workers together
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._bad: set[int] = set()  # records this process failed to decode
+        self._silent: set[int] = set()  # records this process fed silence for
+
+    def _present_records(self, manifest: Manifest, missing_list: Path | None) -> list[ClipRecord]:
+        present = [r for r in manifest.records if _is_present(r)]
+        missing = [r for r in manifest.records if not _is_present(r)]
+        where = ""
+        if missing_list is not None:
+            _write_missing(missing_list, missing)
+            where = f"; list in {missing_list}"
+        level = logging.WARNING if missing else logging.INFO
+        log.log(
+            level,
+            "%s %s: %d of %d records have missing media files and are excluded%s",
+            manifest.source, self.split, len(missing), len(manifest.records), where,
+        )
+        if not present:
+            raise FileNotFoundError(
+                f"{manifest.source}: none of the {len(manifest.records)} records has its media files "
+                f"(first missing: {missing[0].video if missing else None}); check data.root and data.video_template"
+            )
+        return present
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
+    @property
+    def failures(self) -> int:
+        """Distinct clips that failed to decode so far, over all worker processes."""
+        return int(self._failures[0])
+
+    def __len__(self) -> int:
+        return len(self.records) * self.views
+
+    def generator(self, index: int, view: int, attempt: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index, view, attempt))
+
+    def __getitem__(self, item: int) -> dict:
+        index, view = divmod(item, self.views)
+        record_index, failures = index, 0
+        for attempt in range(MAX_ATTEMPTS):
+            if record_index not in self._bad:
+                try:
+                    sample = self._load(record_index, view, self.generator(index, view, attempt))
+                    sample.update(index=record_index, view=view, failures=failures)
+                    return sample
+                except (VideoDecodeError, AudioDecodeError) as err:
+                    self._mark_bad(record_index, err)
+            failures += 1
+            # the next draw of this item's generator sequence, identical in every worker
+            replacement = self.generator(index, view, attempt + 1)
+            record_index = int(torch.randint(len(self.records), (), generator=replacement))
+        raise TooManyDecodeFailures(
+            f"{self.split}: item {item} found no decodable clip in {MAX_ATTEMPTS} tries "
+            f"({self.failures} of {len(self.records)} clips failed)"
+        )
+
+    def _mark_bad(self, record_index: int, err: Exception) -> None:
+        self._bad.add(record_index)
+        self._failures += 1
+        log.warning("skipping %s: %s", self.records[record_index].id, err)
+        limit = self.data_cfg.max_decode_failures * len(self.records)
+        if self.failures > limit:
+            raise TooManyDecodeFailures(
+                f"{self.split}: {self.failures} of {len(self.records)} clips failed to decode, more than "
+                f"data.max_decode_failures={self.data_cfg.max_decode_failures:g}; last: {err}"
+            ) from err
+
+    # -----------------------------------------------------------------------------------------
+
+    def _clip_start(self, duration: float, span: float, segment, view: int, generator: torch.Generator) -> float:
+        if self.train:
+            random = self.augment_cfg.enabled and self.augment_cfg.random_start
+            return clip_starts(duration, span, generator=generator if random else None, segment=segment)[0]
+        clip = view // len(self.crops)
+        return clip_starts(duration, span, num_clips=self.data_cfg.test_clips, segment=segment)[clip]
+
+    def _speed(self, generator: torch.Generator) -> float:
+        """Playback-speed factor of the frame stride: drawn from ``augment.speed_range`` in training."""
+        if not (self.train and self.augment_cfg.enabled):
+            return 1.0
+        low, high = self.augment_cfg.speed_range
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    def _load(self, record_index: int, view: int, generator: torch.Generator) -> dict:
+        """Decode and transform one record: frames, audio window(s), targets."""
+        record = self.records[record_index]
+        video_cfg, audio_cfg = self.data_cfg.video, self.data_cfg.audio
+        segment = (record.start, record.end) if record.start is not None else None
+        with open_video(record.video, video_cfg.decoder) as reader:
+            clips = []  # (start, span, speed) of each view
+            for _ in range(2 if self.two_views else 1):
+                speed = self._speed(generator)
+                span = clip_span(video_cfg.num_frames, video_cfg.frame_rate, speed)
+                check_duration(reader, span, video_cfg.min_duration_fraction, segment)
+                start = self._clip_start(reader.duration, span, segment, view, generator)
+                clips.append((start, span, speed))
+            frames = [
+                reader.frames_at(frame_times(start, video_cfg.num_frames, video_cfg.frame_rate, speed))
+                for start, _, speed in clips
+            ]
+        waves, silent = self._audio_windows(record_index, [start + span / 2 for start, span, _ in clips])
+
+        sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
+        for k, (clip_frames, wave) in enumerate(zip(frames, waves)):
+            clip_frames = rearrange(clip_frames, "t h w c -> t c h w")
+            if self.train:
+                video = self.transforms.video(clip_frames, generator)
+                wave = self.transforms.waveform(wave, generator)
+                audio = self.transforms.fbank(fbank(wave, audio_cfg), generator)
+            else:
+                video = eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)])
+                audio = fbank(wave, audio_cfg)
+            suffix = "2" if k else ""
+            sample["video" + suffix] = video
+            sample["audio" + suffix] = audio[None]
+        return sample
+
+    def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
+        """Waveforms of ``audio.seconds`` centred on each of ``centres``, read in one pass."""
+        record = self.records[record_index]
+        audio_cfg = self.data_cfg.audio
+        rate, seconds = audio_cfg.sample_rate, audio_cfg.seconds
+        length = int(round(seconds * rate))
+        first = min(centres) - seconds / 2
+        union = max(centres) - min(centres) + seconds
+        try:
+            wave = read_audio(record.audio or record.video, first, union, rate)
+        except NoAudioError as err:
+            if audio_cfg.no_audio == "skip":
+                raise
+            if record_index not in self._silent:
+                self._silent.add(record_index)
+                log.warning("feeding silence for %s (audio.no_audio=silence): %s", record.id, err)
+            return [torch.zeros(length) for _ in centres], True
+        offsets = [int(round((c - seconds / 2 - first) * rate)) for c in centres]
+        return [wave[o : o + length] for o in offsets], False
+
+    def _targets(self, record: ClipRecord) -> dict[str, torch.Tensor]:
+        targets = {}
+        for head, value in record.targets.items():
+            if self.multi_label:
+                multi_hot = torch.zeros(len(self.classes[head]))
+                multi_hot[list(value)] = 1.0
+                targets[head] = multi_hot
+            else:
+                targets[head] = torch.tensor(value, dtype=torch.long)
+        return targets
+
+
+class _IdentityTransforms:
+    """Evaluation video transform and unchanged audio, in the shape of ``AVTransforms``."""
+
+    def __init__(self, video_cfg):
+        self.video_cfg = video_cfg
+
+    @classmethod
+    def build(cls, cfg: Config, train: bool) -> "_IdentityTransforms":
+        return cls(cfg.data.video)
+
+    def video(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return eval_video_transform(frames, self.video_cfg)
+
+    def waveform(self, wave: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return wave
+
+    def fbank(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return features
+
+
+def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
+    """One ``id<TAB>video<TAB>audio`` line per record, written atomically (ranks may race)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(partial, "w") as f:
+        for record in missing:
+            f.write(f"{record.id}\t{record.video}\t{record.audio or ''}\n")
+    os.replace(partial, path)
+
+
+def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
+    """The dataset of ``split`` (train/val/test): training clips when ``train``, else multi-view."""
+    try:
+        from avmae.augment import build_transforms
+    except ImportError:  # until avmae.augment provides it: no augmentation
+        build_transforms = _IdentityTransforms.build
+
+    manifest = read_manifest(cfg.data, split)
+    return AVDataset(
+        manifest,
+        cfg.data,
+        cfg.augment,
+        train=train,
+        transforms=build_transforms(cfg, train=True) if train else None,
+        seed=cfg.train.seed,
+        missing_list=missing_list_path(cfg, split),
+        split=split,
+    )

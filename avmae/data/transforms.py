@@ -1,0 +1,69 @@
+"""The evaluation video transform and the small pieces it is made of.
+
+Frames arrive as uint8 ``(T, C, H, W)`` (one clip); the model wants float ``(C, T, H, W)``
+normalised by ``data.video.mean/std``. Evaluation: resize the short side to ``video.resize``,
+crop ``video.size`` squares (centre, or left/centre/right along the long side for 3-crop
+testing), normalise. The augmentations in ``avmae.augment`` reuse these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from einops import rearrange
+
+from avmae.config import VideoConfig
+
+
+def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``(T, C, H, W)`` so that min(H, W) == size, keeping the aspect ratio (antialiased)."""
+    return TF.resize(frames, [size], antialias=True)
+
+
+def crop(frames: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """The ``height x width`` window at (top, left) of ``(T, C, H, W)``, same for every frame."""
+    return frames[..., top : top + height, left : left + width]
+
+
+def spatial_crop(frames: torch.Tensor, size: int, position: int = 1) -> torch.Tensor:
+    """A ``size x size`` crop of ``(T, C, H, W)`` along the long side: 0 = left (top),
+    1 = centre, 2 = right (bottom); centred along the short side."""
+    if position not in (0, 1, 2):
+        raise ValueError(f"crop position must be 0, 1 or 2, got {position}")
+    height, width = frames.shape[-2:]
+    if height < size or width < size:
+        raise ValueError(f"cannot crop {size}x{size} from frames of {height}x{width}")
+    top, left = (height - size) // 2, (width - size) // 2
+    if position != 1:
+        if width >= height:
+            left = 0 if position == 0 else width - size
+        else:
+            top = 0 if position == 0 else height - size
+    return crop(frames, top, left, size, size)
+
+
+def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(T, C, H, W)`` -> float32 ``(C, T, H, W)`` in units of the per-channel std."""
+    video = rearrange(frames, "t c h w -> c t h w").float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=video.dtype).view(-1, 1, 1, 1)
+    std_t = torch.tensor(std, dtype=video.dtype).view(-1, 1, 1, 1)
+    return video.sub_(mean_t).div_(std_t)
+
+
+def eval_video_transform(frames: torch.Tensor, video_cfg: VideoConfig, position: int = 1) -> torch.Tensor:
+    """uint8 ``(T, C, H, W)`` -> normalised float ``(C, T, size, size)``: resize the short side to
+    ``video.resize``, crop at ``position`` (see ``spatial_crop``), normalise."""
+    frames = resize_short_side(frames, video_cfg.resize)
+    frames = spatial_crop(frames, video_cfg.size, position)
+    return normalize(frames, video_cfg.mean, video_cfg.std)
+
+
+def crop_positions(num_crops: int) -> tuple[int, ...]:
+    """Crop positions of an ``num_crops``-crop evaluation: (1,) or (0, 1, 2)."""
+    if num_crops == 1:
+        return (1,)
+    if num_crops == 3:
+        return (0, 1, 2)
+    raise ValueError(f"data.test_crops must be 1 or 3, got {num_crops}")
