@@ -1,15 +1,37 @@
 """Synthetic audiovisual clips: real H.264 + AAC mp4 files whose classes need sound and motion.
 
-``write_av_file`` writes one mp4 from numpy frames and a waveform.
+A class pairs a motion pattern of a shape (``bounce``, ``orbit``, ...) with a sound (``click``,
+``chirp``, ...) fired at the same instants: every event (a bounce touching the floor, a sweep
+hitting a wall, a pulse popping) starts one sound. What identifies a class is therefore the
+trajectory's form in time, the sound's timbre and rhythm, and their synchrony. Everything else is
+a per-clip nuisance drawn independently of the class: background colour and texture, the shape,
+colour, size and position of the object, the event rate inside the class's range, the phase,
+a small jitter on every event, slowly wandering distractor shapes, pixel noise, pitch inside a
+range that overlaps the other classes', loudness, background noise and hum, and quieter
+distractor sounds at random instants. Pooled pixels or a mean spectrum therefore say little.
+
+``write_av_file`` writes one mp4; ``render_clip`` draws one clip of a class;
+``generate_dataset`` writes a whole dataset (clips, manifests, class list, bad clips).
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any, Callable
 
 import av
 import numpy as np
+from av.video.reformatter import ColorRange, Colorspace
 
 AUDIO_BIT_RATE = 64_000
 VIDEO_CRF = 18  # visually lossless at 64x64, so the learnable signal survives the codec
@@ -66,9 +88,15 @@ def write_av_file(
         video = container.add_stream(
             "libx264",
             rate=rate,
-            options={"crf": str(VIDEO_CRF), "preset": "fast", "threads": "1"},
+            # x264's macroblock-tree rate control gives different bytes from run to run for the
+            # same frames (measured with PyAV 18); without it, equal frames give equal bytes.
+            options={"crf": str(VIDEO_CRF), "preset": "fast", "threads": "1", "x264-params": "mbtree=0"},
         )
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        # Tag the matrix of the rgb -> yuv conversion (BT.601, limited range), so that every
+        # decoder converts back the same way.
+        video.codec_context.colorspace = Colorspace.SMPTE170M
+        video.codec_context.color_range = ColorRange.MPEG
         video.time_base = 1 / rate
         video.codec_context.flags |= av.codec.context.Flags.bitexact
         if audio is not None:
@@ -92,3 +120,569 @@ def write_av_file(
                 container.mux(sound.encode(frame))
             container.mux(sound.encode())
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Classes
+# ---------------------------------------------------------------------------------------------
+
+MOTIONS = ("bounce", "orbit", "zigzag", "pulse", "sweep", "hop", "figure8", "drop")
+SOUNDS = ("click", "chirp", "buzz", "bell", "noise", "knock", "pluck", "whistle")
+
+# The first classes, hand-paired. Pitch centres lie within about an octave of each other and
+# every clip draws its pitch up to an octave away, so the ranges overlap; event periods are
+# well under 1 s so that a 2 s window holds at least two events.
+_BASE_CLASSES = (
+    # motion, sound, pitch centre (Hz), event period range (s)
+    ("bounce", "click", 900.0, (0.40, 0.65)),
+    ("orbit", "chirp", 700.0, (0.55, 0.85)),
+    ("zigzag", "buzz", 600.0, (0.35, 0.60)),
+    ("pulse", "bell", 1000.0, (0.45, 0.75)),
+    ("sweep", "noise", 1100.0, (0.40, 0.70)),
+    ("hop", "knock", 650.0, (0.50, 0.80)),
+    ("figure8", "pluck", 800.0, (0.55, 0.85)),
+    ("drop", "whistle", 1200.0, (0.40, 0.65)),
+)
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class: a motion pattern whose events each fire one sound."""
+
+    name: str
+    motion: str
+    sound: str
+    pitch_hz: float  # centre of the per-clip pitch range (one octave either side)
+    period: tuple[float, float]  # range of the mean time between events, seconds
+
+
+def class_specs(num_classes: int) -> list[ClassSpec]:
+    """The first ``num_classes`` classes; they depend on nothing but their index.
+
+    Beyond the eight hand-paired classes, motions and sounds are re-paired (motion ``m`` with
+    sound ``m + shift``), so class ``k`` is a unique (motion, sound) pair for up to 64 classes.
+    """
+    limit = len(MOTIONS) * len(SOUNDS)
+    if not 1 <= num_classes <= limit:
+        raise ValueError(f"num_classes must be in [1, {limit}], got {num_classes}")
+    specs = []
+    for index in range(num_classes):
+        shift, m = divmod(index, len(MOTIONS))
+        motion, base_sound, pitch, period = _BASE_CLASSES[m]
+        sound = SOUNDS[(SOUNDS.index(base_sound) + shift) % len(SOUNDS)]
+        # Re-paired classes also move pitch and rate a little (within the overlapping ranges).
+        step = (shift % 3) - 1 if shift else 0
+        pitch = round(pitch * 2.0 ** (0.25 * step), 1)
+        period = (round(period[0] * (1.0 + 0.08 * step), 3), round(period[1] * (1.0 + 0.08 * step), 3))
+        specs.append(ClassSpec(f"{motion}_{sound}", motion, sound, pitch, period))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Events and motion
+# ---------------------------------------------------------------------------------------------
+
+
+def event_times(rng: np.random.Generator, period: float, duration: float, jitter: float = 0.08) -> np.ndarray:
+    """Event instants covering ``[-2 period, duration + 2 period]``: a random phase, then
+    intervals of ``period`` each jittered by up to ``jitter`` of it."""
+    times = [-2.0 * period - rng.uniform(0.0, period)]
+    while times[-1] < duration + 2.0 * period:
+        times.append(times[-1] + period * (1.0 + rng.uniform(-jitter, jitter)))
+    return np.asarray(times)
+
+
+def event_phase(t: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """Phase that is the integer ``k`` at event ``k`` and linear between events."""
+    return np.interp(t, events, np.arange(len(events), dtype=np.float64))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    """Triangle wave with period 1: 0 at integers, 1 at half-integers."""
+    return 1.0 - np.abs(2.0 * (x - np.floor(x)) - 1.0)
+
+
+def motion_path(motion: str, phase: np.ndarray, direction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit trajectory of a motion as a function of event phase.
+
+    Returns ``(dx, dy, scale)``, each shaped like ``phase``: offsets in [-0.5, 0.5] of the motion's
+    amplitude (y grows downwards) and a size factor. Every integer phase is an event instant,
+    the moment the sound starts: the contact of a bounce, the top of an orbit, a wall hit.
+    ``direction`` is +1 or -1 and mirrors the motion horizontally.
+    """
+    u = phase - np.floor(phase)
+    zero, one = np.zeros_like(phase), np.ones_like(phase)
+    if motion == "bounce":  # parabolic flight, floor contact at each event
+        return zero, 0.5 - 4.0 * u * (1.0 - u), one
+    if motion == "orbit":  # one turn per event, at the top
+        angle = 2.0 * math.pi * phase
+        return 0.5 * direction * np.sin(angle), -0.5 * np.cos(angle), one
+    if motion == "zigzag":  # up and down once per event (reversal at the bottom) while drifting sideways
+        return direction * (_triangle(phase / 4.0) - 0.5), 0.5 - _triangle(phase), one
+    if motion == "pulse":  # pops to nearly twice its size at each event, then shrinks back
+        return zero, zero, 1.0 + 0.9 * np.exp(-4.0 * u)
+    if motion == "sweep":  # constant speed left-right, a wall at each event
+        return direction * (_triangle(phase / 2.0) - 0.5), zero, one
+    if motion == "hop":  # rests, then a short quick hop that lands at each event
+        v = np.clip((u - 0.6) / 0.4, 0.0, 1.0)
+        return zero, 0.25 - 2.0 * v * (1.0 - v), one
+    if motion == "figure8":  # a figure eight, crossing its centre at each event
+        return 0.5 * direction * np.sin(math.pi * phase), 0.35 * np.sin(2.0 * math.pi * phase), one
+    if motion == "drop":  # falls with gravity from the top, hits the bottom at each event, reappears on top
+        return zero, u**2 - 0.5, one
+    raise ValueError(f"unknown motion {motion!r}; known: {', '.join(MOTIONS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "diamond", "triangle", "ring")
+
+
+def shape_coverage(shape: str, x: np.ndarray, y: np.ndarray, radius: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of a shape centred at ``(x, y)`` per frame.
+
+    ``x``, ``y``, ``radius`` are ``(T,)`` in pixels; ``grid`` is the pixel-centre ``(yy, xx)``
+    pair, each ``(H, W)``. Returns ``(T, H, W)`` float32.
+    """
+    yy, xx = grid
+    dx = xx[None] - x.astype(np.float32)[:, None, None]
+    dy = yy[None] - y.astype(np.float32)[:, None, None]
+    r = radius.astype(np.float32)[:, None, None]
+    if shape == "circle":
+        distance = np.hypot(dx, dy) - r
+    elif shape == "square":
+        distance = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
+    elif shape == "diamond":
+        distance = (np.abs(dx) + np.abs(dy) - 1.2 * r) / math.sqrt(2.0)
+    elif shape == "triangle":  # pointing up, centred on its centroid
+        distance = np.maximum(dy - 0.6 * r, (np.abs(dx) * math.sqrt(3.0) - dy - 1.2 * r) / 2.0)
+    elif shape == "ring":
+        distance = np.abs(np.hypot(dx, dy) - 0.8 * r) - 0.35 * r
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return np.clip(0.5 - distance, 0.0, 1.0).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray], size: int, nuisance: float) -> np.ndarray:
+    """A static ``(H, W, 3)`` float background: a colour, a gradient and a low-frequency texture."""
+    yy, xx = grid
+    base = rng.uniform(20.0, 235.0, size=3)
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    ramp = (np.cos(angle) * xx + np.sin(angle) * yy) / size - 0.5
+    image = base + ramp[..., None] * rng.uniform(-60.0, 60.0, size=3) * nuisance
+    for _ in range(3):
+        freq = rng.uniform(1.0, 4.0, size=2) * 2.0 * math.pi / size
+        wave = np.sin(freq[0] * xx + freq[1] * yy + rng.uniform(0.0, 2.0 * math.pi))
+        image = image + wave[..., None] * rng.uniform(-15.0, 15.0, size=3) * nuisance
+    return image
+
+
+def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0) -> np.ndarray:
+    """A random RGB colour at least ``min_distance`` away from the background's mean colour."""
+    mean = background.reshape(-1, 3).mean(axis=0)
+    for _ in range(100):
+        colour = rng.uniform(0.0, 255.0, size=3)
+        if np.linalg.norm(colour - mean) >= min_distance:
+            return colour
+    return 255.0 - mean  # unreachable in practice: the complement is always far enough
+
+
+# ---------------------------------------------------------------------------------------------
+# Sounds
+# ---------------------------------------------------------------------------------------------
+
+
+def _envelope(t: np.ndarray, attack: float, decay: float) -> np.ndarray:
+    """Sharp linear attack then exponential decay, so the onset marks the event instant."""
+    return np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / decay)
+
+
+def _bandpass_noise(rng: np.random.Generator, n: int, low: float, high: float, sample_rate: int) -> np.ndarray:
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    spectrum[(freqs < low) | (freqs > high)] = 0.0
+    return np.fft.irfft(spectrum, n)
+
+
+def _coloured_noise(rng: np.random.Generator, n: int, exponent: float, sample_rate: int) -> np.ndarray:
+    """Noise with power falling as ``1 / f**exponent``: 0 is white, 2 is brown."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    freqs = np.maximum(np.fft.rfftfreq(n, 1.0 / sample_rate), 20.0)
+    return np.fft.irfft(spectrum * freqs ** (-exponent / 2.0), n)
+
+
+def sound_wave(sound: str, pitch: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """One event's sound, peak 1, starting with its onset at sample 0. ``pitch`` is its dominant
+    frequency in Hz; timbre, envelope and duration depend on ``sound``. Returns ``(N,)`` float64."""
+    nyquist = 0.45 * sample_rate
+
+    def seconds(length: float) -> np.ndarray:
+        return np.arange(int(length * sample_rate)) / sample_rate
+
+    if sound == "click":  # a tick: a resonance ringing for a few milliseconds
+        t = seconds(0.03)
+        wave = np.sin(2.0 * math.pi * pitch * t) * _envelope(t, 0.0005, 0.004)
+    elif sound == "chirp":  # rising sweep over 1.3 octaves
+        t = seconds(0.09)
+        f = pitch * 2.0 ** (1.3 * t / t[-1] - 0.65)
+        wave = np.sin(2.0 * math.pi * np.cumsum(f) / sample_rate) * _envelope(t, 0.003, 0.06)
+    elif sound == "buzz":  # a square wave: odd harmonics
+        t = seconds(0.1)
+        harmonics = [k for k in range(1, 40, 2) if k * pitch < nyquist]
+        wave = sum(np.sin(2.0 * math.pi * k * pitch * t) / k for k in harmonics) * _envelope(t, 0.002, 0.04)
+    elif sound == "bell":  # inharmonic partials with long decays
+        t = seconds(0.3)
+        partials = [(1.0, 1.0, 0.12), (2.76, 0.5, 0.08), (5.40, 0.25, 0.05)]
+        wave = sum(a * np.sin(2.0 * math.pi * r * pitch * t) * _envelope(t, 0.002, d) for r, a, d in partials if r * pitch < nyquist)
+    elif sound == "noise":  # a burst of noise, one octave wide around the pitch
+        t = seconds(0.07)
+        wave = _bandpass_noise(rng, t.size, pitch / math.sqrt(2.0), min(pitch * math.sqrt(2.0), nyquist), sample_rate)
+        wave = wave * _envelope(t, 0.002, 0.025)
+    elif sound == "knock":  # two short damped hits 45 ms apart
+        t = seconds(0.1)
+        hit = lambda s: np.where(t >= s, np.sin(2.0 * math.pi * pitch * (t - s)) * _envelope(np.maximum(t - s, 0.0), 0.001, 0.012), 0.0)
+        wave = hit(0.0) + 0.7 * hit(0.045)
+    elif sound == "pluck":  # harmonic partials, the higher ones dying sooner
+        t = seconds(0.25)
+        wave = sum(np.sin(2.0 * math.pi * k * pitch * t) / k * _envelope(t, 0.001, 0.12 / k) for k in range(1, 9) if k * pitch < nyquist)
+    elif sound == "whistle":  # a pure tone with fast vibrato
+        t = seconds(0.12)
+        f = pitch * (1.0 + 0.04 * np.sin(2.0 * math.pi * 25.0 * t))
+        wave = np.sin(2.0 * math.pi * np.cumsum(f) / sample_rate) * _envelope(t, 0.003, 0.08)
+    else:
+        raise ValueError(f"unknown sound {sound!r}; known: {', '.join(SOUNDS)}")
+    return wave / max(np.abs(wave).max(), 1e-9)
+
+
+def _add_at(track: np.ndarray, wave: np.ndarray, start: int) -> None:
+    """Add ``wave`` into ``track`` from sample ``start``, cut at the track's end."""
+    if start >= track.size:
+        return
+    end = min(track.size, start + wave.size)
+    track[start:end] += wave[: end - start]
+
+
+# ---------------------------------------------------------------------------------------------
+# One clip
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Clip:
+    """One rendered clip.
+
+    ``frames`` ``(T, H, W, 3)`` uint8, frame ``i`` shown at ``i / fps``; ``audio`` ``(N,)`` float32
+    in [-1, 1]; ``events`` the instants (seconds, inside the clip) at which a motion event happens
+    and its sound starts; ``meta`` the drawn nuisances, JSON-serialisable.
+    """
+
+    frames: np.ndarray
+    audio: np.ndarray
+    events: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def render_clip(
+    spec: ClassSpec,
+    rng: np.random.Generator,
+    duration: float = 4.0,
+    fps: float = 25.0,
+    size: int = 64,
+    sample_rate: int = 16000,
+    nuisance: float = 1.0,
+) -> Clip:
+    """Draw one clip of class ``spec``.
+
+    ``nuisance`` scales every class-independent distraction (texture, distractor shapes and
+    sounds, pixel and audio noise, hum); 0 gives a clean clip, 1 the dataset default.
+    """
+    if size % 2 or size < 16:
+        raise ValueError(f"size must be even and >= 16, got {size}")
+    num_frames = max(1, int(round(duration * fps)))
+    num_samples = int(round(duration * sample_rate))
+    frame_times = np.arange(num_frames) / float(fps)
+
+    # When things happen: the class's rate, a random phase, jitter on every interval.
+    period = rng.uniform(*spec.period)
+    events = event_times(rng, period, duration)
+    in_clip = events[(events >= 0.0) & (events < duration)]
+
+    # What the picture looks like: all drawn independently of the class.
+    grid = tuple(g.astype(np.float32) + 0.5 for g in np.mgrid[0:size, 0:size])
+    background = _background(rng, grid, size, nuisance)
+    shape = str(rng.choice(SHAPES))
+    colour = _contrasting_colour(rng, background)
+    radius = rng.uniform(0.07, 0.11) * size
+    amplitude = rng.uniform(0.35, 0.55) * size
+    direction = float(rng.choice((-1.0, 1.0)))
+    # Centre the trajectory anywhere it fits in the frame (a pulse grows to 1.9x its radius).
+    margin = 0.5 * amplitude + 1.9 * radius
+    low, high = min(margin, size / 2), max(size - margin, size / 2)
+    centre = rng.uniform(low, high, size=2)
+
+    dx, dy, scale = motion_path(spec.motion, event_phase(frame_times, events), direction)
+    x, y = centre[0] + amplitude * dx, centre[1] + amplitude * dy
+    video = np.broadcast_to(background.astype(np.float32), (num_frames, size, size, 3)).copy()
+
+    # Distractors wander slowly (well below any class's event rate), under the main object.
+    num_distractors = int(rng.integers(0, 3)) if nuisance > 0 else 0
+    for _ in range(num_distractors):
+        d_colour = _contrasting_colour(rng, background, min_distance=60.0)
+        d_radius = np.full(num_frames, rng.uniform(0.04, 0.07) * size)
+        d_pos = []
+        for _axis in range(2):
+            freqs, phases = rng.uniform(0.08, 0.35, size=2), rng.uniform(0.0, 2.0 * math.pi, size=2)
+            path = sum(np.sin(2.0 * math.pi * f * frame_times + p) for f, p in zip(freqs, phases)) / 2.0
+            d_pos.append(size * (0.5 + 0.35 * path))
+        alpha = shape_coverage(str(rng.choice(SHAPES)), d_pos[0], d_pos[1], d_radius, grid)[..., None]
+        video += alpha * (d_colour.astype(np.float32) - video)
+
+    alpha = shape_coverage(shape, x, y, radius * scale, grid)[..., None]
+    video += alpha * (colour.astype(np.float32) - video)
+    pixel_noise = rng.uniform(0.0, 6.0) * nuisance
+    if pixel_noise > 0:
+        video += np.float32(pixel_noise) * rng.standard_normal(size=video.shape, dtype=np.float32)
+    frames = np.clip(np.rint(video), 0, 255).astype(np.uint8)
+
+    # The sound: one class sound per event at the same instant, plus class-independent nuisances.
+    pitch = spec.pitch_hz * 2.0 ** rng.uniform(-1.0, 1.0)
+    gain = 10.0 ** (rng.uniform(-16.0, -4.0) / 20.0)
+    audio = np.zeros(num_samples)
+    for t in events[events < duration]:
+        start = int(round(t * sample_rate))
+        wave = gain * 10.0 ** (rng.uniform(-2.0, 2.0) / 20.0) * sound_wave(spec.sound, pitch, sample_rate, rng)
+        if start < 0:  # an event just before the clip whose sound rings into it
+            wave, start = wave[-start:], 0
+        _add_at(audio, wave, start)
+    num_distractor_sounds = int(rng.poisson(0.6 * duration * nuisance))
+    for _ in range(num_distractor_sounds):
+        wave = sound_wave(str(rng.choice(SOUNDS)), 700.0 * 2.0 ** rng.uniform(-1.5, 1.5), sample_rate, rng)
+        _add_at(audio, gain * 10.0 ** (rng.uniform(-16.0, -8.0) / 20.0) * wave, int(rng.integers(0, max(num_samples, 1))))
+    if nuisance > 0:
+        noise = _coloured_noise(rng, num_samples, rng.uniform(0.0, 2.0), sample_rate)
+        noise *= 10.0 ** (rng.uniform(-50.0, -30.0) / 20.0) * nuisance / max(noise.std(), 1e-9)
+        audio += noise
+        if rng.uniform() < 0.5:
+            hum = math.sqrt(2.0) * np.sin(2.0 * math.pi * 2.0 ** rng.uniform(math.log2(80.0), math.log2(2000.0)) * np.arange(num_samples) / sample_rate + rng.uniform(0.0, 2.0 * math.pi))
+            audio += 10.0 ** (rng.uniform(-40.0, -26.0) / 20.0) * nuisance * hum
+    peak = np.abs(audio).max() if audio.size else 0.0
+    if peak > 0.95:
+        audio *= 0.95 / peak
+
+    meta = {
+        "class": spec.name,
+        "period": round(float(period), 6),
+        "events": [round(float(t), 6) for t in in_clip],
+        "shape": shape,
+        "radius": round(float(radius), 3),
+        "amplitude": round(float(amplitude), 3),
+        "centre": [round(float(c), 3) for c in centre],
+        "distractors": num_distractors,
+        "pitch_hz": round(float(pitch), 3),
+        "distractor_sounds": num_distractor_sounds,
+    }
+    return Clip(frames, audio.astype(np.float32), in_clip, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset
+# ---------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+BAD_KINDS = ("video_only", "silent", "short", "truncated", "missing")
+SHORT_SECONDS = 0.4  # shorter than any clip window the configs sample
+
+
+@dataclass(frozen=True)
+class _ClipJob:
+    index: int
+    clip_id: str
+    label: int
+    split: str
+    kind: str  # "ok" or one of BAD_KINDS
+    spec: ClassSpec
+    seed: int
+    duration: float
+    fps: float
+    size: int
+    sample_rate: int
+    nuisance: float
+
+
+def _split_by_class(labels: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float] = (0.15, 0.15)) -> list[str]:
+    """About 70/15/15 train/val/test inside every class (val and test get at least one clip of a
+    class with three or more)."""
+    splits = ["train"] * len(labels)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n = len(members)
+        n_val = max(int(round(fractions[0] * n)), 1 if n >= 3 else 0)
+        n_test = max(int(round(fractions[1] * n)), 1 if n >= 3 else 0)
+        for i in members[:n_val]:
+            splits[i] = "val"
+        for i in members[n_val : n_val + n_test]:
+            splits[i] = "test"
+    return splits
+
+
+def _choose_bad(splits: list[str], num_bad: int, rng: np.random.Generator) -> dict[int, str]:
+    """Clip index -> bad kind. Kinds cycle through ``BAD_KINDS``; the first round goes to the
+    training split, later ones cycle through the splits, so every loader meets every kind."""
+    free = {name: list(rng.permutation([i for i, s in enumerate(splits) if s == name])) for name in SPLITS}
+    chosen: dict[int, str] = {}
+    for n in range(num_bad):
+        kind = BAD_KINDS[n % len(BAD_KINDS)]
+        preferred = "train" if n < len(BAD_KINDS) else SPLITS[(n // len(BAD_KINDS)) % len(SPLITS)]
+        for name in (preferred, *SPLITS):
+            if free[name]:
+                chosen[int(free[name].pop())] = kind
+                break
+    return chosen
+
+
+def _make_clip_file(job: _ClipJob, out_dir: Path) -> dict[str, Any]:
+    """Render and write one clip (or, for ``missing``, nothing); returns its metadata row."""
+    rng = np.random.default_rng([job.seed, job.index])
+    duration = SHORT_SECONDS if job.kind == "short" else job.duration
+    clip = render_clip(job.spec, rng, duration, job.fps, job.size, job.sample_rate, job.nuisance)
+    relative = f"clips/{job.clip_id}.mp4"
+    path = out_dir / relative
+    if job.kind != "missing":
+        audio = None if job.kind == "video_only" else clip.audio
+        if job.kind == "silent":
+            audio = np.zeros_like(clip.audio)
+        write_av_file(path, clip.frames, job.fps, audio, job.sample_rate)
+        if job.kind == "truncated":
+            # Cut inside the media data: the index (moov), written last, is gone, so no
+            # decoder can open the file, though it starts as a valid mp4.
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+    return {
+        "id": job.clip_id,
+        "video": relative,
+        "label": job.label,
+        "split": job.split,
+        "kind": job.kind,
+        "duration": duration,
+        **clip.meta,
+    }
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a clean server process that imported this module once: forking the
+    caller could inherit locks held by its threads (torch's, say), and spawning would pay the
+    package's imports once per worker."""
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:  # no forkserver on this platform
+        return multiprocessing.get_context("spawn")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def _run_job(args: tuple[_ClipJob, Path]) -> dict[str, Any]:
+    return _make_clip_file(*args)
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    num_clips: int,
+    num_classes: int,
+    seed: int,
+    duration: float = 4.0,
+    fps: float = 25.0,
+    size: int = 64,
+    sample_rate: int = 16000,
+    bad_fraction: float = 0.0,
+    workers: int | None = None,
+    nuisance: float = 1.0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a synthetic audiovisual dataset to ``out_dir``.
+
+    Layout: ``clips/<id>.mp4``; ``train.csv``, ``val.csv``, ``test.csv`` (``id,video,label``, video
+    relative to ``out_dir``, label the class index); ``classes.txt`` (line ``k`` names class
+    ``k``); ``bad_clips.csv`` (``id,video,kind``); ``metadata.jsonl`` (one JSON object per clip:
+    split, kind, event instants and the drawn nuisances).
+
+    Labels are balanced and split about 70/15/15 inside every class. ``round(bad_fraction *
+    num_clips)`` of the listed clips, but at least one of each kind when ``bad_fraction > 0``,
+    are bad: ``video_only`` (no audio stream), ``silent`` (an all-zero audio stream), ``short``
+    (0.4 s), ``truncated`` (bytes cut, undecodable) and ``missing`` (listed, never written).
+
+    Every clip draws from its own generator seeded by ``(seed, index)``, so the content does not
+    depend on ``workers``; the same arguments give byte-identical files.
+
+    Returns a summary: counts per split, class and bad kind, and the seconds taken.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if not 0.0 <= bad_fraction < 1.0:
+        raise ValueError(f"bad_fraction must be in [0, 1), got {bad_fraction}")
+    if duration <= SHORT_SECONDS:
+        raise ValueError(f"duration must exceed the {SHORT_SECONDS} s of a short clip, got {duration}")
+    specs = class_specs(num_classes)
+    if (out_dir / "train.csv").exists() or (out_dir / "clips").exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out_dir / "clips", ignore_errors=True)
+    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng([seed, 2**31 - 1])  # dataset-level draws, apart from the per-clip streams
+    labels = rng.permutation(np.arange(num_clips) % num_classes)
+    splits = _split_by_class(labels, rng)
+    num_bad = 0 if bad_fraction == 0 else max(int(round(bad_fraction * num_clips)), len(BAD_KINDS))
+    if num_bad > num_clips:
+        raise ValueError(f"{num_clips} clips cannot hold one of each of the {len(BAD_KINDS)} bad kinds")
+    bad = _choose_bad(splits, num_bad, rng)
+
+    width = max(5, len(str(num_clips - 1)))
+    jobs = [
+        _ClipJob(i, f"clip_{i:0{width}d}", int(labels[i]), splits[i], bad.get(i, "ok"), specs[labels[i]], seed, duration, fps, size, sample_rate, nuisance)
+        for i in range(num_clips)
+    ]
+    workers = min(workers or os.cpu_count() or 1, num_clips)
+    if workers <= 1:
+        rows = [_make_clip_file(job, out_dir) for job in jobs]
+    else:
+        with _worker_context().Pool(workers) as pool:
+            rows = pool.map(_run_job, [(job, out_dir) for job in jobs], chunksize=max(1, num_clips // (8 * workers)))
+
+    _write_outputs(out_dir, rows, specs)
+    return _summary(out_dir, rows, specs, time.perf_counter() - started, workers)
+
+
+def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], specs: list[ClassSpec]) -> None:
+    for split in SPLITS:
+        with open(out_dir / f"{split}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "video", "label"])
+            writer.writerows([r["id"], r["video"], r["label"]] for r in rows if r["split"] == split)
+    with open(out_dir / "bad_clips.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "video", "kind"])
+        writer.writerows([r["id"], r["video"], r["kind"]] for r in rows if r["kind"] != "ok")
+    (out_dir / "classes.txt").write_text("".join(f"{spec.name}\n" for spec in specs))
+    with open(out_dir / "metadata.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _summary(out_dir: Path, rows: list[dict[str, Any]], specs: list[ClassSpec], seconds: float, workers: int) -> dict[str, Any]:
+    return {
+        "out_dir": str(out_dir),
+        "num_clips": len(rows),
+        "classes": [spec.name for spec in specs],
+        "splits": {split: sum(r["split"] == split for r in rows) for split in SPLITS},
+        "per_class": {
+            spec.name: {split: sum(r["label"] == k and r["split"] == split for r in rows) for split in SPLITS}
+            for k, spec in enumerate(specs)
+        },
+        "bad": {kind: sum(r["kind"] == kind for r in rows) for kind in BAD_KINDS},
+        "workers": workers,
+        "seconds": round(seconds, 2),
+    }
