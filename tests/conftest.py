@@ -7,7 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from avmae.data.synthetic import write_av_file
+from avmae.data.synthetic import generate_dataset, write_av_file
+
+# The session dataset: small enough to write in a few seconds, every bad kind present.
+SYNTHETIC = dict(num_clips=24, num_classes=4, seed=0, duration=2.5, fps=25.0, size=64, sample_rate=16000, bad_fraction=0.25)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,3 +36,16 @@ def make_clip(tmp_path):
         return write_av_file(tmp_path / name, frames, fps, audio, sample_rate)
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small generated dataset (``SYNTHETIC``): ``clips/<id>.mp4``, ``train.csv``, ``val.csv``,
+    ``test.csv`` (``id,video,label``), ``classes.txt``, ``bad_clips.csv`` (``id,video,kind``) and
+    ``metadata.jsonl``. 24 clips of 4 classes, 2.5 s at 25 fps, 64x64, 16 kHz; 6 bad clips, one of
+    each kind in train (``video_only``, ``silent``, ``short``, ``truncated``, ``missing``), one
+    more ``video_only`` in val. Returns the folder.
+    """
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, workers=1, **SYNTHETIC)
+    return root
