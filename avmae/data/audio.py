@@ -12,7 +12,9 @@ reference features of REFERENCE.md normalised by the configured ``(x - norm_mean
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import av
 import numpy as np
@@ -48,6 +50,27 @@ def read_audio(path: str | Path, start: float, seconds: float, sample_rate: int)
     else:
         source, source_rate, source_start = _read_av(path, start, seconds)
     return _window(source, source_rate, source_start, start, seconds, sample_rate)
+
+
+def audio_duration(path: str | Path) -> float:
+    """Seconds of audio in ``path`` (its audio stream's stated duration for a video)."""
+    path = Path(path)
+    if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        try:
+            info = soundfile.info(str(path))
+        except (soundfile.LibsndfileError, RuntimeError, OSError) as err:
+            raise AudioDecodeError(f"{path}: cannot read audio: {err}") from err
+        return info.frames / info.samplerate
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise NoAudioError(f"{path}: the file has no audio stream")
+            stream = container.streams.audio[0]
+            if stream.duration:
+                return float(stream.duration * stream.time_base)
+            return container.duration / av.time_base if container.duration else 0.0
+    except (av.FFmpegError, OSError) as err:
+        raise AudioDecodeError(f"{path}: cannot open the file: {err}") from err
 
 
 def _source_span(start: float, seconds: float) -> tuple[float, float]:
@@ -169,3 +192,53 @@ def normalize_fbank(features: torch.Tensor, audio_cfg: AudioConfig) -> torch.Ten
 def fbank(waveform: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
     """Normalised model input ``(target_length, num_mel_bins)`` of a ``(N,)`` waveform."""
     return normalize_fbank(kaldi_fbank(waveform, audio_cfg), audio_cfg)
+
+
+@dataclass
+class FbankStats:
+    """Mean and std of fbank values over a set of files, and the files that could not be read."""
+
+    mean: float
+    std: float
+    clips: int
+    frames: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def fbank_stats(paths: Iterable[str | Path], audio_cfg: AudioConfig) -> FbankStats:
+    """Statistics of ``kaldi_fbank`` over the first ``audio_cfg.seconds`` of each file.
+
+    Only the frames computed from real samples count: the zero padding that fills a short
+    file up to ``target_length`` would bias the mean towards 0. Unreadable files and files
+    without audio are skipped and listed in ``skipped``.
+    """
+    total = total_sq = 0.0
+    frames = clips = 0
+    skipped: list[tuple[Path, str]] = []
+    frame_shift = int(round(audio_cfg.sample_rate * audio_cfg.frame_shift_ms / 1000.0))
+    frame_length = int(round(audio_cfg.sample_rate * audio_cfg.frame_length_ms / 1000.0))
+    for path in paths:
+        path = Path(path)
+        try:
+            wave = read_audio(path, 0.0, audio_cfg.seconds, audio_cfg.sample_rate)
+        except AudioDecodeError as err:
+            skipped.append((path, str(err)))
+            continue
+        if not bool(torch.any(wave != 0)):
+            skipped.append((path, f"{path}: the audio is silent"))
+            continue
+        features = kaldi_fbank(wave, audio_cfg).double()
+        # frames of real samples (Kaldi snip_edges: 1 + (N - length) // shift)
+        real = min(int(audio_duration(path) * audio_cfg.sample_rate), wave.numel())
+        valid = 1 + max(real - frame_length, 0) // frame_shift
+        features = features[: min(valid, features.shape[0])]
+        total += float(features.sum())
+        total_sq += float((features**2).sum())
+        frames += features.numel() // features.shape[1]
+        clips += 1
+    if clips == 0:
+        raise ValueError(f"no readable audio in any of the {len(skipped)} files; first: {skipped[:1]}")
+    count = frames * audio_cfg.num_mel_bins
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
+    return FbankStats(mean, std, clips, frames, skipped)

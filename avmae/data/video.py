@@ -87,7 +87,11 @@ class VideoReader(abc.ABC):
 
 class DecordReader(VideoReader):
     """decord's VideoReader. One decoding thread: decord's thread pool can hang in forked
-    DataLoader workers, and the workers already give the parallelism."""
+    DataLoader workers, and the workers already give the parallelism.
+
+    decord 0.6 fails on a few frame widths under 80 pixels (8, 16, 24, 48, 72); such files
+    raise ``VideoDecodeError`` and decode with ``data.video.decoder=pyav``.
+    """
 
     def __init__(self, path: str | Path):
         import decord
