@@ -407,7 +407,9 @@ def read_ave(path: Path, root: Path, classes: list[str], video_template: str = V
         fields = {"video_id": video_id, "category": category, "start": start, "end": end}
         video = resolve(root, _format(path, line, video_template, fields))
         records.append(
-            ClipRecord(f"{video_id}_{start}_{end}", video, targets={"label": index[category]}, start=start, end=end)
+            ClipRecord(
+                f"{video_id}_{start}_{end}", video, targets={"label": index[category]}, start=float(start), end=float(end)
+            )
         )
     return Manifest(records, {"label": classes}, source=path)
 
