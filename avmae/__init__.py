@@ -1,0 +1,17 @@
+"""avmae: self-supervised audiovisual pretraining (joint audio+video MAE, contrastive objectives).
+
+``avmae.from_pretrained(folder)`` rebuilds an exported model (see ``avmae.export``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["from_pretrained"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `import avmae.config` (every tool) should not pull in the models.
+    if name == "from_pretrained":
+        from avmae.export import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module 'avmae' has no attribute {name!r}")
