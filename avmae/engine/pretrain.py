@@ -268,6 +268,7 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
 
                 state.step += 1
                 window.updates += 1
+                lr_used = optimizer.param_groups[0]["lr"]
                 scheduler.step_update(state.step)
                 if hasattr(core, "after_optimizer_step"):
                     core.after_optimizer_step(state.step / num_steps)
@@ -276,7 +277,7 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
                 if state.step % train.log_every == 0 or state.step == num_steps:
                     guard.check(accelerator, str(last_saved) if last_saved else None)
                     logs = window.reduce(accelerator, clips_per_update)
-                    logs["lr"] = optimizer.param_groups[0]["lr"]
+                    logs["lr"] = lr_used
                     logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
                     accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                     progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
