@@ -162,7 +162,9 @@ class AugmentConfig:
                 raise ValueError(f"augment.{name}={getattr(self, name)} is not a probability in [0, 1]")
         for name in ("hflip", "time_reversal"):
             if getattr(self, name) > 0.5:
-                raise ValueError(f"augment.{name}={getattr(self, name)}: at most 0.5 (1.0 always flips, no variety)")
+                raise ValueError(
+                    f"augment.{name}={getattr(self, name)}: at most 0.5 (flipping every clip adds no variety)"
+                )
         ranges = {
             "speed_range": (1e-3, None), "crop_scale": (1e-3, 1.0), "crop_ratio": (1e-3, None),
             "blur_sigma": (0.0, None), "cutout_scale": (0.0, 1.0),
@@ -197,6 +199,7 @@ class ModelConfig:
     reconstruction: str = "joint"  # joint | inpaint | both
     modality_embed: bool = True
     drop_path: float = 0.0
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     # masking
     mask_ratio_video: float = 0.9
     mask_ratio_audio: float = 0.7
@@ -213,8 +216,9 @@ class ModelConfig:
     contrastive_masked: bool = True  # run the contrastive branch on the masked (visible) tokens
     temperature: float = 0.05
     learn_temperature: bool = False
-    proj_dim: int = 256
-    pred_dim: int = 1024
+    proj_dim: int = 256  # SimSiam / MoCo v3 projector output
+    proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
+    pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
     momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
 
     def __post_init__(self) -> None:

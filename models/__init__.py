@@ -1,0 +1,47 @@
+"""avmae.models: the AV-MAE model family (encoders, decoders, contrastive heads, classifiers)."""
+
+from .classifier import AVClassifier, LoadReport, build_classifier, load_pretrained
+from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
+from .decoder import AVDecoder
+from .encoder import AVEncoder
+from .flops import count_flops
+from .layers import (
+    MODALITIES,
+    AudioPatchEmbed,
+    VideoPatchEmbed,
+    patchify_audio,
+    patchify_video,
+    unpatchify_audio,
+    unpatchify_video,
+)
+from .pretrain import AVMAE, build_decoder, build_encoder, build_pretrain_model, model_grids, num_tokens
+from .registry import SIZES, ViTSize, get_size
+
+__all__ = [
+    "AVClassifier",
+    "AVDecoder",
+    "AVEncoder",
+    "AVMAE",
+    "AudioPatchEmbed",
+    "InfoNCEHead",
+    "LoadReport",
+    "MODALITIES",
+    "MoCoV3Head",
+    "SIZES",
+    "SimSiamHead",
+    "VideoPatchEmbed",
+    "ViTSize",
+    "build_classifier",
+    "build_decoder",
+    "build_encoder",
+    "build_pretrain_model",
+    "count_flops",
+    "get_size",
+    "load_pretrained",
+    "model_grids",
+    "num_tokens",
+    "patchify_audio",
+    "patchify_video",
+    "unpatchify_audio",
+    "unpatchify_video",
+]

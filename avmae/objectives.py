@@ -1,0 +1,102 @@
+"""Losses that are not networks: masked reconstruction, InfoNCE, SimSiam, MoCo v3.
+
+Cross-process negatives: under ``torch.distributed``, InfoNCE gathers both sides from every
+process *with* gradient (``torch.distributed.nn.functional.all_gather``), so each process scores
+its own rows against the global batch and the gradient flows back to the process that produced
+each embedding. MoCo v3 gathers only its keys, which come from the momentum encoder and carry no
+gradient. Without an initialised process group the local batch is the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` on each process -> ``(world * B, ...)`` in rank order, differentiable."""
+    if not _distributed():
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` on each process -> ``(world * B, ...)`` in rank order, no gradient."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _local_labels(batch: int, device) -> torch.Tensor:
+    """Column of each local row's positive inside the gathered batch."""
+    rank = dist.get_rank() if _distributed() else 0
+    return torch.arange(batch, device=device) + rank * batch
+
+
+def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MAE's ``norm_pix_loss`` target: each patch ``(..., P)`` standardised over its own values."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked patches only.
+
+    pred, target: ``(B, N, P)``; mask: ``(B, N)``, 1 = masked. Each masked patch weighs the same;
+    visible patches contribute nothing (not even to the gradient). No masked patch -> 0.
+    """
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE between paired embeddings, negatives from every process.
+
+    a, b: ``(B, D)`` L2-normalised; row i of ``a`` and row i of ``b`` are a positive pair, all
+    other rows of the global batch are negatives. ``logit_scale`` = 1 / temperature.
+    Returns ``(CE(a -> b) + CE(b -> a)) / 2``, averaged over the local rows.
+    """
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    labels = _local_labels(a.shape[0], a.device)
+    logits_ab = logit_scale * a @ all_b.t()  # (B, world * B)
+    logits_ba = logit_scale * b @ all_a.t()
+    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+
+
+def simsiam_loss(p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    """SimSiam: ``-(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2``; the stop-gradient is applied here."""
+    return -0.5 * (
+        F.cosine_similarity(p1, z2.detach(), dim=-1).mean()
+        + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()
+    )
+
+
+def moco_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's ``contrastive_loss``: queries ``(B, D)`` against all processes' keys ``(B, D)``.
+
+    Keys carry no gradient. Scaled by ``2 * temperature`` as in MoCo v3, so the loss magnitude
+    does not depend on the temperature.
+    """
+    q = F.normalize(q, dim=1)
+    k = gather_no_grad(F.normalize(k, dim=1))
+    logits = q @ k.t() / temperature
+    return F.cross_entropy(logits, _local_labels(q.shape[0], q.device)) * (2 * temperature)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """MoCo v3's momentum schedule: ``base`` at progress 0, rising along a half cosine to 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0

@@ -1,0 +1,91 @@
+"""Fixed sine-cosine positional embeddings, computed from the token grid of the actual input.
+
+The 1-D and 2-D formulas are those of MAE (``util/pos_embed.py``): for a 2-D grid of ``rows x
+cols`` tokens in row-major order, the first half of the channels encodes the column index and
+the second half the row index, each as ``[sin(pos * omega), cos(pos * omega)]`` with
+``omega_k = 1 / 10000 ** (k / (D / 4))``.
+
+- audio, grid ``(T', F')`` in time-major order: the 2-D formula with rows = time, cols = frequency;
+- video, grid ``(T', H', W')``: separable, a 1-D temporal code on ``D_t`` channels concatenated
+  with the 2-D spatial code on ``D_s = 4 * (D // 6)`` channels (``D_t = D - D_s``), so every
+  token carries its time step and its spatial position on separate channels.
+
+Nothing here is learned or saved in checkpoints; a model built for another frame count or audio
+length simply computes the embedding for its own grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """``(M,)`` positions -> ``(M, dim)``: ``[sin(pos * omega), cos(pos * omega)]``."""
+    if dim % 2:
+        raise ValueError(f"1-D sin-cos embedding needs an even width, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64, device=positions.device) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([out.sin(), out.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, rows: int, cols: int, device=None) -> torch.Tensor:
+    """``(rows * cols, dim)`` for a row-major grid; first half encodes the column, second the row."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    row = torch.arange(rows, device=device).repeat_interleave(cols)
+    col = torch.arange(cols, device=device).repeat(rows)
+    return torch.cat([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], dim=1)
+
+
+def audio_sincos(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """``(T' * F', dim)`` for an audio grid ``(T', F')`` in time-major token order."""
+    time, freq = grid
+    return sincos_2d(dim, time, freq, device)
+
+
+def video_spatial_dim(dim: int) -> int:
+    """Channels given to the spatial part of the video embedding (a multiple of 4)."""
+    return 4 * (dim // 6)
+
+
+def video_sincos(dim: int, grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """``(T' * H' * W', dim)`` for a video grid ``(T', H', W')`` in (t, h, w) token order."""
+    time, height, width = grid
+    spatial_dim = video_spatial_dim(dim)
+    temporal = sincos_1d(dim - spatial_dim, torch.arange(time, device=device))  # (T', D_t)
+    spatial = sincos_2d(spatial_dim, height, width, device)  # (H'W', D_s)
+    temporal = temporal.repeat_interleave(height * width, dim=0)
+    spatial = spatial.repeat(time, 1)
+    return torch.cat([temporal, spatial], dim=1)
+
+
+_BUILDERS = {"video": video_sincos, "audio": audio_sincos}
+
+
+class SinCosPosEmbed(nn.Module):
+    """The fixed embedding of one modality at one width.
+
+    Holds the embedding of the configured grid as a non-persistent buffer (moved with the model,
+    never saved); any other grid is computed on the fly, so inputs of another length just work.
+    """
+
+    def __init__(self, modality: str, dim: int, grid: tuple[int, ...]) -> None:
+        super().__init__()
+        if modality not in _BUILDERS:
+            raise ValueError(f"no positional embedding for modality {modality!r}")
+        self.modality = modality
+        self.dim = dim
+        self.grid = tuple(grid)
+        self.register_buffer("pos_embed", _BUILDERS[modality](dim, self.grid)[None], persistent=False)
+
+    def forward(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """``(1, N, dim)`` for the given token grid."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        built = _BUILDERS[self.modality](self.dim, tuple(grid), device=self.pos_embed.device)
+        return built[None].to(self.pos_embed.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.modality}, dim={self.dim}, grid={self.grid}"

@@ -1,0 +1,309 @@
+"""``AVMAE``: one pretraining module for MAE, contrastive and MAE + contrastive objectives.
+
+``loss = mae_weight * (w_v * L_video + w_a * L_audio) + contrastive_weight * L_contrastive``
+
+- MAE branch (``mae_weight > 0``): mask each modality, encode the visible tokens, decode and score
+  the masked patches (``reconstruction``: joint | inpaint | both; ``both`` averages the two).
+- Contrastive branch (``contrastive != none``): pooled embeddings of the same encoder, on the
+  visible tokens of the same masks (``contrastive_masked``) or on all tokens.
+  ``contrastive_pairs: modalities`` contrasts a clip's video with its audio: for early and mid
+  fusion the joint blocks then run per modality (no cross-modal attention), as CAV-MAE does;
+  ``views`` contrasts two augmented views (``video2``/``audio2``), each embedded as the mean of
+  its per-modality mean-pooled tokens.
+With ``mae_weight: 0`` no decoder is built or run; with ``contrastive: none`` no head is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from avmae.config import Config, ModelConfig
+from avmae.masking import TokenMask, sample_mask, take_tokens
+from avmae.objectives import masked_mse, normalize_patches
+
+from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
+from .decoder import AVDecoder
+from .encoder import AVEncoder
+from .layers import MODALITIES, patchify_audio, patchify_video
+from .registry import get_size
+
+
+def model_grids(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Token grids of the configured geometry: ``{"video": (T', H', W'), "audio": (T', F')}``."""
+    m, video, audio = cfg.model, cfg.data.video, cfg.data.audio
+    problems = []
+    if video.num_frames % m.tubelet:
+        problems.append(f"data.video.num_frames={video.num_frames} is not a multiple of model.tubelet={m.tubelet}")
+    if video.size % m.patch_size:
+        problems.append(f"data.video.size={video.size} is not a multiple of model.patch_size={m.patch_size}")
+    if audio.target_length % m.patch_size:
+        problems.append(
+            f"audio target length {audio.target_length} frames (data.audio.seconds={audio.seconds}) "
+            f"is not a multiple of model.patch_size={m.patch_size}"
+        )
+    if audio.num_mel_bins % m.patch_size:
+        problems.append(f"data.audio.num_mel_bins={audio.num_mel_bins} is not a multiple of model.patch_size={m.patch_size}")
+    if problems:
+        raise ValueError("input geometry does not tile into tokens: " + "; ".join(problems))
+    return {
+        "video": (video.num_frames // m.tubelet, video.size // m.patch_size, video.size // m.patch_size),
+        "audio": (audio.target_length // m.patch_size, audio.num_mel_bins // m.patch_size),
+    }
+
+
+def num_tokens(cfg: Config) -> dict[str, int]:
+    """Tokens per clip and modality for the configured geometry (no model is built)."""
+    return {m: math.prod(g) for m, g in model_grids(cfg).items()}
+
+
+def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEncoder:
+    size = get_size(cfg.model.size)
+    grids = model_grids(cfg)
+    encoder = AVEncoder(
+        embed_dim=size.embed_dim,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        mlp_ratio=size.mlp_ratio,
+        fusion=cfg.model.fusion,
+        fusion_layers=cfg.model.fusion_layers,
+        patch_size=cfg.model.patch_size,
+        tubelet=cfg.model.tubelet,
+        video_grid=grids["video"],
+        audio_grid=grids["audio"],
+        modalities=modalities,
+        modality_embed=cfg.model.modality_embed,
+        drop_path=cfg.model.drop_path,
+    )
+    encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return encoder
+
+
+class AVMAE(nn.Module):
+    """Joint audiovisual masked autoencoder with an optional contrastive head.
+
+    Inputs: ``video (B, C, T, H, W)``, ``audio (B, 1, T_a, F)``; ``video2``/``audio2`` the second
+    view when ``contrastive_pairs: views``. ``generator`` makes the masks reproducible.
+    """
+
+    def __init__(self, cfg: ModelConfig, encoder: AVEncoder, decoder: AVDecoder | None) -> None:
+        super().__init__()
+        if cfg.mae_weight < 0 or cfg.contrastive_weight < 0:
+            raise ValueError("model.mae_weight and model.contrastive_weight must be >= 0")
+        if cfg.mae_weight == 0 and cfg.contrastive == "none":
+            raise ValueError("model.mae_weight=0 with model.contrastive=none leaves nothing to train")
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.tubelet = cfg.tubelet
+        self.encoder = encoder
+        self.decoder = decoder
+        self.contrastive = self._build_head(cfg, encoder)
+
+    @staticmethod
+    def _build_head(cfg: ModelConfig, encoder: AVEncoder) -> nn.Module | None:
+        names = ("video", "audio") if cfg.contrastive_pairs == "modalities" else ("clip",)
+        dim = encoder.embed_dim
+        if cfg.contrastive == "infonce":
+            return InfoNCEHead(cfg.temperature, cfg.learn_temperature)
+        if cfg.contrastive == "simsiam":
+            return SimSiamHead(names, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_dim)
+        if cfg.contrastive == "mocov3":
+            return MoCoV3Head(encoder, names, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_dim,
+                              cfg.temperature, cfg.momentum)
+        return None
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def grids(self, inputs: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {m: self.encoder.grid(m, x) for m, x in inputs.items()}
+
+    def sample_masks(
+        self, inputs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, TokenMask]:
+        policy = {"video": self.cfg.video_masking, "audio": self.cfg.audio_masking}
+        ratio = {"video": self.cfg.mask_ratio_video, "audio": self.cfg.mask_ratio_audio}
+        return {
+            m: sample_mask(policy[m], x.shape[0], self.encoder.grid(m, x), ratio[m], generator, x.device)
+            for m, x in inputs.items()
+        }
+
+    def patchify(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        """Raw input -> ``(B, N, patch_dim)`` in token order."""
+        if modality == "video":
+            return patchify_video(x, self.patch_size, self.tubelet)
+        return patchify_audio(x, self.patch_size)
+
+    def targets(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        targets = {m: self.patchify(m, x) for m, x in inputs.items()}
+        if self.cfg.norm_pix_loss:
+            targets = {m: normalize_patches(t) for m, t in targets.items()}
+        return targets
+
+    @staticmethod
+    def _visible(tokens: dict[str, torch.Tensor], masks: dict[str, TokenMask] | None) -> dict[str, torch.Tensor]:
+        if masks is None:
+            return tokens
+        return {m: take_tokens(x, masks[m].ids_keep) for m, x in tokens.items()}
+
+    def _encode(
+        self,
+        encoder: AVEncoder,
+        inputs: dict[str, torch.Tensor],
+        masks: dict[str, TokenMask] | None,
+        isolate: bool,
+    ) -> dict[str, torch.Tensor]:
+        return encoder.forward_tokens(self._visible(encoder.embed(inputs), masks), isolate)
+
+    @staticmethod
+    def _pool(latent: dict[str, torch.Tensor], pairs: str) -> tuple[torch.Tensor, ...]:
+        """``modalities``: (video, audio) mean-pooled; ``views``: mean of the two pooled modalities."""
+        pooled = {m: x.mean(dim=1) for m, x in latent.items()}
+        if pairs == "modalities":
+            return pooled["video"], pooled["audio"]
+        return (torch.stack(list(pooled.values())).mean(dim=0),)
+
+    # ---- branches -----------------------------------------------------------------------------
+
+    def _mae_branch(self, inputs, masks, latent) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        grids = self.grids(inputs)
+        targets = self.targets(inputs)
+        recon = self.cfg.reconstruction
+        preds = {}
+        objectives: dict[str, list[torch.Tensor]] = {m: [] for m in inputs}
+        logs = {}
+        if recon in ("joint", "both"):
+            preds = self.decoder.reconstruct(latent, masks, grids)
+            for m in inputs:
+                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask))
+                logs[f"mae_{m}"] = objectives[m][-1]
+        if recon in ("inpaint", "both"):
+            inpainted = {m: self.decoder.inpaint(m, latent, masks, grids) for m in inputs}
+            for m in inputs:
+                objectives[m].append(masked_mse(inpainted[m], targets[m], masks[m].mask))
+                logs[f"inpaint_{m}" if recon == "both" else f"mae_{m}"] = objectives[m][-1]
+            preds = preds or inpainted
+        weight = {"video": self.cfg.loss_weight_video, "audio": self.cfg.loss_weight_audio}
+        loss = sum(weight[m] * torch.stack(objectives[m]).mean() for m in inputs)
+        outputs = {}
+        for m in inputs:
+            outputs[f"pred_{m}"] = preds[m]
+            outputs[f"target_{m}"] = targets[m]
+            outputs[f"mask_{m}"] = masks[m].mask
+        return loss, logs, outputs
+
+    def _contrastive_branch(self, inputs, inputs2, masks, shared_latent, generator) -> torch.Tensor:
+        cfg = self.cfg
+        pairs = cfg.contrastive_pairs
+        isolate = pairs == "modalities"
+        masks = masks if cfg.contrastive_masked else None
+
+        # the trained encoder's embeddings, reusing the MAE pass where it computed the same thing
+        if shared_latent is not None and (not isolate or not self.encoder.cross_modal):
+            latent1 = shared_latent
+        else:
+            latent1 = self._encode(self.encoder, inputs, masks, isolate)
+        if pairs == "modalities":
+            x1, x2 = self._pool(latent1, pairs)
+            names = ("video", "audio")
+        else:
+            masks2 = self.sample_masks(inputs2, generator) if masks is not None else None
+            (x1,) = self._pool(latent1, pairs)
+            (x2,) = self._pool(self._encode(self.encoder, inputs2, masks2, isolate=False), pairs)
+            names = ("clip", "clip")
+
+        if not isinstance(self.contrastive, MoCoV3Head):
+            return self.contrastive(x1, x2, names)
+        with torch.no_grad():
+            momentum_encoder = self.contrastive.momentum_encoder
+            if pairs == "modalities":
+                e1, e2 = self._pool(self._encode(momentum_encoder, inputs, masks, isolate=True), pairs)
+            else:
+                (e1,) = self._pool(self._encode(momentum_encoder, inputs, masks, isolate=False), pairs)
+                (e2,) = self._pool(self._encode(momentum_encoder, inputs2, masks2, isolate=False), pairs)
+            k1, k2 = self.contrastive.keys(e1, names[0]), self.contrastive.keys(e2, names[1])
+        return self.contrastive(x1, x2, names, k1, k2)
+
+    # ---- the module ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        audio: torch.Tensor,
+        video2: torch.Tensor | None = None,
+        audio2: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict:
+        """Returns ``loss``, ``logs`` (detached scalars) and, when the MAE branch runs,
+        ``pred_*``/``target_*`` ``(B, N, patch_dim)`` and ``mask_*`` ``(B, N)`` (1 = masked)."""
+        cfg = self.cfg
+        inputs = {"video": video, "audio": audio}
+        inputs2 = None
+        if self.contrastive is not None and cfg.contrastive_pairs == "views":
+            if video2 is None or audio2 is None:
+                raise ValueError("model.contrastive_pairs=views needs video2 and audio2 (augment.two_views=true)")
+            inputs2 = {"video": video2, "audio": audio2}
+
+        use_masks = self.decoder is not None or cfg.contrastive_masked
+        masks = self.sample_masks(inputs, generator) if use_masks else None
+        loss = torch.zeros((), device=video.device)
+        logs: dict[str, torch.Tensor] = {}
+        outputs: dict = {}
+        latent = None
+
+        if self.decoder is not None:
+            latent = self._encode(self.encoder, inputs, masks, isolate=False)
+            mae_loss, mae_logs, outputs = self._mae_branch(inputs, masks, latent)
+            loss = loss + cfg.mae_weight * mae_loss
+            logs.update(mae_logs, mae=mae_loss)
+
+        if self.contrastive is not None:
+            shared = latent if cfg.contrastive_masked else None
+            contrastive_loss = self._contrastive_branch(inputs, inputs2, masks, shared, generator)
+            loss = loss + cfg.contrastive_weight * contrastive_loss
+            logs["contrastive"] = contrastive_loss
+            if isinstance(self.contrastive, InfoNCEHead):
+                logs["temperature"] = self.contrastive.temperature
+
+        outputs["loss"] = loss
+        outputs["logs"] = {k: v.detach() for k, v in logs.items()}
+        return outputs
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        """Called by the engine after every optimiser step, ``progress`` in [0, 1]."""
+        if isinstance(self.contrastive, MoCoV3Head):
+            self.contrastive.update_momentum(self.encoder, progress)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Full names of embeddings, mask tokens and the temperature (timm convention)."""
+        names = {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+        if self.decoder is not None:
+            names |= {f"decoder.{n}" for n in self.decoder.no_weight_decay()}
+        if self.contrastive is not None:
+            names |= {f"contrastive.{n}" for n, _ in self.contrastive.named_parameters() if "logit_scale" in n}
+        return names
+
+
+def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
+    m = cfg.model
+    return AVDecoder(
+        kind=m.decoder,
+        encoder_dim=encoder.embed_dim,
+        width=m.decoder_width,
+        depth=m.decoder_depth,
+        num_heads=m.decoder_heads,
+        mlp_ratio=get_size(m.size).mlp_ratio,
+        patch_dims={k: encoder.patch_embed[k].patch_dim for k in encoder.modalities},
+        grids=model_grids(cfg),
+        modality_embed=m.modality_embed,
+    )
+
+
+def build_pretrain_model(cfg: Config) -> AVMAE:
+    """The pretraining model described by ``cfg.model`` for the geometry of ``cfg.data``."""
+    encoder = build_encoder(cfg)
+    decoder = build_decoder(cfg, encoder) if cfg.model.mae_weight > 0 else None
+    return AVMAE(cfg.model, encoder, decoder)

@@ -1,0 +1,132 @@
+"""Losses: masked MSE, patch normalisation, InfoNCE (by hand, and across 2 real processes),
+SimSiam's stop-gradient, MoCo v3's loss and momentum schedule."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from avmae.objectives import (
+    cosine_momentum,
+    info_nce,
+    masked_mse,
+    moco_loss,
+    normalize_patches,
+    simsiam_loss,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny tensors: a single thread avoids oversubscribing a shared CPU
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_masked_mse_counts_masked_patches_only():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 6, 4, requires_grad=True)
+    target = torch.randn(2, 6, 4)
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 0, 0, 0]], dtype=torch.float)
+    loss = masked_mse(pred, target, mask)
+    by_hand = sum(((pred[b, n] - target[b, n]) ** 2).mean() for b, n in mask.nonzero().tolist()) / 5
+    assert torch.allclose(loss, by_hand)
+
+    changed = pred.detach().clone()
+    changed[mask == 0] += 100.0  # visible patches: any prediction
+    assert torch.allclose(masked_mse(changed, target, mask), loss)
+
+    loss.backward()
+    assert (pred.grad[mask == 0] == 0).all()
+    assert (pred.grad[mask == 1].abs().sum(-1) > 0).all()
+
+
+def test_masked_mse_without_masked_patches_is_zero():
+    pred, target = torch.randn(1, 3, 2), torch.randn(1, 3, 2)
+    assert masked_mse(pred, target, torch.zeros(1, 3)).item() == 0.0
+
+
+def test_normalize_patches_matches_mae():
+    x = torch.randn(2, 5, 12) * 3 + 1
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True)  # MAE: unbiased variance, eps 1e-6 inside the sqrt
+    assert torch.allclose(normalize_patches(x), (x - mean) / (var + 1e-6) ** 0.5)
+
+
+def test_info_nce_equals_hand_computed_3x3():
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    b = F.normalize(torch.tensor([[1.0, 0.2], [-0.3, 1.0], [0.5, 0.5]]), dim=1)
+    temperature = 0.1
+    sim = [[float(a[i] @ b[j]) / temperature for j in range(3)] for i in range(3)]
+
+    def cross_entropy(rows):
+        return sum(-row[i] + math.log(sum(math.exp(v) for v in row)) for i, row in enumerate(rows)) / 3
+
+    columns = [[sim[j][i] for j in range(3)] for i in range(3)]  # b -> a: the transpose
+    expected = 0.5 * (cross_entropy(sim) + cross_entropy(columns))
+    assert info_nce(a, b, 1.0 / temperature).item() == pytest.approx(expected, rel=1e-5)
+
+
+def _info_nce_worker(rank: int, world: int, init_file: str, a: torch.Tensor, b: torch.Tensor, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * 2, rank * 2 + 2)
+        local_a = a[rows].clone().requires_grad_(True)
+        local_b = b[rows].clone().requires_grad_(True)
+        loss = info_nce(local_a, local_b, 10.0)
+        loss.backward()
+        out[rank] = (loss.detach(), local_a.grad, local_b.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_info_nce_gathers_negatives_with_gradient_across_two_processes(tmp_path):
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(4, 8), dim=1)
+    b = F.normalize(torch.randn(4, 8), dim=1)
+    full_a, full_b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    full = info_nce(full_a, full_b, 10.0)
+    full.backward()
+
+    out = mp.Manager().dict()
+    mp.spawn(_info_nce_worker, args=(2, str(tmp_path / "init"), a, b, out), nprocs=2, join=True)
+    # each process scores its 2 rows against all 4: the mean of the two losses is the full loss
+    assert torch.allclose((out[0][0] + out[1][0]) / 2, full.detach(), atol=1e-6)
+    # the gathered negatives carry gradient back: rank r's grad is world x the full-batch grad
+    # of its rows (DDP then averages over the 2 processes)
+    for rank in (0, 1):
+        rows = slice(rank * 2, rank * 2 + 2)
+        assert torch.allclose(out[rank][1], 2 * full_a.grad[rows], atol=1e-6)
+        assert torch.allclose(out[rank][2], 2 * full_b.grad[rows], atol=1e-6)
+
+
+def test_simsiam_stops_gradient_at_the_projections():
+    p1, p2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    z1, z2 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    loss = simsiam_loss(p1, z2, p2, z1)
+    expected = -0.5 * (F.cosine_similarity(p1, z2).mean() + F.cosine_similarity(p2, z1).mean())
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert p1.grad is not None and p2.grad is not None
+    assert z1.grad is None and z2.grad is None
+    assert simsiam_loss(z1, z1, z1, z1).item() == pytest.approx(-1.0)
+
+
+def test_moco_loss_is_scaled_cross_entropy():
+    q, k = torch.randn(3, 4), torch.randn(3, 4)
+    t = 0.2
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).t() / t
+    assert torch.allclose(moco_loss(q, k, t), F.cross_entropy(logits, torch.arange(3)) * 2 * t)
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 0.5) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 1.0) == pytest.approx(1.0)
+    assert cosine_momentum(0.99, 0.25) < cosine_momentum(0.99, 0.75)
