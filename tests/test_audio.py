@@ -5,6 +5,7 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile
@@ -130,3 +131,29 @@ def test_fbank_stats_and_tool(make_clip, tmp_path, capsys):
     single = fbank_stats([root / "a.mp4"], cfg)
     assert f"norm_mean: {single.mean:.7f}" in out and f"norm_std: {single.std:.7f}" in out
     assert "c.mp4: the file has no audio stream" in err and "gone.mp4: file not found" in err
+
+
+def test_long_file_window_and_packed_integer_stereo(make_clip, tmp_path):
+    # a 30 s video: the window far into it is read after a seek and lands at the right time
+    audio = click_track(30.0, 20.25)
+    audio[int(5 * RATE) : int(5 * RATE) + 160] = 0.8
+    path = make_clip("long.mp4", still_frames(60), fps=2, audio=audio)
+    assert onset(read_audio(path, 19.5, 2.0, RATE)) + 19.5 == pytest.approx(20.25, abs=2e-3)
+    assert onset(read_audio(path, 4.0, 2.0, RATE)) + 4.0 == pytest.approx(5.0, abs=2e-3)
+
+    # 16-bit interleaved stereo at 8 kHz in a Matroska file: first channel, scaled, resampled
+    rate = 8000
+    left, right = click_track(2.0, 0.5, rate), click_track(2.0, 1.0, rate)
+    stereo = (np.stack([left, right], axis=1) * 32767).astype(np.int16)
+    mka = tmp_path / "stereo.mka"
+    with av.open(str(mka), "w", format="matroska") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate, layout="stereo")
+        for begin in range(0, stereo.shape[0], 1000):
+            frame = av.AudioFrame.from_ndarray(stereo[begin : begin + 1000].reshape(1, -1), format="s16", layout="stereo")
+            frame.sample_rate, frame.pts = rate, begin
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    wave = read_audio(mka, 0.0, 2.0, RATE)
+    assert onset(wave) == pytest.approx(0.5, abs=1e-3)
+    assert float(wave[int(0.505 * RATE)]) == pytest.approx(0.8, abs=0.01)  # mid-click, int16 scaled back
+    assert wave[int(0.9 * RATE) :].abs().max() < 0.05  # the right channel's click is not there

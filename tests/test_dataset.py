@@ -209,28 +209,61 @@ def test_audio_and_video_are_aligned_in_time(make_clip, tmp_path):
     assert torch.argmax(brightness).item() == 5
 
 
+def test_segments_of_a_long_video(make_clip, tmp_path):
+    """EPIC-style records: clips stay inside their segment, audio follows the clip."""
+    fps = 10
+    levels = (np.arange(60) * 4).astype(np.uint8)  # frame i (shown from i / 10 s) has level 4 i
+    frames = np.broadcast_to(levels[:, None, None, None], (60, 32, 32, 3)).copy()
+    audio = np.zeros(6 * 16000, np.float32)
+    audio[int(3.5 * 16000) : int(3.5 * 16000) + 160] = 0.8  # a click at 3.5 s
+    path = make_clip("long.mp4", frames, fps, audio)
+    cfg = load_config(None, [*TINY, "data.video.resize=32", "data.video.size=32"])
+    records = [ClipRecord("seg", path, targets={"label": 0}, start=3.0, end=4.5),
+               ClipRecord("tiny", path, targets={"label": 0}, start=5.0, end=5.2)]
+    manifest = Manifest(records, {"label": ["x"]}, source=tmp_path / "m.csv")
+    mean, std = cfg.data.video.mean[0], cfg.data.video.std[0]
+
+    def times(item) -> np.ndarray:
+        level = (item["video"][0].mean(dim=(1, 2)) * std + mean) * 255
+        return np.round(level.numpy() / 4) / fps
+
+    train = AVDataset(manifest, cfg.data, cfg.augment, train=True, transforms=PlainTransforms(cfg.data.video))
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        clip = times(train[0])
+        assert clip[0] >= 3.0 - 0.1 and clip[-1] <= 4.25 + 1e-6, clip  # starts in [3.0, 3.5]
+        assert clip[1:] - clip[:-1] == pytest.approx([0.25] * 3, abs=0.11)
+    evaluation = AVDataset(manifest, cfg.data, cfg.augment, train=False)
+    assert times(evaluation[0]).tolist() == pytest.approx([3.0, 3.2, 3.5, 3.7])  # first of 2 clips: start 3.0
+    assert times(evaluation[1]).tolist() == pytest.approx([3.5, 3.7, 4.0, 4.2])  # second: start 3.5
+    # clip 0 is centred on 3.5 s, so is its audio window: the click sits in the middle
+    energy = evaluation[0]["audio"][0, :126].sum(dim=1)
+    assert abs(torch.argmax(energy).item() - 64) <= 2
+    # a segment shorter than the clip gets the clip centred on it: 4.6 .. 5.6 s
+    assert times(evaluation[2])[0] == pytest.approx(4.6)
+
+
 # ---------------------------------------------------------------------------------------------
 # sampler
 
 
-def multi_label_manifest() -> Manifest:
+def multi_label_records() -> list[ClipRecord]:
     labels = [[0], [0], [0, 1], [2], [0], [1]]
-    records = [ClipRecord(str(i), Path(f"{i}.mp4"), targets={"label": l}) for i, l in enumerate(labels)]
-    return Manifest(records, {"label": ["a", "b", "c"]}, multi_label=True)
+    return [ClipRecord(str(i), Path(f"{i}.mp4"), targets={"label": l}) for i, l in enumerate(labels)]
 
 
 def test_balanced_weights_follow_the_audioset_rule():
-    weights = balanced_weights(multi_label_manifest())
+    weights = balanced_weights(multi_label_records(), num_classes=3)
     counts = {0: 4, 1: 2, 2: 1}
     class_weight = {c: 1000.0 / (n + 0.01) for c, n in counts.items()}
     expected = [class_weight[0], class_weight[0], class_weight[0] + class_weight[1], class_weight[2], class_weight[0], class_weight[1]]
     assert weights.tolist() == pytest.approx(expected)
-    single = Manifest([ClipRecord("x", None, targets={"label": 1}), ClipRecord("y", None, targets={"label": 1})], {"label": ["a", "b"]})
-    assert balanced_weights(single).tolist() == pytest.approx([1000 / 2.01] * 2)
+    single = [ClipRecord("x", None, targets={"label": 1}), ClipRecord("y", None, targets={"label": 1})]
+    assert balanced_weights(single, num_classes=2).tolist() == pytest.approx([1000 / 2.01] * 2)
 
 
 def test_weighted_sampler_shards_one_draw_across_ranks():
-    weights = balanced_weights(multi_label_manifest())
+    weights = balanced_weights(multi_label_records(), num_classes=3)
     ranks = [DistributedWeightedSampler(weights, num_samples=3000, num_replicas=2, rank=r, seed=7) for r in range(2)]
     shares = [list(s) for s in ranks]
     assert all(len(s) == 3000 == len(sampler) for s, sampler in zip(shares, ranks))

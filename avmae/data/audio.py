@@ -25,9 +25,9 @@ import torchaudio
 from avmae.config import AudioConfig
 
 SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".aiff", ".aif"}
-# Seconds of extra source samples on each side of a window that is resampled, so the resampling
-# filter sees real neighbours instead of an edge (torchaudio's default filter is 6 zero crossings
-# wide, far below 0.05 s at any common rate).
+# Seconds of extra source samples read on each side of a window, so the resampling filter sees
+# real neighbours instead of an edge (torchaudio's default filter is 6 zero crossings wide, far
+# below 0.05 s at any common rate).
 _RESAMPLE_MARGIN = 0.05
 
 
@@ -109,28 +109,53 @@ def _read_av(path: Path, start: float, seconds: float) -> tuple[np.ndarray, int,
         if not rate:
             raise AudioDecodeError(f"{path}: the audio stream has no sample rate")
         lo, hi = _source_span(start, seconds)
-        # Decoded samples may be any sample format; convert to float planar, keeping rate and
-        # channels, so channel 0 is row 0 of the array.
-        to_float = av.AudioResampler(format="fltp")
-        pieces: list[np.ndarray] = []
-        first_time = None
         try:
-            if lo > 1.0:  # long files (EPIC): start near the window instead of at 0
-                container.seek(int(max(0.0, lo - 1.0) * av.time_base))
-            for frame in container.decode(stream):
-                if frame.time is None or frame.time + frame.samples / rate <= lo:
-                    continue
-                if frame.time >= hi:
-                    break
-                for converted in to_float.resample(frame):
-                    if first_time is None:
-                        first_time = frame.time
-                    pieces.append(converted.to_ndarray()[0])
+            # long files (EPIC): seek to a keyframe before the window instead of decoding from 0
+            seek = lo > 1.0
+            if seek:
+                container.seek(int((lo - 1.0) * av.time_base))
+            source, first = _decode_span(container, stream, rate, lo, hi)
+            if seek and (first is None or first > lo):  # the seek overshot: decode from the start
+                container.seek(0)
+                source, first = _decode_span(container, stream, rate, lo, hi)
         except (av.FFmpegError, OSError) as err:
             raise AudioDecodeError(f"{path}: the audio track is damaged: {err}") from err
-    if not pieces:
-        return np.zeros(0, np.float32), rate, start
-    return np.concatenate(pieces).astype(np.float32, copy=False), rate, first_time
+    return source, rate, lo
+
+
+def _decode_span(container, stream, rate: int, lo: float, hi: float) -> tuple[np.ndarray, float | None]:
+    """Channel 0 between ``lo`` and ``hi`` seconds, each decoded frame placed at its own timestamp
+    (zeros where no frame falls), and the time of the first decoded frame."""
+    length = math.ceil((hi - lo) * rate)
+    source = np.zeros(length, np.float32)
+    first = None
+    for frame in container.decode(stream):
+        if frame.time is None or frame.time + frame.samples / rate <= lo:
+            continue
+        if frame.time >= hi:
+            break
+        first = frame.time if first is None else first
+        samples = _first_channel(frame)
+        offset = int(round((frame.time - lo) * rate))
+        begin, end = max(offset, 0), min(offset + samples.size, length)
+        if end > begin:
+            source[begin:end] = samples[begin - offset : end - offset]
+    return source, first
+
+
+_INT_SCALE = {"s16": 2.0**15, "s16p": 2.0**15, "s32": 2.0**31, "s32p": 2.0**31, "s64": 2.0**63, "s64p": 2.0**63}
+
+
+def _first_channel(frame: av.AudioFrame) -> np.ndarray:
+    """Float32 samples of the frame's first channel, whatever its sample format."""
+    data = frame.to_ndarray()
+    name = frame.format.name
+    channel = data[0] if frame.format.is_planar else data[0, :: len(frame.layout.channels)]
+    if name in ("u8", "u8p"):
+        return (channel.astype(np.float32) - 128.0) / 128.0
+    if name in _INT_SCALE:
+        return (channel / _INT_SCALE[name]).astype(np.float32)
+    return channel.astype(np.float32, copy=False)
 
 
 def _window(

@@ -1,6 +1,6 @@
 """AudioSet balanced sampling that works across processes.
 
-``balanced_weights(manifest)`` gives each record the AudioSet weight (REFERENCE.md): a class
+``balanced_weights(records, num_classes)`` gives each record the AudioSet weight (REFERENCE.md): a class
 weighs ``1000 / (count + 0.01)`` and a record the sum over its labels. ``DistributedWeightedSampler``
 makes one global draw per epoch, with replacement and seeded by ``(seed, epoch)`` so that every
 process computes the same draw, and gives each process its own disjoint share of it.
@@ -9,20 +9,23 @@ process computes the same draw, and gives each process its own disjoint share of
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from avmae.data.manifests import Manifest
+from avmae.data.manifests import ClipRecord
 
 
-def balanced_weights(manifest: Manifest, head: str = "label") -> torch.Tensor:
-    """``(N,)`` float64 sampling weight of each record of a (multi- or single-label) manifest."""
-    num_classes = len(manifest.classes[head])
+def balanced_weights(records: Sequence[ClipRecord], num_classes: int, head: str = "label") -> torch.Tensor:
+    """``(N,)`` float64 sampling weight of each record (multi- or single-label targets of ``head``).
+
+    Pass the dataset's records (``AVDataset.records``, missing files already dropped), so the
+    class counts are those of the clips that can be drawn.
+    """
     labels = []
-    for record in manifest.records:
+    for record in records:
         value = record.targets[head]
         labels.append(list(value) if isinstance(value, (list, tuple)) else [value])
     counts = torch.zeros(num_classes, dtype=torch.float64)
