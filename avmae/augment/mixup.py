@@ -1,0 +1,84 @@
+"""Batch mixup for finetuning, on the device, across both modalities at once.
+
+timm's semantics: one ``lam ~ Beta(alpha, alpha)`` per batch, item ``i`` mixed with item
+``B - 1 - i`` (the batch flipped), targets one-hot with label smoothing and mixed with the same
+``lam`` (``timm.data.mixup.mixup_target``). Video and audio share ``lam`` and the pairing, so a
+mixed clip is one coherent audio-visual blend and its label mass matches both modalities. Since
+the sampler shuffles the batch, flipping is as random a pairing as a permutation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from timm.data.mixup import mixup_target
+
+from avmae.config import Config
+
+from .strength import apply_strength
+
+
+def mixup_alpha(cfg: Config) -> float:
+    """The Beta parameter a finetuning run uses: ``augment.mixup`` scaled by the strength rule,
+    0 when augmentation is disabled."""
+    return apply_strength(cfg.augment).mixup if cfg.augment.enabled else 0.0
+
+
+def draw_lambda(alpha: float, generator: torch.Generator) -> float:
+    """``lam ~ Beta(alpha, alpha)`` drawn from ``generator`` (1.0 when ``alpha`` is 0).
+
+    torch's Beta sampler takes no generator, so the draw seeds a NumPy generator from it.
+    """
+    if alpha <= 0:
+        return 1.0
+    seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device).item())
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def soft_targets(
+    targets: dict[str, torch.Tensor], num_classes: dict[str, int], lam: float, smoothing: float
+) -> dict[str, torch.Tensor]:
+    """Mixed, smoothed targets ``{head: (B, K)}`` from ``{head: long (B,)}`` class indices or
+    ``{head: float (B, K)}`` multi-hot vectors (multi-label smoothing: ``y (1 - s) + s / 2``)."""
+    mixed = {}
+    for head, target in targets.items():
+        if head not in num_classes:
+            raise KeyError(f"no class count for head {head!r}; got {sorted(num_classes)}")
+        multi_label = target.is_floating_point()
+        if multi_label and (target.ndim != 2 or target.shape[1] != num_classes[head]):
+            raise ValueError(f"head {head!r}: multi-hot targets must be (B, {num_classes[head]}), "
+                             f"got {tuple(target.shape)}")
+        mixed[head] = mixup_target(target, num_classes[head], lam, smoothing, multi_label=multi_label)
+    return mixed
+
+
+def mix_batch(
+    video: Optional[torch.Tensor],
+    audio: Optional[torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    num_classes: dict[str, int],
+    alpha: float,
+    smoothing: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    """Mix a batch: ``video (B, C, T, H, W)``, ``audio (B, 1, T_a, F)`` (either may be None) and
+    their targets with one ``lam`` and one pairing; returns ``(video, audio, {head: (B, K)})``.
+
+    ``alpha`` 0 leaves the inputs untouched and still returns smoothed soft targets, so a
+    finetuning loop has one path. ``generator`` defaults to a fresh unseeded one only for
+    interactive use; training passes a seeded generator so resume reproduces the draws.
+    """
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    lam = draw_lambda(alpha, generator)
+    sizes = {x.shape[0] for x in (video, audio, *targets.values()) if x is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"mix_batch: inputs disagree on the batch size: {sorted(sizes)}")
+    if lam < 1.0:
+        # lerp(partner, x, lam) = lam * x + (1 - lam) * partner
+        video = None if video is None else torch.lerp(video.flip(0), video, lam)
+        audio = None if audio is None else torch.lerp(audio.flip(0), audio, lam)
+    return video, audio, soft_targets(targets, num_classes, lam, smoothing)
