@@ -266,6 +266,9 @@ class FinetuneConfig:
     # the dataset's manifest.
     pretrained: str = ""  # an export folder (model.safetensors + config.json); empty = random init
     modalities: str = "audiovisual"  # audio | video | audiovisual
+    # Take the fbank settings, normalisation statistics and pixel mean/std of the pretrained
+    # export instead of this config's (a model must be fed as it was trained).
+    inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
     label_smoothing: float = 0.1  # single-label heads only
     # Head name -> number of classes; empty means "as many as the dataset's label list".
