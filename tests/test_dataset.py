@@ -247,23 +247,24 @@ def test_segments_of_a_long_video(make_clip, tmp_path):
 # sampler
 
 
-def multi_label_records() -> list[ClipRecord]:
+def multi_label_manifest() -> Manifest:
     labels = [[0], [0], [0, 1], [2], [0], [1]]
-    return [ClipRecord(str(i), Path(f"{i}.mp4"), targets={"label": l}) for i, l in enumerate(labels)]
+    records = [ClipRecord(str(i), Path(f"{i}.mp4"), targets={"label": l}) for i, l in enumerate(labels)]
+    return Manifest(records, {"label": ["a", "b", "c"]}, multi_label=True)
 
 
 def test_balanced_weights_follow_the_audioset_rule():
-    weights = balanced_weights(multi_label_records(), num_classes=3)
+    weights = balanced_weights(multi_label_manifest())
     counts = {0: 4, 1: 2, 2: 1}
     class_weight = {c: 1000.0 / (n + 0.01) for c, n in counts.items()}
     expected = [class_weight[0], class_weight[0], class_weight[0] + class_weight[1], class_weight[2], class_weight[0], class_weight[1]]
     assert weights.tolist() == pytest.approx(expected)
-    single = [ClipRecord("x", None, targets={"label": 1}), ClipRecord("y", None, targets={"label": 1})]
-    assert balanced_weights(single, num_classes=2).tolist() == pytest.approx([1000 / 2.01] * 2)
+    single = Manifest([ClipRecord("x", None, targets={"label": 1}), ClipRecord("y", None, targets={"label": 1})], {"label": ["a", "b"]})
+    assert balanced_weights(single).tolist() == pytest.approx([1000 / 2.01] * 2)
 
 
 def test_weighted_sampler_shards_one_draw_across_ranks():
-    weights = balanced_weights(multi_label_records(), num_classes=3)
+    weights = balanced_weights(multi_label_manifest())
     ranks = [DistributedWeightedSampler(weights, num_samples=3000, num_replicas=2, rank=r, seed=7) for r in range(2)]
     shares = [list(s) for s in ranks]
     assert all(len(s) == 3000 == len(sampler) for s, sampler in zip(shares, ranks))

@@ -1,6 +1,6 @@
 """AudioSet balanced sampling that works across processes.
 
-``balanced_weights(records, num_classes)`` gives each record the AudioSet weight (REFERENCE.md): a class
+``balanced_weights(manifest)`` gives each record the AudioSet weight (REFERENCE.md): a class
 weighs ``1000 / (count + 0.01)`` and a record the sum over its labels. ``DistributedWeightedSampler``
 makes one global draw per epoch, with replacement and seeded by ``(seed, epoch)`` so that every
 process computes the same draw, and gives each process its own disjoint share of it.
@@ -9,23 +9,24 @@ process computes the same draw, and gives each process its own disjoint share of
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from avmae.data.manifests import ClipRecord
+from avmae.data.manifests import Manifest
 
 
-def balanced_weights(records: Sequence[ClipRecord], num_classes: int, head: str = "label") -> torch.Tensor:
+def balanced_weights(manifest: Manifest, head: str = "label") -> torch.Tensor:
     """``(N,)`` float64 sampling weight of each record (multi- or single-label targets of ``head``).
 
-    Pass the dataset's records (``AVDataset.records``, missing files already dropped), so the
+    Pass the records the dataset can draw (``AVDataset.records``, missing files dropped), so the
     class counts are those of the clips that can be drawn.
     """
+    num_classes = len(manifest.classes[head])
     labels = []
-    for record in records:
+    for record in manifest.records:
         value = record.targets[head]
         labels.append(list(value) if isinstance(value, (list, tuple)) else [value])
     counts = torch.zeros(num_classes, dtype=torch.float64)
