@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from avmae.config import Config, config_to_dict
+from avmae.data import DistributedWeightedSampler, Manifest, balanced_weights, build_dataset
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -38,6 +39,7 @@ from avmae.engine.checkpoint import (
 )
 from avmae.engine.faults import NonFiniteGuard, StopSignal
 from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps
+from avmae.models import build_pretrain_model
 
 MODEL_INPUTS = ("video", "audio", "video2", "audio2")
 
@@ -80,14 +82,25 @@ def _ignore_signals_in_worker(worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
+def _balanced_sampler(cfg: Config, dataset: Dataset) -> DistributedWeightedSampler:
+    """AudioSet-style weighted sampling. One draw per epoch of the whole batch stream, the same
+    in every process (seeded by seed + epoch); accelerate then shards its batches like any other."""
+    if not hasattr(dataset, "records"):
+        raise ValueError("data.balanced_sampling needs a dataset with records and classes (an AVDataset)")
+    manifest = Manifest(records=dataset.records, classes=dataset.classes, multi_label=dataset.multi_label)
+    return DistributedWeightedSampler(balanced_weights(manifest), num_replicas=1, rank=0, seed=cfg.train.seed)
+
+
 def build_train_loader(cfg: Config, dataset: Dataset) -> DataLoader:
-    """Shuffled, `drop_last` loader from `cfg.data`; accelerate shards it across processes."""
+    """Shuffled (or balanced), `drop_last` loader from `cfg.data`; accelerate shards it across processes."""
     data = cfg.data
     workers = data.num_workers
+    sampler = _balanced_sampler(cfg, dataset) if data.balanced_sampling else None
     return DataLoader(
         dataset,
         batch_size=data.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=True,
         num_workers=workers,
         pin_memory=data.pin_memory and torch.cuda.is_available(),
@@ -177,12 +190,8 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
     resume_from = resolve_resume(train.resume, checkpoints)
 
     if dataset is None:
-        from avmae.data import build_dataset
-
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
-        from avmae.models import build_pretrain_model
-
         model = build_pretrain_model(cfg)
     model.to(accelerator.device)  # before the optimiser, so a fused AdamW sees CUDA parameters
     loader = build_train_loader(cfg, dataset)

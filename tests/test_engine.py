@@ -1,0 +1,270 @@
+"""Engine pieces in one process: lr scaling and schedule, no-decay groups, checkpoint atomicity and
+keep-last-K, the NaN guard, SIGTERM-then-resume exactness, and the bad-clip limit.
+
+A small stand-in model and in-memory dataset keep these fast; tests/test_engine_launch.py runs
+the real model on real mp4 files under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from avmae.config import TrainConfig, load_config
+from avmae.engine import NonFiniteLossError, TrainingInterrupted, pretrain
+from avmae.engine.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch_size, scaled_lr
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; every test builds its own."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class Clips(torch.utils.data.Dataset):
+    """Deterministic tensors shaped like AVDataset items (tiny)."""
+
+    def __init__(self, size: int = 24):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(index)
+        return {
+            "video": torch.randn(3, 2, 8, 8, generator=g),
+            "audio": torch.randn(1, 16, 8, generator=g),
+            "failures": 0,
+            "index": index,
+        }
+
+
+class StandIn(nn.Module):
+    """Regresses audio from video with a noisy hidden layer (so the global RNG matters), and has
+    the kinds of parameters the optimiser groups: a norm, biases, and a listed embedding."""
+
+    def __init__(self, nan_at: int = 0, sigterm_at: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.modality_embed = nn.Parameter(torch.zeros(1, 8))
+        self.nan_at, self.sigterm_at, self.calls = nan_at, sigterm_at, 0
+
+    def no_weight_decay(self) -> set[str]:
+        return {"modality_embed"}
+
+    def forward(self, video: torch.Tensor, audio: torch.Tensor) -> dict:
+        self.calls += 1
+        if self.calls == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        x = video.flatten(2).mean(1)[:, :8] + self.modality_embed
+        x = self.norm(self.proj(x + 0.1 * torch.randn_like(x)))
+        loss = (x - audio[:, 0, 0]).pow(2).mean()
+        if self.calls == self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss, "logs": {"mae_audio": loss.detach()}}
+
+
+def run_config(output_dir, *overrides):
+    return load_config(
+        None,
+        [
+            f"train.output_dir={output_dir}",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "train.log_every=1",
+            "train.checkpoint_every=100",
+            *overrides,
+        ],
+    )
+
+
+def scalars(run_dir, tag: str) -> dict[int, float]:
+    values = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({e.step: e.value for e in events.Scalars(tag)})
+    return values
+
+
+def mae_lr(step: int, peak: float, minimum: float, num_steps: int, num_warmup: int) -> float:
+    """MAE's `adjust_learning_rate` at iteration `step` (0-based), written out independently."""
+    if step < num_warmup:
+        return peak * step / num_warmup
+    progress = (step - num_warmup) / (num_steps - num_warmup)
+    return minimum + (peak - minimum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- optimiser and schedule ---------------------------------------------------------------------
+
+
+def test_lr_scales_with_the_effective_batch():
+    train = TrainConfig(base_lr=1.5e-4)
+    assert effective_batch_size(64, 8, 1) == 512
+    assert scaled_lr(train, 512) == pytest.approx(3e-4)
+    assert scaled_lr(train, effective_batch_size(16, 2, 4)) == pytest.approx(1.5e-4 * 128 / 256)
+
+
+def test_schedule_is_per_iteration_warmup_then_cosine():
+    model = StandIn()
+    train = TrainConfig(min_lr=1e-6)
+    optimizer = build_optimizer(model, train, lr=1e-3)
+    scheduler = build_scheduler(optimizer, train, num_steps=100, num_warmup=10)
+    seen = []
+    for step in range(100):
+        scheduler.step_update(step)
+        seen.append(optimizer.param_groups[0]["lr"])
+        assert all(g["lr"] == seen[-1] for g in optimizer.param_groups)
+    expected = [mae_lr(s, 1e-3, 1e-6, 100, 10) for s in range(100)]
+    assert seen == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert seen[0] == 0.0 and seen[10] == pytest.approx(1e-3) and max(seen) == pytest.approx(1e-3)
+
+
+def test_no_weight_decay_on_norms_biases_and_listed_embeddings():
+    model = StandIn()
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.05, betas=(0.9, 0.95)), lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in optimizer.param_groups}
+    assert decay[0.05] == ["proj.weight"]
+    assert decay[0.0] == ["modality_embed", "norm.bias", "norm.weight", "proj.bias"]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = StandIn()
+    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    model = accelerator.prepare(model)
+    cfg = run_config(tmp_path)
+    root = tmp_path / "checkpoints"
+
+    for step in (1, 2, 3):
+        save_checkpoint(accelerator, model, cfg, TrainerState(step=step, epoch=0, batch_in_epoch=step), root, keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    last = latest_checkpoint(root)
+    assert sorted(p.name for p in last.iterdir()) == ["config.yaml", "model.safetensors", "state", "trainer_state.json"]
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
+    weights = load_file(last / "model.safetensors")
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert load_config(last / "config.yaml").train.output_dir == str(tmp_path)
+
+    # a save that dies half-way leaves only a temporary directory, which resume ignores
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("avmae.engine.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(accelerator, model, cfg, TrainerState(step=4), root, keep=2)
+    assert (root / ".tmp_step_00000004").is_dir()
+    assert latest_checkpoint(root).name == "step_00000003"
+    assert resolve_resume("auto", root).name == "step_00000003"
+    monkeypatch.undo()
+
+    save_checkpoint(accelerator, model, cfg, TrainerState(step=5), root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000005"]
+
+
+def test_resume_none_refuses_to_mix_with_existing_checkpoints(tmp_path):
+    (tmp_path / "step_00000007").mkdir()
+    assert resolve_resume("auto", tmp_path).name == "step_00000007"
+    with pytest.raises(FileExistsError, match="resume=auto"):
+        resolve_resume("none", tmp_path)
+    with pytest.raises(FileNotFoundError, match="trainer_state.json|state"):
+        resolve_resume(str(tmp_path / "step_00000007"), tmp_path)
+
+
+# ---- faults and resume ---------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_with_the_step_and_writes_no_poisoned_checkpoint(tmp_path):
+    cfg = run_config(tmp_path, "train.max_steps=8", "train.checkpoint_every=2", "train.log_every=100")
+    with pytest.raises(NonFiniteLossError, match="step 3") as err:
+        pretrain(cfg, model=StandIn(nan_at=3), dataset=Clips())
+    assert err.value.step == 3
+    assert "step_00000002" in str(err.value)  # points at the last good checkpoint
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    weights = load_file(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, grad_accum):
+    # 24 clips / batch 4 = 6 micro-batches per epoch: the run crosses epochs, the stop is mid-epoch
+    steps = 9 if grad_accum == 1 else 5
+    overrides = [f"train.max_steps={steps}", f"train.grad_accum={grad_accum}", "train.warmup_epochs=0.5",
+                 "train.base_lr=0.1", "data.num_workers=1"]  # fmt: skip
+
+    torch.manual_seed(0)
+    pretrain(run_config(tmp_path / "whole", *overrides), model=StandIn(), dataset=Clips())
+
+    handler_before = signal.getsignal(signal.SIGTERM)
+    torch.manual_seed(0)
+    stop_at = 4 * grad_accum + 1  # the signal arrives during the 5th update
+    with pytest.raises(TrainingInterrupted) as stopped:
+        pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(sigterm_at=stop_at), dataset=Clips())
+    assert stopped.value.signum == signal.SIGTERM
+    assert stopped.value.checkpoint.name == "step_00000005"  # the step in flight was finished
+    saved = json.loads((stopped.value.checkpoint / "trainer_state.json").read_text())
+    assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (5, *divmod(5 * grad_accum, 6))
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers restored
+
+    torch.manual_seed(1)  # resume must not depend on the fresh process's RNG
+    final = pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(), dataset=Clips())
+    assert final.name == f"step_{steps:08d}"
+
+    whole, split = scalars(tmp_path / "whole", "train/loss"), scalars(tmp_path / "split", "train/loss")
+    assert sorted(whole) == list(range(1, steps + 1))
+    assert split == whole  # bit-identical on CPU
+    a = load_file(tmp_path / "whole" / "checkpoints" / final.name / "model.safetensors")
+    b = load_file(final / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # the logged lr is the scaled, warmed-up cosine schedule of the updates actually made
+    peak = 0.1 * 4 * grad_accum / 256
+    warmup = round(0.5 * (6 // grad_accum))
+    lrs = scalars(tmp_path / "whole", "train/lr")
+    assert [lrs[s] for s in sorted(lrs)] == pytest.approx([mae_lr(s - 1, peak, 0.0, steps, warmup) for s in sorted(lrs)])
+
+
+def test_too_many_bad_clips_stop_the_run_with_the_reason(tmp_path, synthetic_root):
+    # the synthetic train split holds four undecodable clips out of fifteen present ones
+    cfg = load_config(
+        CONFIGS / "pretrain" / "demo.yaml",
+        [f"data.root={synthetic_root}", f"train.output_dir={tmp_path}", "data.batch_size=4",
+         "data.num_workers=1", "train.max_steps=4", "data.max_decode_failures=0.05"],
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="max_decode_failures=0.05"):
+        pretrain(cfg)
+    assert not (tmp_path / "checkpoints").exists()
