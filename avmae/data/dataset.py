@@ -122,8 +122,9 @@ class AVDataset(Dataset):
         self._silent: set[int] = set()  # records this process fed silence for
 
     def _present_records(self, manifest: Manifest, missing_list: Path | None) -> list[ClipRecord]:
-        present = [r for r in manifest.records if _is_present(r)]
-        missing = [r for r in manifest.records if not _is_present(r)]
+        present, missing = [], []
+        for record in manifest.records:
+            (present if _is_present(record) else missing).append(record)
         where = ""
         if missing_list is not None:
             _write_missing(missing_list, missing)
