@@ -239,6 +239,10 @@ def test_segments_of_a_long_video(make_clip, tmp_path):
         clip = times(train[0])
         assert clip[0] >= 3.0 - 0.1 and clip[-1] <= 4.25 + 1e-6, clip  # starts in [3.0, 3.5]
         assert clip[1:] - clip[:-1] == pytest.approx([0.25] * 3, abs=0.11)
+    # playback speed 2 doubles the stride: a 2 s clip, longer than the segment, centred on it
+    fast = load_config(None, [*TINY, "data.video.resize=32", "data.video.size=32", "augment.speed_range=[2.0,2.0]"])
+    train = AVDataset(manifest, fast.data, fast.augment, train=True, transforms=PlainTransforms(cfg.data.video))
+    assert times(train[0]).tolist() == pytest.approx([2.7, 3.2, 3.7, 4.2])
     evaluation = AVDataset(manifest, cfg.data, cfg.augment, train=False)
     assert times(evaluation[0]).tolist() == pytest.approx([3.0, 3.2, 3.5, 3.7])  # first of 2 clips: start 3.0
     assert times(evaluation[1]).tolist() == pytest.approx([3.5, 3.7, 4.0, 4.2])  # second: start 3.5

@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 from torch.utils.data import Dataset
 
+from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
@@ -200,13 +201,6 @@ class AVDataset(Dataset):
         clip = view // len(self.crops)
         return clip_starts(duration, span, num_clips=self.data_cfg.test_clips, segment=segment)[clip]
 
-    def _speed(self, generator: torch.Generator) -> float:
-        """Playback-speed factor of the frame stride: drawn from ``augment.speed_range`` in training."""
-        if not (self.train and self.augment_cfg.enabled):
-            return 1.0
-        low, high = self.augment_cfg.speed_range
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
     def _load(self, record_index: int, view: int, generator: torch.Generator) -> dict:
         """Decode and transform one record: frames, audio window(s), targets."""
         record = self.records[record_index]
@@ -215,7 +209,7 @@ class AVDataset(Dataset):
         with open_video(record.video, video_cfg.decoder) as reader:
             clips = []  # (start, span, speed) of each view
             for _ in range(2 if self.two_views else 1):
-                speed = self._speed(generator)
+                speed = augment.sample_speed(self.augment_cfg, generator) if self.train else 1.0
                 span = clip_span(video_cfg.num_frames, video_cfg.frame_rate, speed)
                 check_duration(reader, span, video_cfg.min_duration_fraction, segment)
                 start = self._clip_start(reader.duration, span, segment, view, generator)
@@ -273,26 +267,6 @@ class AVDataset(Dataset):
         return targets
 
 
-class _IdentityTransforms:
-    """Evaluation video transform and unchanged audio, in the shape of ``AVTransforms``."""
-
-    def __init__(self, video_cfg):
-        self.video_cfg = video_cfg
-
-    @classmethod
-    def build(cls, cfg: Config, train: bool) -> "_IdentityTransforms":
-        return cls(cfg.data.video)
-
-    def video(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return eval_video_transform(frames, self.video_cfg)
-
-    def waveform(self, wave: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return wave
-
-    def fbank(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return features
-
-
 def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
     """One ``id<TAB>video<TAB>audio`` line per record, written atomically (ranks may race)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,18 +279,13 @@ def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
 
 def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
     """The dataset of ``split`` (train/val/test): training clips when ``train``, else multi-view."""
-    try:
-        from avmae.augment import build_transforms
-    except ImportError:  # until avmae.augment provides it: no augmentation
-        build_transforms = _IdentityTransforms.build
-
     manifest = read_manifest(cfg.data, split)
     return AVDataset(
         manifest,
         cfg.data,
         cfg.augment,
         train=train,
-        transforms=build_transforms(cfg, train=True) if train else None,
+        transforms=augment.build_transforms(cfg, train=True) if train else None,
         seed=cfg.train.seed,
         missing_list=missing_list_path(cfg, split),
         split=split,
