@@ -84,10 +84,11 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier:
 
 @dataclass
 class LoadReport:
-    """What ``load_pretrained`` did; every list is of names in the target model."""
+    """What ``load_pretrained`` did. ``loaded`` and ``missing`` name keys of the model,
+    ``unexpected`` keys of the checkpoint (after prefix clean-up)."""
 
     loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint: left as initialised
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not used
 
     def __str__(self) -> str:

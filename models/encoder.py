@@ -174,7 +174,7 @@ class AVEncoder(nn.Module):
         same index share a group), then the final norms with the last block."""
         p = prefix.replace(".", r"\.")
         return dict(
-            stem=rf"^{p}(patch_embed|pos_embed|modality_embed)",
+            stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed)",
             modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None)],
             blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm\.", (99999,))],
         )

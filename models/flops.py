@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
 
 # FlopCounterMode knows the CUDA attention kernels but not the CPU one that
 # scaled_dot_product_attention dispatches to; without these, CPU counts would miss attention.
 _CPU_ATTENTION = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-    _CPU_ATTENTION[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flop
+    _CPU_ATTENTION[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-    _CPU_ATTENTION[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_backward_flop
+    _CPU_ATTENTION[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_attention_backward
 
 
 def _scalar(output) -> torch.Tensor:

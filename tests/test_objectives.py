@@ -72,15 +72,15 @@ def test_info_nce_equals_hand_computed_3x3():
     assert info_nce(a, b, 1.0 / temperature).item() == pytest.approx(expected, rel=1e-5)
 
 
-def _info_nce_worker(rank: int, world: int, init_file: str, a: torch.Tensor, b: torch.Tensor, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _info_nce_worker(rank: int, world: int, folder: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
     try:
         rows = slice(rank * 2, rank * 2 + 2)
         local_a = a[rows].clone().requires_grad_(True)
         local_b = b[rows].clone().requires_grad_(True)
         loss = info_nce(local_a, local_b, 10.0)
         loss.backward()
-        out[rank] = (loss.detach(), local_a.grad, local_b.grad)
+        torch.save((loss.detach(), local_a.grad, local_b.grad), f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -94,8 +94,9 @@ def test_info_nce_gathers_negatives_with_gradient_across_two_processes(tmp_path)
     full = info_nce(full_a, full_b, 10.0)
     full.backward()
 
-    out = mp.Manager().dict()
-    mp.spawn(_info_nce_worker, args=(2, str(tmp_path / "init"), a, b, out), nprocs=2, join=True)
+    # fork: the workers need nothing but torch, already imported here
+    mp.start_processes(_info_nce_worker, args=(2, str(tmp_path), a, b), nprocs=2, join=True, start_method="fork")
+    out = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
     # each process scores its 2 rows against all 4: the mean of the two losses is the full loss
     assert torch.allclose((out[0][0] + out[1][0]) / 2, full.detach(), atol=1e-6)
     # the gathered negatives carry gradient back: rank r's grad is world x the full-batch grad
