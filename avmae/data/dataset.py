@@ -236,24 +236,19 @@ class AVDataset(Dataset):
         return sample
 
     def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
-        """Waveforms of ``audio.seconds`` centred on each of ``centres``, read in one pass."""
+        """Waveforms of ``audio.seconds`` centred on each of ``centres``, and whether they are the
+        silence fed for a file without audio (``audio.no_audio: silence``)."""
         record = self.records[record_index]
-        audio_cfg = self.data_cfg.audio
-        rate, seconds = audio_cfg.sample_rate, audio_cfg.seconds
-        length = int(round(seconds * rate))
-        first = min(centres) - seconds / 2
-        union = max(centres) - min(centres) + seconds
+        rate, seconds = self.data_cfg.audio.sample_rate, self.data_cfg.audio.seconds
         try:
-            wave = read_audio(record.audio or record.video, first, union, rate)
+            return [read_audio(record.audio or record.video, c - seconds / 2, seconds, rate) for c in centres], False
         except NoAudioError as err:
-            if audio_cfg.no_audio == "skip":
+            if self.data_cfg.audio.no_audio == "skip":
                 raise
             if record_index not in self._silent:
                 self._silent.add(record_index)
                 log.warning("feeding silence for %s (audio.no_audio=silence): %s", record.id, err)
-            return [torch.zeros(length) for _ in centres], True
-        offsets = [int(round((c - seconds / 2 - first) * rate)) for c in centres]
-        return [wave[o : o + length] for o in offsets], False
+            return [torch.zeros(int(round(seconds * rate))) for _ in centres], True
 
     def _targets(self, record: ClipRecord) -> dict[str, torch.Tensor]:
         targets = {}
