@@ -134,7 +134,11 @@ class PyAVReader(VideoReader):
         self.fps = float(rate) if rate else 0.0
         self.num_frames = self._stream.frames or _frames_from_duration(self._container, self._stream, self.fps)
         self._start = float(self._stream.start_time * self._stream.time_base) if self._stream.start_time else 0.0
-        _check_stream(self.path, self.num_frames, self.fps)
+        try:
+            _check_stream(self.path, self.num_frames, self.fps)
+        except VideoDecodeError:
+            self._container.close()
+            raise
 
     def _read(self, indices: np.ndarray) -> np.ndarray:
         wanted = set(indices.tolist())
