@@ -1,0 +1,229 @@
+"""Pretraining under `accelerate launch` with 2 CPU processes, on real mp4 files, with the real model.
+
+- DDP: the processes see disjoint samples, their parameters stay identical, checkpoints carry
+  config.yaml and model.safetensors.
+- A SIGTERM sent to the launcher midway saves a checkpoint; the same command resumes, and its loss
+  curve equals the uninterrupted run's exactly (CPU arithmetic is deterministic here).
+- DeepSpeed ZeRO-2 over gloo, where DeepSpeed and transformers are installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from avmae.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+STEPS = 8  # 2 processes x batch 2 over 16 clean clips: 4 steps per epoch, so the run crosses one
+TINY = [
+    "data.batch_size=2", "data.num_workers=1", "data.video.num_frames=4", "data.video.frame_rate=4.0",
+    "data.video.resize=32", "data.video.size=32", "data.audio.seconds=1.28", "model.decoder_depth=1",
+    "model.decoder_width=64", "train.base_lr=0.01", "train.warmup_epochs=0.5", "train.log_every=1",
+    "train.checkpoint_every=2", "train.keep_checkpoints=2",
+]  # fmt: skip
+
+# Runs the engine exactly as tools/pretrain.py does, and records per process what it trained on
+# ((epoch, index) of every item) and a digest of its parameters at the end.
+RECORDING_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, importlib, json, os, sys
+    engine = importlib.import_module("avmae.engine.pretrain")  # the module; the package exports the function
+    from avmae.config import load_config
+
+    datasets, models, seen = [], [], []
+    build_dataset, build_model, model_inputs = engine.build_dataset, engine.build_pretrain_model, engine._model_inputs
+
+    def recording_dataset(*args, **kwargs):
+        datasets.append(build_dataset(*args, **kwargs))
+        return datasets[-1]
+
+    def recording_model(cfg):
+        models.append(build_model(cfg))
+        return models[-1]
+
+    def recording_inputs(batch):
+        seen.extend([datasets[0].epoch, int(i)] for i in batch["index"])
+        return model_inputs(batch)
+
+    engine.build_dataset, engine.build_pretrain_model, engine._model_inputs = recording_dataset, recording_model, recording_inputs
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    final = engine.pretrain(cfg)
+    params = dict(models[0].named_parameters())
+    digest = hashlib.sha256(b"".join(params[n].detach().float().numpy().tobytes() for n in sorted(params)))
+    record = {"seen": seen, "digest": digest.hexdigest(), "params": sorted(params), "final": str(final)}
+    with open(os.path.join(cfg.train.output_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(record, f)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(accelerate_config: str, *args: str) -> list[str]:
+    """`accelerate launch` of 2 CPU processes on a free port (other suites may run alongside)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / accelerate_config),
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), *map(str, args),
+    ]  # fmt: skip
+
+
+def run(command: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    values = {}
+    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            values.update({e.step: e.value for e in events.Scalars("train/loss")})
+    return values
+
+
+@pytest.fixture(scope="module")
+def clean_data(synthetic_root, tmp_path_factory) -> list[str]:
+    """Overrides pointing at 16 decodable clips of the session dataset (its bad clips left out), so
+    every item is the record the sampler chose and sharding can be checked by index."""
+    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
+    rows = []
+    for split in ("train", "val", "test"):
+        rows += [r for r in csv.DictReader(open(synthetic_root / f"{split}.csv")) if r["id"] not in bad]
+    assert len(rows) >= 16, "the session dataset changed; pick another size here"
+    manifest = tmp_path_factory.mktemp("clean") / "train.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
+        writer.writeheader()
+        writer.writerows(rows[:16])
+    return [f"data.root={synthetic_root}", f"data.train={manifest}", *TINY]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(clean_data, tmp_path_factory) -> Path:
+    """The uninterrupted 2-process run, recorded."""
+    out = tmp_path_factory.mktemp("ddp")
+    script = out / "recording_pretrain.py"
+    script.write_text(RECORDING_SCRIPT)
+    run(launch_command("cpu_2proc.yaml", script, DEMO, *clean_data, f"train.output_dir={out}", f"train.max_steps={STEPS}"))
+    return out
+
+
+def test_two_processes_shard_the_data_and_stay_identical(ddp_run):
+    ranks = [json.loads((ddp_run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = [[tuple(s) for s in r["seen"]] for r in ranks]
+    assert len(seen[0]) == len(seen[1]) == STEPS * 2  # batch 2, no accumulation
+    for epoch in (0, 1):
+        mine = [{i for e, i in s if e == epoch} for s in seen]
+        assert len(mine[0]) == len(mine[1]) == 8  # 4 steps x batch 2, no repeats
+        assert not mine[0] & mine[1], f"epoch {epoch}: both processes trained on {mine[0] & mine[1]}"
+    assert {i for e, i in seen[0] if e == 0} != {i for e, i in seen[0] if e == 1}  # reshuffled
+    assert ranks[0]["digest"] == ranks[1]["digest"], "parameters differ across processes"
+
+    checkpoints = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000006", "step_00000008"]  # keep_checkpoints=2
+    final = ddp_run / "checkpoints" / "step_00000008"
+    assert ranks[0]["final"] == str(final)
+    assert {p.name for p in final.iterdir()} == {"state", "model.safetensors", "config.yaml", "trainer_state.json"}
+    cfg = load_config(final / "config.yaml")
+    assert (cfg.model.size, cfg.data.video.size, cfg.train.max_steps) == ("micro", 32, STEPS)
+    weights = load_file(final / "model.safetensors")
+    assert not [k for k in weights if k.startswith(("module.", "_orig_mod."))]
+    digest = hashlib.sha256(b"".join(weights[name].float().numpy().tobytes() for name in ranks[0]["params"]))
+    assert digest.hexdigest() == ranks[0]["digest"], "model.safetensors is not the trained model"
+    assert json.loads((final / "trainer_state.json").read_text())["step"] == STEPS
+
+    curve = losses(ddp_run)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert all(v == v for v in curve.values())
+
+
+def test_sigterm_to_the_launcher_saves_and_the_same_command_resumes_exactly(ddp_run, clean_data, tmp_path):
+    command = launch_command("cpu_2proc.yaml", REPO / "tools" / "pretrain.py", "--config", DEMO, *clean_data,
+                             f"train.output_dir={tmp_path}", f"train.max_steps={STEPS}")  # fmt: skip
+    log = open(tmp_path / "first.log", "w")
+    launcher = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    first_checkpoint = tmp_path / "checkpoints" / "step_00000002"
+    deadline = time.monotonic() + 240
+    while not first_checkpoint.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first_checkpoint.exists(), (tmp_path / "first.log").read_text()[-4000:]
+    launcher.send_signal(signal.SIGTERM)  # as a cluster scheduler would
+    assert launcher.wait(timeout=120) != 0
+    output = (tmp_path / "first.log").read_text()
+    assert "received SIGTERM: finishing this step and saving a checkpoint" in output
+
+    saved = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*"))
+    stopped_at = saved[-1]
+    assert 2 < stopped_at < STEPS, f"stopped at step {stopped_at}; the signal was sent after step 2\n{output[-3000:]}"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+
+    resumed = run(command)
+    assert f"resuming from {tmp_path / 'checkpoints' / f'step_{stopped_at:08d}'}" in resumed.stdout + resumed.stderr
+    assert "next: python tools/export.py" in resumed.stdout
+    first, whole = losses(tmp_path), losses(ddp_run)
+    assert sorted(first) == list(range(1, STEPS + 1))
+    assert first == whole, "the interrupted and resumed run diverged from the uninterrupted one"
+
+
+def _deepspeed_skip_reason() -> str | None:
+    for module in ("deepspeed", "transformers"):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed (pip install -e .[deepspeed])"
+    if not (shutil.which("c++") or shutil.which("g++")):
+        return "no C++ compiler: DeepSpeed compiles its CPU communication op on first use"
+    return None
+
+
+def test_deepspeed_zero2_on_cpu(clean_data, tmp_path, request):
+    reason = _deepspeed_skip_reason()
+    if reason:
+        print(f"skipping DeepSpeed ZeRO-2: {reason}")
+        pytest.skip(reason)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(request.config.cache.mkdir("torch_extensions")))
+    script = tmp_path / "recording_pretrain.py"
+    script.write_text(RECORDING_SCRIPT)
+    overrides = [*clean_data, f"train.output_dir={tmp_path}", "train.clip_grad=1.0", "train.grad_accum=2"]
+    run(launch_command("zero2.yaml", script, DEMO, *overrides, "train.max_steps=2"), env=env, timeout=400)
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["digest"] == ranks[1]["digest"], "parameters differ across DeepSpeed processes"
+    final = tmp_path / "checkpoints" / "step_00000002"
+    state = final / "state"
+    assert (state / "pytorch_model").is_dir(), sorted(p.name for p in state.iterdir())  # DeepSpeed's own layout
+    assert len(list((state / "pytorch_model").glob("*optim_states.pt"))) == 2  # one shard per process
+    weights = load_file(final / "model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+    resumed = run(launch_command("zero2.yaml", script, DEMO, *overrides, "train.max_steps=3"), env=env)
+    assert f"resuming from {final}" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())["step"] == 3
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
