@@ -1,4 +1,4 @@
-"""Tokenizers, patchify helpers and the transformer stack shared by the encoder and decoders.
+"""Tokenizers, patchify functions and the transformer stack shared by the encoder and decoders.
 
 Token orders (docs/architecture.md, "Shapes"):
 - video ``(B, C, T, H, W)`` -> ``(B, T' * H' * W', D)`` in (t, h, w) order, ``T' = T / tubelet``;

@@ -193,17 +193,21 @@ class AVMAE(nn.Module):
             outputs[f"mask_{m}"] = masks[m].mask
         return loss, logs, outputs
 
-    def _contrastive_branch(self, inputs, inputs2, masks, shared_latent, generator) -> torch.Tensor:
+    def _contrastive_branch(self, inputs, inputs2, masks, mae_pass, generator) -> torch.Tensor:
+        """``mae_pass``: (modality-stage output, encoded tokens) of the MAE branch on the same
+        visible tokens, reused where they are what this branch needs; None otherwise."""
         cfg = self.cfg
         pairs = cfg.contrastive_pairs
         isolate = pairs == "modalities"
         masks = masks if cfg.contrastive_masked else None
 
-        # the trained encoder's embeddings, reusing the MAE pass where it computed the same thing
-        if shared_latent is not None and (not isolate or not self.encoder.cross_modal):
-            latent1 = shared_latent
-        else:
+        if mae_pass is None:
             latent1 = self._encode(self.encoder, inputs, masks, isolate)
+        elif isolate and self.encoder.cross_modal:
+            # same per-modality layers, joint layers run again without cross-modal attention
+            latent1 = self.encoder.forward_joint_stage(mae_pass[0], isolate=True)
+        else:
+            latent1 = mae_pass[1]
         if pairs == "modalities":
             x1, x2 = self._pool(latent1, pairs)
             names = ("video", "audio")
@@ -250,17 +254,18 @@ class AVMAE(nn.Module):
         loss = torch.zeros((), device=video.device)
         logs: dict[str, torch.Tensor] = {}
         outputs: dict = {}
-        latent = None
-
+        mae_pass = None
         if self.decoder is not None:
-            latent = self._encode(self.encoder, inputs, masks, isolate=False)
+            hidden = self.encoder.forward_modality_stage(self._visible(self.encoder.embed(inputs), masks))
+            latent = self.encoder.forward_joint_stage(hidden, isolate=False)
+            mae_pass = (hidden, latent)
             mae_loss, mae_logs, outputs = self._mae_branch(inputs, masks, latent)
             loss = loss + cfg.mae_weight * mae_loss
             logs.update(mae_logs, mae=mae_loss)
 
         if self.contrastive is not None:
-            shared = latent if cfg.contrastive_masked else None
-            contrastive_loss = self._contrastive_branch(inputs, inputs2, masks, shared, generator)
+            reuse = mae_pass if cfg.contrastive_masked else None
+            contrastive_loss = self._contrastive_branch(inputs, inputs2, masks, reuse, generator)
             loss = loss + cfg.contrastive_weight * contrastive_loss
             logs["contrastive"] = contrastive_loss
             if isinstance(self.contrastive, InfoNCEHead):

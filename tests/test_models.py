@@ -238,6 +238,16 @@ def test_contrastive_modalities_do_not_see_each_other():
     assert not torch.allclose(captured[0][0], captured[1][0])
 
 
+def test_contrastive_branch_reuses_the_mae_pass():
+    # CAV-MAE-like: per-modality layers run once; the joint layer once jointly, once per modality
+    model = build_pretrain_model(tiny_cfg("model.contrastive=infonce", "model.fusion=mid", "model.fusion_layers=1"))
+    calls = {"modality": 0, "joint": 0}
+    model.encoder.modality_blocks["video"][0].register_forward_hook(lambda *_: calls.__setitem__("modality", calls["modality"] + 1))
+    model.encoder.blocks[0].register_forward_hook(lambda *_: calls.__setitem__("joint", calls["joint"] + 1))
+    model(*tiny_batch())
+    assert calls == {"modality": 1, "joint": 3}
+
+
 def test_moco_momentum_update_follows_the_cosine_schedule():
     model = build_pretrain_model(tiny_cfg("model.contrastive=mocov3", "model.momentum=0.9", "model.mae_weight=0",
                                           "model.contrastive_pairs=views"))
