@@ -278,7 +278,9 @@ class FinetuneConfig:
     # Linear probe: L2 weight sweep of the L-BFGS classifier, selected on the validation split.
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     probe_max_iter: int = 200
-    probe_holdout: float = 0.1  # fraction of train held out for the sweep when data.val is empty
+    # > 0: choose the weight decay on this fraction of the training records instead of the val
+    # split (datasets without a validation split: VGGSound's "val" is its test set).
+    probe_holdout: float = 0.0
     probe_raw_video_grid: tuple[int, int, int] = (2, 4, 4)  # (t, h, w) pooling of raw pixels
     probe_raw_audio_grid: tuple[int, int] = (8, 8)  # (time, freq) pooling of the raw fbank
 

@@ -12,7 +12,9 @@ Three feature sources share one code path, so their numbers are comparable:
 
 Features of the evaluation views of a record are averaged. The classifier is fitted by full-batch
 L-BFGS on standardised features for every weight decay in ``finetune.probe_weight_decays``; the
-one with the best validation score is reported on train, val and test.
+one with the best validation score (top-1, or mAP for multi-label data) is reported on train,
+val and test. Datasets without a validation split hold out ``finetune.probe_holdout`` of the
+training records instead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from .evaluate import model_inputs, aggregate_views
+from .evaluate import aggregate_views, model_inputs
 from .metrics import multilabel_metrics, topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -192,3 +194,88 @@ def holdout_split(num: int, fraction: float, seed: int) -> tuple[torch.Tensor, t
     perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
     held = max(1, int(math.floor(num * fraction)))
     return perm[held:], perm[:held]
+
+
+def encoder_of(module: nn.Module) -> nn.Module:
+    """The ``AVEncoder`` of an ``AVEncoder``, ``AVMAE`` or ``AVClassifier`` (what exports hold)."""
+    from avmae.models import AVEncoder
+
+    if isinstance(module, AVEncoder):
+        return module
+    inner = getattr(module, "encoder", None)
+    if isinstance(inner, AVEncoder):
+        return inner
+    raise TypeError(f"expected an AVEncoder or a model holding one, got {type(module).__name__}")
+
+
+def run_linear_probe(cfg: Config, encoder: nn.Module | None, feature: str = "encoder") -> dict:
+    """Linear probe of ``cfg.finetune.modalities`` features on ``cfg.data``.
+
+    Args:
+        encoder: a pretrained encoder (or a model holding one); ``None`` with ``feature="encoder"``
+            builds a randomly initialised encoder of ``cfg.model`` (seeded by ``train.seed``).
+        feature: ``"encoder"`` (mean-pooled tokens) or ``"raw"`` (pooled inputs; ``encoder`` unused).
+
+    Returns:
+        ``train_probe``'s result plus ``feature``, ``source`` (``pretrained`` | ``random`` |
+        ``raw``), ``modalities``, ``dim`` and ``records`` per split. Accuracies are percentages.
+    """
+    from avmae.data import build_dataset
+
+    from .evaluate import build_eval_loader
+
+    if feature not in ("encoder", "raw"):
+        raise ValueError(f"feature must be 'encoder' or 'raw', got {feature!r}")
+    ft = cfg.finetune
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    source = "raw"
+    extractor = None
+    if feature == "encoder":
+        source = "pretrained" if encoder is not None else "random"
+        if encoder is None:
+            from avmae.models import build_encoder
+
+            torch.manual_seed(cfg.train.seed)
+            modalities = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
+            encoder = build_encoder(cfg, modalities[ft.modalities])
+        extractor = encoder_of(encoder)
+
+    splits = ("train", "test") if ft.probe_holdout > 0 else ("train", "val", "test")
+    features, targets = {}, {}
+    for split in splits:
+        dataset = build_dataset(cfg, split, train=False)
+        features[split], targets[split] = extract_features(
+            extractor, build_eval_loader(cfg, dataset), ft.modalities, cfg, device
+        )
+        classes, multi_label = dataset.classes, dataset.multi_label
+    if ft.probe_holdout > 0:
+        keep, held = holdout_split(features["train"].shape[0], ft.probe_holdout, cfg.train.seed)
+        features["val"] = features["train"][held]
+        targets["val"] = {h: t[held] for h, t in targets["train"].items()}
+        features["train"] = features["train"][keep]
+        targets["train"] = {h: t[keep] for h, t in targets["train"].items()}
+
+    num_classes = {head: len(names) for head, names in classes.items()}
+    result = train_probe(features, targets, num_classes, multi_label, list(ft.probe_weight_decays), ft.probe_max_iter)
+    result.update(
+        feature=feature,
+        source=source,
+        modalities=ft.modalities,
+        dim=int(features["train"].shape[1]),
+        records={split: int(f.shape[0]) for split, f in features.items()},
+    )
+    return result
+
+
+def format_probe_results(results: list[dict]) -> str:
+    """One row per probe: source, feature size, chosen weight decay, and the selection metric
+    (top-1 or mAP) on train / val / test for every head."""
+    lines = [f"{'features':<12} {'head':<8} {'dim':>6} {'wd':>8} {'train':>8} {'val':>8} {'test':>8}"]
+    for r in results:
+        for head, wd in r["weight_decay"].items():
+            name = "mAP" if "mAP" in r["train"][head] else "top1"
+            cells = [r[split][head][name] for split in ("train", "val", "test")]
+            lines.append(
+                f"{r['source']:<12} {head:<8} {r['dim']:>6} {wd:>8.0e} " + " ".join(f"{c:8.2f}" for c in cells)
+            )
+    return "\n".join(lines)
