@@ -49,3 +49,9 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     generate_dataset(root, workers=1, **SYNTHETIC)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_settings():
+    """The arguments ``synthetic_root`` was generated with (a copy)."""
+    return dict(SYNTHETIC)

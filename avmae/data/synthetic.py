@@ -511,7 +511,7 @@ class _ClipJob:
     nuisance: float
 
 
-def _split_by_class(labels: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float] = (0.15, 0.15)) -> list[str]:
+def split_by_class(labels: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float] = (0.15, 0.15)) -> list[str]:
     """About 70/15/15 train/val/test inside every class (val and test get at least one clip of a
     class with three or more)."""
     splits = ["train"] * len(labels)
@@ -634,7 +634,7 @@ def generate_dataset(
 
     rng = np.random.default_rng([seed, 2**31 - 1])  # dataset-level draws, apart from the per-clip streams
     labels = rng.permutation(np.arange(num_clips) % num_classes)
-    splits = _split_by_class(labels, rng)
+    splits = split_by_class(labels, rng)
     num_bad = 0 if bad_fraction == 0 else max(int(round(bad_fraction * num_clips)), len(BAD_KINDS))
     if num_bad > num_clips:
         raise ValueError(f"{num_clips} clips cannot hold one of each of the {len(BAD_KINDS)} bad kinds")
