@@ -1,0 +1,252 @@
+"""Finetuning and linear probing from an export, on real mp4 files.
+
+- layer-wise lr decay reaches the optimiser through the timm scheduler;
+- a model exported at one geometry (8 frames of 64x64, 2.56 s) finetunes and evaluates at
+  another (4 frames of 32x32, 1.28 s): positional embeddings are recomputed, weights unchanged;
+- 2 processes under ``accelerate launch`` finetune a few steps, then evaluate a split whose length
+  leaves the sampler padding: the padded repeat is dropped, and a single-process evaluation of the
+  saved model gives the same numbers;
+- the linear probe runs on raw inputs and on a random encoder.
+"""
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import save_file
+
+import avmae
+from avmae.config import load_config, save_config
+from avmae.engine.optim import build_scheduler
+from avmae.evaluation.finetune import build_finetune_optimizer, build_model, classification_loss, prepare_config
+from avmae.export import export
+from avmae.models import build_classifier, build_pretrain_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "pretrain" / "demo.yaml"
+FINETUNE = REPO / "configs" / "finetune" / "synthetic.yaml"
+# finetuning geometry, different from the demo's pretraining geometry in every token axis
+GEOMETRY = [
+    "data.video.num_frames=4",
+    "data.video.resize=32",
+    "data.video.size=32",
+    "data.audio.seconds=1.28",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "data.test_clips=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; every test builds its own."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """An encoder export of the demo's micro model, made at the demo geometry, with its own
+    normalisation statistics (so inheriting them is visible)."""
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = load_config(DEMO, ["data.audio.norm_mean=-4.5", "data.audio.norm_std=3.5"])
+    torch.manual_seed(0)
+    model = build_pretrain_model(cfg)
+    step = root / "step_00000010"
+    step.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(step / "model.safetensors"))
+    save_config(cfg, step / "config.yaml")
+    return export(step, root / "export", part="encoder")
+
+
+@pytest.fixture(scope="module")
+def clean_data(synthetic_root, tmp_path_factory):
+    """Overrides pointing at the session dataset's decodable clips: train, a 3-record val split
+    (odd, so two processes at batch 2 need one padded repeat) and test."""
+    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
+    folder = tmp_path_factory.mktemp("manifests")
+    rows = {}
+    for split in ("train", "val", "test"):
+        rows[split] = [r for r in csv.DictReader(open(synthetic_root / f"{split}.csv")) if r["id"] not in bad]
+    rows["val"] = (rows["val"] + rows["test"])[:3]
+    overrides = [f"data.root={synthetic_root}"]
+    for split, split_rows in rows.items():
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
+            writer.writeheader()
+            writer.writerows(split_rows)
+        overrides.append(f"data.{split}={folder / f'{split}.csv'}")
+    assert len(rows["val"]) == 3 and len(rows["train"]) >= 8
+    return overrides
+
+
+def test_layer_decay_is_applied_by_the_timm_scheduler():
+    cfg = load_config(FINETUNE, ["train.warmup_epochs=0"])
+    model = build_classifier(cfg, {"label": 4})
+    optimizer = build_finetune_optimizer(model, cfg.train, lr=1.0, layer_decay=0.5)
+    scheduler = build_scheduler(optimizer, cfg.train, num_steps=10, num_warmup=0)
+    scheduler.step_update(0)
+    lr_of = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lr_of[p] = group["lr"]
+    named = dict(model.named_parameters())
+    # micro mid fusion: stem, 3 per-modality blocks, 1 joint block, then the heads: 6 layers
+    assert lr_of[named["heads.label.2.weight"]] == pytest.approx(1.0)
+    assert lr_of[named["encoder.blocks.0.attn.qkv.weight"]] == pytest.approx(0.5)
+    assert lr_of[named["encoder.modality_blocks.audio.2.mlp.fc1.weight"]] == pytest.approx(0.25)
+    assert lr_of[named["encoder.modality_blocks.video.0.mlp.fc1.weight"]] == pytest.approx(0.0625)
+    assert lr_of[named["encoder.patch_embed.audio.embed.proj.weight"]] == pytest.approx(0.5**5)
+    scheduler.step_update(5)  # half-way down the cosine: every group keeps its ratio
+    head_lr, stem_lr = lr_of[named["heads.label.2.weight"]], lr_of[named["encoder.patch_embed.audio.embed.proj.weight"]]
+    by_param = {p: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert by_param[named["heads.label.2.weight"]] < head_lr
+    assert by_param[named["encoder.patch_embed.audio.embed.proj.weight"]] / by_param[
+        named["heads.label.2.weight"]
+    ] == pytest.approx(stem_lr / head_lr)
+
+
+def test_classification_losses():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen)
+    labels = torch.randint(0, 5, (6,), generator=gen)
+    smoothing = 0.1
+    soft = torch.full((6, 5), smoothing / 5).scatter_(1, labels[:, None], 1 - smoothing + smoothing / 5)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    torch.testing.assert_close(classification_loss({"label": logits}, {"label": soft}, False), expected)
+    multi_hot = (torch.rand(6, 5, generator=gen) > 0.7).float()
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, multi_hot)
+    torch.testing.assert_close(classification_loss({"label": logits}, {"label": multi_hot}, True), expected)
+
+
+def test_export_made_at_one_geometry_fits_another(exported):
+    # The finetune config asks for another fusion and default normalisation: the export wins on
+    # both (architecture must match the weights; inputs must be normalised as in pretraining).
+    cfg = prepare_config(load_config(FINETUNE, GEOMETRY + ["model.fusion=late", f"finetune.pretrained={exported}"]))
+    assert cfg.model.fusion == "mid" and cfg.model.size == "micro"
+    assert (cfg.data.audio.norm_mean, cfg.data.audio.norm_std) == (-4.5, 3.5)
+    assert (cfg.data.video.num_frames, cfg.data.video.size, cfg.data.audio.target_length) == (4, 32, 128)
+
+    model = build_model(cfg, {"label": 4}, log=lambda *_: None).eval()
+    pretrained = avmae.from_pretrained(exported)
+    assert pretrained.pos_embed["audio"].grid == (16, 8) and model.encoder.pos_embed["audio"].grid == (8, 8)
+    assert pretrained.pos_embed["video"].grid == (4, 4, 4) and model.encoder.pos_embed["video"].grid == (2, 2, 2)
+    weights = pretrained.state_dict()
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+    gen = torch.Generator().manual_seed(0)
+    small = {"video": torch.randn(2, 3, 4, 32, 32, generator=gen), "audio": torch.randn(2, 1, 128, 128, generator=gen)}
+    large = {"video": torch.randn(2, 3, 8, 64, 64, generator=gen), "audio": torch.randn(2, 1, 256, 128, generator=gen)}
+    with torch.no_grad():
+        assert model(**small)["label"].shape == (2, 4)
+        # at the pretraining geometry the finetuning model computes exactly the exported encoder
+        ours, theirs = model.encoder.forward_features(**large), pretrained.forward_features(**large)
+    for m in ("video", "audio"):
+        assert torch.equal(ours[m], theirs[m])
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
+        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.mark.slow
+def test_two_process_finetune_then_eval_without_padded_repeats(exported, clean_data, tmp_path):
+    from avmae.evaluation.evaluate import evaluate_finetuned
+
+    out = tmp_path / "run"
+    result = _launch(
+        str(REPO / "tools" / "finetune.py"), "--config", str(FINETUNE), *clean_data, *GEOMETRY,
+        f"finetune.pretrained={exported}", f"train.output_dir={out}", "train.max_steps=2", "train.log_every=1",
+        "finetune.eval_split=val",
+    )  # fmt: skip
+    assert "4 clips each" in result.stdout  # 2 processes x batch 2 per optimiser step
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["finetune"]["heads"] == {"label": 4} and saved["model"]["fusion"] == "mid"
+    assert saved["data"]["video"]["num_frames"] == 4
+    two = json.loads((out / "metrics.json").read_text())
+    assert two["step"] == 2 and two["split"] == "val"
+    # 3 records over 2 processes at batch 2: one padded repeat, dropped
+    assert (two["records_scored"], two["records_unscored"], two["duplicates_dropped"]) == (3, 0, 1)
+    assert two["label"]["top1"] in (0.0, pytest.approx(100 / 3), pytest.approx(200 / 3), 100.0)
+
+    one = evaluate_finetuned(out, "val", out_dir=tmp_path / "single")
+    assert one["duplicates_dropped"] == 0 and one["records_scored"] == 3
+    assert one["label"] == pytest.approx(two["label"])
+    assert json.loads((tmp_path / "single" / "metrics.json").read_text())["label"] == pytest.approx(one["label"])
+
+
+def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
+    from avmae.evaluation.probe import format_probe_results, run_linear_probe
+
+    cfg = load_config(FINETUNE, clean_data + GEOMETRY + ["finetune.probe_weight_decays=[0.01,1.0]", "finetune.probe_max_iter=30"])
+    raw = run_linear_probe(cfg, None, feature="raw")
+    random = run_linear_probe(cfg, None, feature="encoder")
+    assert raw["source"] == "raw" and random["source"] == "random"
+    assert raw["dim"] == 3 * 2 * 4 * 4 + 8 * 8 and random["dim"] == 2 * 128
+    assert raw["records"]["val"] == 3 and raw["records"]["train"] == random["records"]["train"]
+    for result in (raw, random):
+        assert set(result["sweep"]["label"]) == {0.01, 1.0}
+        for split in ("train", "val", "test"):
+            assert 0.0 <= result[split]["label"]["top1"] <= 100.0
+    table = format_probe_results([random, raw])
+    assert "random" in table and "raw" in table
+
+
+def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_root, tmp_path):
+    """AudioSet-format manifests over the synthetic mp4s: BCE, sigmoid views, mAP with a class
+    that has no positive excluded and reported, balanced sampling through the weighted sampler."""
+    from avmae.evaluation.finetune import finetune
+
+    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
+    mids = ["/m/a", "/m/b", "/m/c", "/m/d", "/m/never"]
+    (tmp_path / "labels.csv").write_text(
+        "index,mid,display_name\n" + "".join(f'{i},{m},"class {i}"\n' for i, m in enumerate(mids))
+    )
+    header = "# Segments csv\n# num_ytids=0\n# YTID, start_seconds, end_seconds, positive_labels\n"
+    for split, sources in (("train", ("train",)), ("val", ("val", "test"))):
+        lines = []
+        for source in sources:
+            for row in csv.DictReader(open(synthetic_root / f"{source}.csv")):
+                if row["id"] in bad:
+                    continue
+                label = int(row["label"])
+                labels = {mids[label], mids[(label + 1) % 4]} if label % 2 else {mids[label]}
+                lines.append(f'{row["id"]}, 0.000, 2.500, "{",".join(sorted(labels))}"\n')
+        (tmp_path / f"{split}.csv").write_text(header + "".join(lines))
+    overrides = [
+        "data.format=audioset", f"data.root={synthetic_root / 'clips'}", f"data.train={tmp_path / 'train.csv'}",
+        f"data.val={tmp_path / 'val.csv'}", f"data.test={tmp_path / 'val.csv'}", f"data.label_file={tmp_path / 'labels.csv'}",
+        "data.balanced_sampling=true", "finetune.modalities=audio", "finetune.eval_split=val",
+        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.log_every=1",
+    ]  # fmt: skip
+    metrics = finetune(load_config(FINETUNE, overrides + GEOMETRY))
+
+    assert set(metrics["label"]) >= {"mAP", "mAUC", "d_prime", "per_class_ap", "excluded_classes"}
+    assert 4 in metrics["label"]["excluded_classes"] and 0.0 < metrics["label"]["mAP"] <= 100.0
+    rows = list(csv.reader(open(tmp_path / "run" / "per_class_ap_label.csv")))
+    assert rows[0] == ["index", "name", "ap"] and len(rows) == 6 and rows[5] == ["4", "class 4", ""]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["label"]["excluded_classes"] == metrics["label"]["excluded_classes"]
