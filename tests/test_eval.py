@@ -76,7 +76,12 @@ def test_write_results_and_table(tmp_path):
     assert saved["labels"]["mAP"] == 41.5 and "per_class_ap" not in saved["labels"]
     with open(tmp_path / "per_class_ap_labels.csv") as f:
         rows = list(csv.reader(f))
-    assert rows == [["index", "name", "ap"], ["0", "Speech", "0.500000"], ["1", "Dog, barking", ""], ["2", "Music", "0.330000"]]
+    assert rows == [
+        ["index", "name", "ap"],
+        ["0", "Speech", "0.500000"],
+        ["1", "Dog, barking", ""],
+        ["2", "Music", "0.330000"],
+    ]
     table = format_table(metrics)
     assert "41.50" in table and "1 classes without a positive" in table
 

@@ -66,6 +66,7 @@ def exported(tmp_path_factory):
     step.mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(step / "model.safetensors"))
     save_config(cfg, step / "config.yaml")
+    export(step, root / "export_audio", part="audio")
     return export(step, root / "export", part="encoder")
 
 
@@ -156,6 +157,18 @@ def test_export_made_at_one_geometry_fits_another(exported):
         assert torch.equal(ours[m], theirs[m])
 
 
+def test_one_modality_export_refuses_audiovisual_finetuning(exported):
+    audio_only = exported.parent / "export_audio"
+    cfg = prepare_config(load_config(FINETUNE, GEOMETRY + [f"finetune.pretrained={audio_only}"]))
+    with pytest.raises(ValueError, match="holds only the audio encoder; set finetune.modalities=audio"):
+        build_model(cfg, {"label": 4}, log=lambda *_: None)
+    audio_cfg = prepare_config(
+        load_config(FINETUNE, GEOMETRY + [f"finetune.pretrained={audio_only}", "finetune.modalities=audio"])
+    )
+    model = build_model(audio_cfg, {"label": 4}, log=lambda *_: None)
+    assert model.modalities == ("audio",)
+
+
 def _launch(*args: str) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,7 +181,8 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)
     if result.returncode != 0:
-        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{output}")
     return result
 
 
@@ -201,7 +215,8 @@ def test_two_process_finetune_then_eval_without_padded_repeats(exported, clean_d
 def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
     from avmae.evaluation.probe import format_probe_results, run_linear_probe
 
-    cfg = load_config(FINETUNE, clean_data + GEOMETRY + ["finetune.probe_weight_decays=[0.01,1.0]", "finetune.probe_max_iter=30"])
+    probe = ["finetune.probe_weight_decays=[0.01,1.0]", "finetune.probe_max_iter=30"]
+    cfg = load_config(FINETUNE, clean_data + GEOMETRY + probe)
     raw = run_linear_probe(cfg, None, feature="raw")
     random = run_linear_probe(cfg, None, feature="encoder")
     assert raw["source"] == "raw" and random["source"] == "random"
@@ -238,7 +253,8 @@ def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_roo
         (tmp_path / f"{split}.csv").write_text(header + "".join(lines))
     overrides = [
         "data.format=audioset", f"data.root={synthetic_root / 'clips'}", f"data.train={tmp_path / 'train.csv'}",
-        f"data.val={tmp_path / 'val.csv'}", f"data.test={tmp_path / 'val.csv'}", f"data.label_file={tmp_path / 'labels.csv'}",
+        f"data.val={tmp_path / 'val.csv'}", f"data.test={tmp_path / 'val.csv'}",
+        f"data.label_file={tmp_path / 'labels.csv'}",
         "data.balanced_sampling=true", "finetune.modalities=audio", "finetune.eval_split=val",
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.log_every=1",
     ]  # fmt: skip

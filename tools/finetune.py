@@ -1,8 +1,8 @@
 """Finetune a pretrained (exported) or randomly initialised encoder on a downstream dataset.
 
     python tools/finetune.py --config configs/finetune/synthetic.yaml [key.sub=value ...]
-    accelerate launch --config_file configs/accelerate/ddp.yaml tools/finetune.py --config configs/finetune/vggsound.yaml \
-        finetune.pretrained=runs/vitb_vggsound/export finetune.modalities=audio
+    accelerate launch --config_file configs/accelerate/ddp.yaml tools/finetune.py \
+        --config configs/finetune/vggsound.yaml finetune.pretrained=runs/vitb_vggsound/export finetune.modalities=audio
 
 ``finetune.pretrained`` is a folder written by ``tools/export.py`` (empty: random init);
 ``finetune.modalities`` is audio, video or audiovisual. The run writes the classifier

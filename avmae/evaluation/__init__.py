@@ -1,0 +1,13 @@
+"""Downstream evaluation: metrics, multi-view evaluation, linear probing and finetuning.
+
+- ``metrics``: top-k, EPIC action accuracy, AudioSet mAP / AUC / d-prime;
+- ``evaluate``: per-view predictions gathered from all processes, padded repeats dropped, views
+  averaged; ``metrics.json`` and per-class AP files;
+- ``probe``: frozen features (pretrained encoder, random encoder or raw inputs) and an L-BFGS
+  linear classifier, ``run_linear_probe(cfg, encoder_or_None, feature)``;
+- ``finetune``: the timm/accelerate finetuning recipe, ``finetune(cfg)``.
+"""
+
+from .metrics import action_accuracy, classification_metrics, multilabel_metrics, topk_accuracy
+
+__all__ = ["action_accuracy", "classification_metrics", "multilabel_metrics", "topk_accuracy"]

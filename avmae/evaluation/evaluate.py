@@ -235,12 +235,16 @@ def evaluate_finetuned(
     set_seed(cfg.train.seed)
     dataset = build_dataset(cfg, split, train=False)
     if set(dataset.classes) != set(cfg.finetune.heads):
-        raise ValueError(f"{model_dir}: heads {sorted(cfg.finetune.heads)} do not match the dataset's {sorted(dataset.classes)}")
+        raise ValueError(
+            f"{model_dir}: heads {sorted(cfg.finetune.heads)} do not match the dataset's {sorted(dataset.classes)}"
+        )
     model, loader = accelerator.prepare(model, build_eval_loader(cfg, dataset))
-    metrics, _ = evaluate(model, loader, accelerator, cfg.finetune.modalities, dataset.multi_label, len(dataset.records))
+    modalities, multi_label = cfg.finetune.modalities, dataset.multi_label
+    metrics, _ = evaluate(model, loader, accelerator, modalities, multi_label, len(dataset.records))
     out_dir = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
     if accelerator.is_main_process:
         write_results(out_dir, {**metrics, "split": split}, dataset.classes)
-    accelerator.print(format_table(metrics, f"{split}: {metrics['records_scored']} records x {metrics['views_per_record']} views"))
+    title = f"{split}: {metrics['records_scored']} records x {metrics['views_per_record']} views"
+    accelerator.print(format_table(metrics, title))
     accelerator.wait_for_everyone()
     return metrics

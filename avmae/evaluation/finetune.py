@@ -62,8 +62,15 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
 
     model = build_classifier(cfg, heads)
     if cfg.finetune.pretrained:
-        from avmae.export import pretrained_encoder_weights
+        from avmae.export import pretrained_encoder_weights, read_export
 
+        part = read_export(cfg.finetune.pretrained)["part"]
+        needed = {"audio": {"audio"}, "video": {"video"}, "audiovisual": {"audio", "video"}}[cfg.finetune.modalities]
+        if part in ("audio", "video") and needed != {part}:
+            raise ValueError(
+                f"{cfg.finetune.pretrained} holds only the {part} encoder; set finetune.modalities={part} "
+                "or export the encoder of both modalities (--part encoder)"
+            )
         report = load_pretrained(model, pretrained_encoder_weights(cfg.finetune.pretrained))
         log(f"pretrained weights from {cfg.finetune.pretrained}: {report}")
     else:
@@ -71,7 +78,9 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
     return model
 
 
-def build_finetune_optimizer(model: nn.Module, train: TrainConfig, lr: float, layer_decay: float) -> torch.optim.Optimizer:
+def build_finetune_optimizer(
+    model: nn.Module, train: TrainConfig, lr: float, layer_decay: float
+) -> torch.optim.Optimizer:
     """AdamW with timm's layer-wise lr decay (``lr_scale`` per group, applied by a timm scheduler)
     and no weight decay on norms, biases and ``model.no_weight_decay()``."""
     return create_optimizer_v2(
@@ -179,7 +188,8 @@ def finetune(cfg: Config) -> dict:
 
     accelerator.init_trackers("finetune")
     accelerator.print(
-        f"finetuning {ft.modalities} on {cfg.data.format}: heads {heads}, {'multi' if multi_label else 'single'}-label; "
+        f"finetuning {ft.modalities} on {cfg.data.format}: heads {heads}, "
+        f"{'multi' if multi_label else 'single'}-label; "
         f"{num_steps} steps ({steps_per_epoch} per epoch, {clips_per_update} clips each), peak lr {lr:.3g}, "
         f"layer decay {ft.layer_decay}, mixup alpha {alpha:g}, label smoothing {smoothing:g}"
     )
