@@ -1,7 +1,9 @@
 """Export to safetensors + config.json, reload from the folder alone, and the timm audio ViT."""
 
 import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,6 +150,18 @@ def test_timm_audio_vit_from_an_audio_export(checkpoint, tmp_path):
         )
     with pytest.raises(ValueError, match="no timm audio model"):
         load_timm_audio_vit(export(step, tmp_path / "video", part="video"))
+
+
+def test_export_tool(checkpoint, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("export_tool", Path(__file__).resolve().parents[1] / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    step, model = checkpoint
+    assert tool.main([str(step), str(tmp_path / "out"), "--part", "audio"]) == 0
+    assert "exported audio (micro, mid fusion, modalities audio)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", TIMM_WEIGHTS]
+    with pytest.raises(SystemExit):
+        tool.main([str(step), str(tmp_path / "out"), "--part", "decoder"])
 
 
 def test_pt_checkpoint_read_with_weights_only(tmp_path):
