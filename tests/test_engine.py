@@ -37,12 +37,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; every test builds its own."""
+    """accelerate keeps process-wide singletons; every test builds its own. The engine also sets
+    torch's thread count on the CPU, which the rest of the session should not inherit."""
+    threads = torch.get_num_threads()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    torch.set_num_threads(threads)
 
 
 class Clips(torch.utils.data.Dataset):
