@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from avmae.config import TrainConfig, load_config
+from avmae.data import ClipRecord
 from avmae.engine import NonFiniteLossError, TrainingInterrupted, pretrain
 from avmae.engine.checkpoint import (
     TrainerState,
@@ -31,6 +32,7 @@ from avmae.engine.checkpoint import (
     save_checkpoint,
 )
 from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch_size, scaled_lr
+from avmae.engine.pretrain import build_train_loader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,20 +73,20 @@ class StandIn(nn.Module):
     """Regresses audio from video with a noisy hidden layer (so the global RNG matters), and has
     the kinds of parameters the optimiser groups: a norm, biases, and a listed embedding."""
 
-    def __init__(self, nan_at: int = 0, sigterm_at: int = 0):
+    def __init__(self, nan_at: int = 0, signal_at: int = 0, signum: int = signal.SIGTERM):
         super().__init__()
         self.proj = nn.Linear(8, 8)
         self.norm = nn.LayerNorm(8)
         self.modality_embed = nn.Parameter(torch.zeros(1, 8))
-        self.nan_at, self.sigterm_at, self.calls = nan_at, sigterm_at, 0
+        self.nan_at, self.signal_at, self.signum, self.calls = nan_at, signal_at, signum, 0
 
     def no_weight_decay(self) -> set[str]:
         return {"modality_embed"}
 
     def forward(self, video: torch.Tensor, audio: torch.Tensor) -> dict:
         self.calls += 1
-        if self.calls == self.sigterm_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), self.signum)
         x = video.flatten(2).mean(1)[:, :8] + self.modality_embed
         x = self.norm(self.proj(x + 0.1 * torch.randn_like(x)))
         loss = (x - audio[:, 0, 0]).pow(2).mean()
@@ -222,8 +224,8 @@ def test_nan_loss_stops_with_the_step_and_writes_no_poisoned_checkpoint(tmp_path
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum, signum", [(1, signal.SIGTERM), (2, signal.SIGINT)])
+def test_a_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, grad_accum, signum):
     # 24 clips / batch 4 = 6 micro-batches per epoch: the run crosses epochs, the stop is mid-epoch
     steps = 9 if grad_accum == 1 else 5
     overrides = [f"train.max_steps={steps}", f"train.grad_accum={grad_accum}", "train.warmup_epochs=0.5",
@@ -232,16 +234,16 @@ def test_sigterm_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path
     torch.manual_seed(0)
     pretrain(run_config(tmp_path / "whole", *overrides), model=StandIn(), dataset=Clips())
 
-    handler_before = signal.getsignal(signal.SIGTERM)
+    handler_before = signal.getsignal(signum)
     torch.manual_seed(0)
     stop_at = 4 * grad_accum + 1  # the signal arrives during the 5th update
     with pytest.raises(TrainingInterrupted) as stopped:
-        pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(sigterm_at=stop_at), dataset=Clips())
-    assert stopped.value.signum == signal.SIGTERM
+        pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(signal_at=stop_at, signum=signum), dataset=Clips())
+    assert stopped.value.signum == signum
     assert stopped.value.checkpoint.name == "step_00000005"  # the step in flight was finished
     saved = json.loads((stopped.value.checkpoint / "trainer_state.json").read_text())
     assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (5, *divmod(5 * grad_accum, 6))
-    assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers restored
+    assert signal.getsignal(signum) is handler_before  # handlers restored
 
     torch.manual_seed(1)  # resume must not depend on the fresh process's RNG
     final = pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(), dataset=Clips())
@@ -271,3 +273,34 @@ def test_too_many_bad_clips_stop_the_run_with_the_reason(tmp_path, synthetic_roo
     with pytest.raises(RuntimeError, match="max_decode_failures=0.05"):
         pretrain(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    cfg = run_config(tmp_path, "train.max_steps=3", "train.mixed_precision=bf16", "train.clip_grad=1.0")
+    pretrain(cfg, model=StandIn(), dataset=Clips())
+    assert len(scalars(tmp_path, "train/loss")) == 3
+    assert all(math.isfinite(v) for v in scalars(tmp_path, "train/loss").values())
+
+
+def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_path):
+    records = [ClipRecord(id=str(i), video=None, targets={"label": 0 if i < 18 else 1}) for i in range(24)]
+
+    class Labelled(Clips):
+        classes, multi_label = {"label": ["common", "rare"]}, False
+
+        def __init__(self):
+            super().__init__(len(records))
+            self.records = records
+
+    cfg = run_config(tmp_path, "data.balanced_sampling=true")
+    loader = Accelerator(cpu=True).prepare(build_train_loader(cfg, Labelled()))
+
+    def epoch_indices(epoch: int) -> list[int]:
+        loader.set_epoch(epoch)
+        return [int(i) for batch in loader for i in batch["index"]]
+
+    first = epoch_indices(0)
+    assert first == epoch_indices(0) and first != epoch_indices(1)
+    # the 6 rare clips weigh as much as the 18 common ones together
+    rare = sum(i >= 18 for e in range(6) for i in epoch_indices(e)) / (6 * len(first))
+    assert 0.3 < rare < 0.7
