@@ -241,16 +241,16 @@ class TrainConfig:
     max_steps: int = 0  # optimiser steps; 0 means epochs x steps per epoch
     base_lr: float = 1.5e-4  # lr = base_lr x effective batch / 256
     min_lr: float = 0.0
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear warmup, stepped per update; fractions allowed
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 0.0  # 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False
-    log_every: int = 10
+    log_every: int = 10  # optimiser steps between logs (and NaN checks)
     checkpoint_every: int = 500  # optimiser steps
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint directory
 
     def __post_init__(self) -> None:
