@@ -15,7 +15,6 @@ straddles two epochs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections import defaultdict
