@@ -240,10 +240,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, part: str = "model") -> 
     }
     if part == "audio":
         vit, kwargs = timm_audio_vit(module)
-        save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out_dir / TIMM_WEIGHTS),
-                  metadata={"format": "pt"})
-        description["timm"] = {"class": "timm.models.vision_transformer.VisionTransformer", "kwargs": kwargs,
-                               "weights": TIMM_WEIGHTS}
+        timm_weights = {k: v.contiguous() for k, v in vit.state_dict().items()}
+        save_file(timm_weights, str(out_dir / TIMM_WEIGHTS), metadata={"format": "pt"})
+        description["timm"] = {
+            "class": "timm.models.vision_transformer.VisionTransformer",
+            "kwargs": kwargs,
+            "weights": TIMM_WEIGHTS,
+        }
     with open(out_dir / EXPORT_CONFIG, "w") as f:
         json.dump(description, f, indent=2)
     return out_dir
@@ -327,10 +330,15 @@ def apply_pretrained(cfg: Config, path: str | Path, inherit_preprocessing: bool 
     model = _replace(cfg.model, {k.split(".", 1)[1]: v for k, v in changes.items()})
     audio, video = cfg.data.audio, cfg.data.video
     if inherit_preprocessing:
-        audio_changes = {n: getattr(source.data.audio, n) for n in AUDIO_PREPROCESSING
-                         if getattr(audio, n) != getattr(source.data.audio, n)}
-        video_changes = {n: tuple(getattr(source.data.video, n)) for n in VIDEO_PREPROCESSING
-                         if tuple(getattr(video, n)) != tuple(getattr(source.data.video, n))}
+        theirs_audio, theirs_video = source.data.audio, source.data.video
+        audio_changes = {
+            n: getattr(theirs_audio, n) for n in AUDIO_PREPROCESSING if getattr(audio, n) != getattr(theirs_audio, n)
+        }
+        video_changes = {
+            n: tuple(getattr(theirs_video, n))
+            for n in VIDEO_PREPROCESSING
+            if tuple(getattr(video, n)) != tuple(getattr(theirs_video, n))
+        }
         audio, video = _replace(audio, audio_changes), _replace(video, video_changes)
         changes.update({f"data.audio.{k}": v for k, v in audio_changes.items()})
         changes.update({f"data.video.{k}": v for k, v in video_changes.items()})
