@@ -10,7 +10,9 @@ import pytest
 from avmae.data.synthetic import generate_dataset, write_av_file
 
 # The session dataset: small enough to write in a few seconds, every bad kind present.
-SYNTHETIC = dict(num_clips=24, num_classes=4, seed=0, duration=2.5, fps=25.0, size=64, sample_rate=16000, bad_fraction=0.25)
+SYNTHETIC = dict(
+    num_clips=24, num_classes=4, seed=0, duration=2.5, fps=25.0, size=64, sample_rate=16000, bad_fraction=0.25
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,12 +29,15 @@ def _offline_hub():
 
 @pytest.fixture
 def make_clip(tmp_path):
-    """Factory writing an mp4 into the test's tmp dir: ``make_clip(name, frames, fps, audio=None, sample_rate=16000) -> Path``.
+    """Factory writing an mp4 into the test's tmp dir with ``write_av_file``:
+    ``make_clip(name, frames, fps, audio=None, sample_rate=16000) -> Path``.
 
     ``frames`` is ``(T, H, W, 3)`` uint8, ``audio`` ``(N,)`` float32 in [-1, 1] or None.
     """
 
-    def _make(name: str, frames: np.ndarray, fps: float, audio: np.ndarray | None = None, sample_rate: int = 16000):
+    def _make(
+        name: str, frames: np.ndarray, fps: float, audio: np.ndarray | None = None, sample_rate: int = 16000
+    ):
         return write_av_file(tmp_path / name, frames, fps, audio, sample_rate)
 
     return _make

@@ -167,7 +167,8 @@ def test_every_bad_kind_behaves_as_described(synthetic_root, synthetic_settings)
     assert audio is None and len(frames) == round(synthetic_settings["duration"] * synthetic_settings["fps"])
 
     frames, audio = decode(clip["silent"])
-    assert audio is not None and audio.size >= synthetic_settings["duration"] * synthetic_settings["sample_rate"]
+    assert audio is not None
+    assert audio.size >= synthetic_settings["duration"] * synthetic_settings["sample_rate"]
     assert np.abs(audio).max() == 0.0
 
     frames, audio = decode(clip["short"])
@@ -187,7 +188,9 @@ def test_every_bad_kind_behaves_as_described(synthetic_root, synthetic_settings)
     assert np.abs(audio).max() > 0.05
 
 
-def test_same_seed_same_bytes_any_workers_other_seed_other_content(synthetic_root, synthetic_settings, tmp_path):
+def test_same_seed_same_bytes_any_workers_other_seed_other_content(
+    synthetic_root, synthetic_settings, tmp_path
+):
     """Two processes write byte-identical files to the single-process fixture; seed 1 differs."""
     again = tmp_path / "again"
     summary = generate_dataset(again, workers=2, **synthetic_settings)
@@ -200,7 +203,8 @@ def test_same_seed_same_bytes_any_workers_other_seed_other_content(synthetic_roo
     first = good_clip(synthetic_root).relative_to(synthetic_root)
     other = tmp_path / "other"
     index = int(first.stem.split("_")[1])
-    generate_dataset(other, **{**synthetic_settings, "num_clips": index + 1, "bad_fraction": 0.0, "seed": 1}, workers=1)
+    settings = {**synthetic_settings, "num_clips": index + 1, "bad_fraction": 0.0, "seed": 1}
+    generate_dataset(other, **settings, workers=1)
     frames_seed0, audio_seed0 = decode(synthetic_root / first)
     frames_seed1, audio_seed1 = decode(other / first)
     assert np.abs(frames_seed0.astype(int) - frames_seed1).mean() > 10
@@ -263,11 +267,17 @@ def test_every_sound_starts_at_the_events_in_the_decoded_file(make_clip, class_i
             assert onset_ratio(audio, int(round(between * 16000))) < 3.0, (spec.name, between)
 
 
-def object_track(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per frame: the object's mean row (y grows downwards) and its area, on a plain background."""
-    frames = frames.astype(np.int16)
+def object_track(frames: np.ndarray, colour: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the object's mean row (y grows downwards) and its area, on a plain background.
+
+    Pixels count as the object where they are at least 75 % of the way from the background
+    colour to the object's colour, which leaves out its fainter trail.
+    """
+    frames = frames.astype(np.float32)
     background = np.median(frames.reshape(-1, 3), axis=0)
-    mask = np.abs(frames - background).max(axis=-1) > 40
+    towards = np.asarray(colour, np.float32) - background
+    opacity = (frames - background) @ towards / (towards @ towards)
+    mask = opacity > 0.75
     rows = np.array([np.nonzero(m)[0].mean() for m in mask])
     return rows, mask.sum(axis=(1, 2))
 
@@ -278,7 +288,7 @@ def test_visual_event_and_sound_share_their_instants(make_clip, motion, fps):
     spec = next(s for s in class_specs(8) if s.motion == motion)
     clip = render_clip(spec, np.random.default_rng(7), duration=2.5, fps=fps, nuisance=0.0)
     frames, audio = decode(make_clip("clip.mp4", clip.frames, fps, clip.audio))
-    rows, area = object_track(frames)
+    rows, area = object_track(frames, clip.meta["colour"])
     signal = rows if motion == "bounce" else area
     checked = 0
     for t in clip.events:

@@ -13,9 +13,13 @@ from avmae.data.synthetic import BAD_KINDS, SPLITS, generate_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-clips", type=int, required=True, help="clips listed in the manifests, bad ones included")
+    parser.add_argument(
+        "--num-clips", type=int, required=True, help="clips listed in the manifests, bad ones included"
+    )
     parser.add_argument("--num-classes", type=int, required=True, help="number of classes (1 to 64)")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--duration", type=float, default=4.0, help="clip length, seconds")
@@ -27,7 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"fraction of bad clips ({', '.join(BAD_KINDS)}); when > 0, at least one of each",
     )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    parser.add_argument("--nuisance", type=float, default=1.0, help="strength of the class-independent nuisances; 0 = clean clips")
+    parser.add_argument(
+        "--nuisance", type=float, default=1.0,
+        help="strength of the class-independent nuisances; 0 gives clean clips",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return parser.parse_args(argv)
 
@@ -36,7 +43,8 @@ def format_summary(summary: dict) -> str:
     """The summary of ``generate_dataset`` as a small text table."""
     width = max(len(name) for name in summary["classes"])
     lines = [
-        f"wrote {summary['num_clips']} clips to {summary['out_dir']} in {summary['seconds']:.1f} s ({summary['workers']} workers)",
+        f"wrote {summary['num_clips']} clips to {summary['out_dir']} "
+        f"in {summary['seconds']:.1f} s ({summary['workers']} workers)",
         f"{'class':<{width}}  " + "  ".join(f"{split:>5}" for split in SPLITS),
     ]
     for name, counts in summary["per_class"].items():

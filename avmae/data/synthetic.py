@@ -9,6 +9,8 @@ colour, size and position of the object, the event rate inside the class's range
 a small jitter on every event, slowly wandering distractor shapes, pixel noise, pitch inside a
 range that overlaps the other classes', loudness, background noise and hum, and quieter
 distractor sounds at random instants. Pooled pixels or a mean spectrum therefore say little.
+The object leaves a faint trail of its last 0.16 s, so that frames sampled a quarter of a
+second apart still show the local shape of its path.
 
 ``write_av_file`` writes one mp4; ``render_clip`` draws one clip of a class;
 ``generate_dataset`` writes a whole dataset (clips, manifests, class list, bad clips).
@@ -23,11 +25,10 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import av
 import numpy as np
@@ -202,7 +203,9 @@ def _triangle(x: np.ndarray) -> np.ndarray:
     return 1.0 - np.abs(2.0 * (x - np.floor(x)) - 1.0)
 
 
-def motion_path(motion: str, phase: np.ndarray, direction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def motion_path(
+    motion: str, phase: np.ndarray, direction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unit trajectory of a motion as a function of event phase.
 
     Returns ``(dx, dy, scale)``, each shaped like ``phase``: offsets in [-0.5, 0.5] of the motion's
@@ -238,9 +241,12 @@ def motion_path(motion: str, phase: np.ndarray, direction: float) -> tuple[np.nd
 # ---------------------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "diamond", "triangle", "ring")
+TRAIL = ((0.16, 0.15), (0.12, 0.25), (0.08, 0.35), (0.04, 0.5))  # (seconds ago, opacity)
 
 
-def shape_coverage(shape: str, x: np.ndarray, y: np.ndarray, radius: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def shape_coverage(
+    shape: str, x: np.ndarray, y: np.ndarray, radius: np.ndarray, grid: tuple[np.ndarray, np.ndarray]
+) -> np.ndarray:
     """Anti-aliased coverage in [0, 1] of a shape centred at ``(x, y)`` per frame.
 
     ``x``, ``y``, ``radius`` are ``(T,)`` in pixels; ``grid`` is the pixel-centre ``(yy, xx)``
@@ -265,7 +271,9 @@ def shape_coverage(shape: str, x: np.ndarray, y: np.ndarray, radius: np.ndarray,
     return np.clip(0.5 - distance, 0.0, 1.0).astype(np.float32)
 
 
-def _background(rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray], size: int, nuisance: float) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray], size: int, nuisance: float
+) -> np.ndarray:
     """A static ``(H, W, 3)`` float background: a colour, a gradient and a low-frequency texture."""
     yy, xx = grid
     base = rng.uniform(20.0, 235.0, size=3)
@@ -279,7 +287,9 @@ def _background(rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray], s
     return image
 
 
-def _contrasting_colour(rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0) -> np.ndarray:
+def _contrasting_colour(
+    rng: np.random.Generator, background: np.ndarray, min_distance: float = 90.0
+) -> np.ndarray:
     """A random RGB colour at least ``min_distance`` away from the background's mean colour."""
     mean = background.reshape(-1, 3).mean(axis=0)
     for _ in range(100):
@@ -299,7 +309,9 @@ def _envelope(t: np.ndarray, attack: float, decay: float) -> np.ndarray:
     return np.minimum(t / attack, 1.0) * np.exp(-np.maximum(t - attack, 0.0) / decay)
 
 
-def _bandpass_noise(rng: np.random.Generator, n: int, low: float, high: float, sample_rate: int) -> np.ndarray:
+def _bandpass_noise(
+    rng: np.random.Generator, n: int, low: float, high: float, sample_rate: int
+) -> np.ndarray:
     spectrum = np.fft.rfft(rng.standard_normal(n))
     freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
     spectrum[(freqs < low) | (freqs > high)] = 0.0
@@ -331,22 +343,35 @@ def sound_wave(sound: str, pitch: float, sample_rate: int, rng: np.random.Genera
     elif sound == "buzz":  # a square wave: odd harmonics
         t = seconds(0.1)
         harmonics = [k for k in range(1, 40, 2) if k * pitch < nyquist]
-        wave = sum(np.sin(2.0 * math.pi * k * pitch * t) / k for k in harmonics) * _envelope(t, 0.002, 0.04)
+        wave = sum(np.sin(2.0 * math.pi * k * pitch * t) / k for k in harmonics)
+        wave = wave * _envelope(t, 0.002, 0.04)
     elif sound == "bell":  # inharmonic partials with long decays
         t = seconds(0.3)
         partials = [(1.0, 1.0, 0.12), (2.76, 0.5, 0.08), (5.40, 0.25, 0.05)]
-        wave = sum(a * np.sin(2.0 * math.pi * r * pitch * t) * _envelope(t, 0.002, d) for r, a, d in partials if r * pitch < nyquist)
+        wave = sum(
+            a * np.sin(2.0 * math.pi * r * pitch * t) * _envelope(t, 0.002, d)
+            for r, a, d in partials
+            if r * pitch < nyquist
+        )
     elif sound == "noise":  # a burst of noise, one octave wide around the pitch
         t = seconds(0.07)
-        wave = _bandpass_noise(rng, t.size, pitch / math.sqrt(2.0), min(pitch * math.sqrt(2.0), nyquist), sample_rate)
+        high = min(pitch * math.sqrt(2.0), nyquist)
+        wave = _bandpass_noise(rng, t.size, pitch / math.sqrt(2.0), high, sample_rate)
         wave = wave * _envelope(t, 0.002, 0.025)
     elif sound == "knock":  # two short damped hits 45 ms apart
         t = seconds(0.1)
-        hit = lambda s: np.where(t >= s, np.sin(2.0 * math.pi * pitch * (t - s)) * _envelope(np.maximum(t - s, 0.0), 0.001, 0.012), 0.0)
-        wave = hit(0.0) + 0.7 * hit(0.045)
+        wave = np.zeros_like(t)
+        for start, strength in ((0.0, 1.0), (0.045, 0.7)):
+            since = np.maximum(t - start, 0.0)
+            hit = np.sin(2.0 * math.pi * pitch * since) * _envelope(since, 0.001, 0.012)
+            wave += strength * np.where(t >= start, hit, 0.0)
     elif sound == "pluck":  # harmonic partials, the higher ones dying sooner
         t = seconds(0.25)
-        wave = sum(np.sin(2.0 * math.pi * k * pitch * t) / k * _envelope(t, 0.001, 0.12 / k) for k in range(1, 9) if k * pitch < nyquist)
+        wave = sum(
+            np.sin(2.0 * math.pi * k * pitch * t) / k * _envelope(t, 0.001, 0.12 / k)
+            for k in range(1, 9)
+            if k * pitch < nyquist
+        )
     elif sound == "whistle":  # a pure tone with fast vibrato
         t = seconds(0.12)
         f = pitch * (1.0 + 0.04 * np.sin(2.0 * math.pi * 25.0 * t))
@@ -439,6 +464,14 @@ def render_clip(
         alpha = shape_coverage(str(rng.choice(SHAPES)), d_pos[0], d_pos[1], d_radius, grid)[..., None]
         video += alpha * (d_colour.astype(np.float32) - video)
 
+    # A fading trail of where the object just was, as a long exposure would show: every frame
+    # then carries the local shape of the path, even when frames are sampled sparsely.
+    for lag, opacity in TRAIL:
+        phase_ago = event_phase(frame_times - lag, events)
+        dx_ago, dy_ago, scale_ago = motion_path(spec.motion, phase_ago, direction)
+        x_ago, y_ago = centre[0] + amplitude * dx_ago, centre[1] + amplitude * dy_ago
+        alpha = opacity * shape_coverage(shape, x_ago, y_ago, radius * scale_ago, grid)[..., None]
+        video += alpha * (colour.astype(np.float32) - video)
     alpha = shape_coverage(shape, x, y, radius * scale, grid)[..., None]
     video += alpha * (colour.astype(np.float32) - video)
     pixel_noise = rng.uniform(0.0, 6.0) * nuisance
@@ -452,21 +485,25 @@ def render_clip(
     audio = np.zeros(num_samples)
     for t in events[events < duration]:
         start = int(round(t * sample_rate))
-        wave = gain * 10.0 ** (rng.uniform(-2.0, 2.0) / 20.0) * sound_wave(spec.sound, pitch, sample_rate, rng)
+        loudness = gain * 10.0 ** (rng.uniform(-2.0, 2.0) / 20.0)
+        wave = loudness * sound_wave(spec.sound, pitch, sample_rate, rng)
         if start < 0:  # an event just before the clip whose sound rings into it
             wave, start = wave[-start:], 0
         _add_at(audio, wave, start)
     num_distractor_sounds = int(rng.poisson(0.6 * duration * nuisance))
     for _ in range(num_distractor_sounds):
         wave = sound_wave(str(rng.choice(SOUNDS)), 700.0 * 2.0 ** rng.uniform(-1.5, 1.5), sample_rate, rng)
-        _add_at(audio, gain * 10.0 ** (rng.uniform(-16.0, -8.0) / 20.0) * wave, int(rng.integers(0, max(num_samples, 1))))
+        loudness = gain * 10.0 ** (rng.uniform(-16.0, -8.0) / 20.0)
+        _add_at(audio, loudness * wave, int(rng.integers(0, max(num_samples, 1))))
     if nuisance > 0:
         noise = _coloured_noise(rng, num_samples, rng.uniform(0.0, 2.0), sample_rate)
         noise *= 10.0 ** (rng.uniform(-50.0, -30.0) / 20.0) * nuisance / max(noise.std(), 1e-9)
         audio += noise
-        if rng.uniform() < 0.5:
-            hum = math.sqrt(2.0) * np.sin(2.0 * math.pi * 2.0 ** rng.uniform(math.log2(80.0), math.log2(2000.0)) * np.arange(num_samples) / sample_rate + rng.uniform(0.0, 2.0 * math.pi))
-            audio += 10.0 ** (rng.uniform(-40.0, -26.0) / 20.0) * nuisance * hum
+        if rng.uniform() < 0.5:  # a steady hum somewhere between 80 Hz and 2 kHz
+            frequency = 80.0 * 25.0 ** rng.uniform()
+            start_phase = rng.uniform(0.0, 2.0 * math.pi)
+            hum = np.sin(2.0 * math.pi * frequency * np.arange(num_samples) / sample_rate + start_phase)
+            audio += 10.0 ** (rng.uniform(-40.0, -26.0) / 20.0) * nuisance * math.sqrt(2.0) * hum
     peak = np.abs(audio).max() if audio.size else 0.0
     if peak > 0.95:
         audio *= 0.95 / peak
@@ -476,6 +513,7 @@ def render_clip(
         "period": round(float(period), 6),
         "events": [round(float(t), 6) for t in in_clip],
         "shape": shape,
+        "colour": [round(float(c), 1) for c in colour],
         "radius": round(float(radius), 3),
         "amplitude": round(float(amplitude), 3),
         "centre": [round(float(c), 3) for c in centre],
@@ -511,7 +549,9 @@ class _ClipJob:
     nuisance: float
 
 
-def split_by_class(labels: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float] = (0.15, 0.15)) -> list[str]:
+def split_by_class(
+    labels: np.ndarray, rng: np.random.Generator, fractions: tuple[float, float] = (0.15, 0.15)
+) -> list[str]:
     """About 70/15/15 train/val/test inside every class (val and test get at least one clip of a
     class with three or more)."""
     splits = ["train"] * len(labels)
@@ -628,11 +668,14 @@ def generate_dataset(
     specs = class_specs(num_classes)
     if (out_dir / "train.csv").exists() or (out_dir / "clips").exists():
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{out_dir} already holds a dataset; pass overwrite=True (--overwrite) to replace it"
+            )
         shutil.rmtree(out_dir / "clips", ignore_errors=True)
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
 
-    rng = np.random.default_rng([seed, 2**31 - 1])  # dataset-level draws, apart from the per-clip streams
+    # Dataset-level draws use a stream apart from the per-clip ones, seeded (seed, index).
+    rng = np.random.default_rng([seed, 2**31 - 1])
     labels = rng.permutation(np.arange(num_clips) % num_classes)
     splits = split_by_class(labels, rng)
     num_bad = 0 if bad_fraction == 0 else max(int(round(bad_fraction * num_clips)), len(BAD_KINDS))
@@ -642,7 +685,10 @@ def generate_dataset(
 
     width = max(5, len(str(num_clips - 1)))
     jobs = [
-        _ClipJob(i, f"clip_{i:0{width}d}", int(labels[i]), splits[i], bad.get(i, "ok"), specs[labels[i]], seed, duration, fps, size, sample_rate, nuisance)
+        _ClipJob(
+            i, f"clip_{i:0{width}d}", int(labels[i]), splits[i], bad.get(i, "ok"), specs[labels[i]],
+            seed, duration, fps, size, sample_rate, nuisance,
+        )
         for i in range(num_clips)
     ]
     workers = min(workers or os.cpu_count() or 1, num_clips)
@@ -650,7 +696,8 @@ def generate_dataset(
         rows = [_make_clip_file(job, out_dir) for job in jobs]
     else:
         with _worker_context().Pool(workers) as pool:
-            rows = pool.map(_run_job, [(job, out_dir) for job in jobs], chunksize=max(1, num_clips // (8 * workers)))
+            chunksize = max(1, num_clips // (8 * workers))
+            rows = pool.map(_run_job, [(job, out_dir) for job in jobs], chunksize=chunksize)
 
     _write_outputs(out_dir, rows, specs)
     return _summary(out_dir, rows, specs, time.perf_counter() - started, workers)
@@ -672,7 +719,9 @@ def _write_outputs(out_dir: Path, rows: list[dict[str, Any]], specs: list[ClassS
             f.write(json.dumps(row) + "\n")
 
 
-def _summary(out_dir: Path, rows: list[dict[str, Any]], specs: list[ClassSpec], seconds: float, workers: int) -> dict[str, Any]:
+def _summary(
+    out_dir: Path, rows: list[dict[str, Any]], specs: list[ClassSpec], seconds: float, workers: int
+) -> dict[str, Any]:
     return {
         "out_dir": str(out_dir),
         "num_clips": len(rows),
