@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from avmae.data.synthetic import BAD_KINDS, SPLITS, generate_dataset
+from avmae.data.synthetic import BAD_KINDS, DEFAULT_NUISANCE, SPLITS, generate_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     parser.add_argument(
-        "--nuisance", type=float, default=1.0,
-        help="strength of the class-independent nuisances; 0 gives clean clips",
+        "--nuisance", type=float, default=DEFAULT_NUISANCE,
+        help=f"strength of the class-independent nuisances: 0 gives clean clips, 1 the strongest "
+        f"designed (default {DEFAULT_NUISANCE})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return parser.parse_args(argv)
