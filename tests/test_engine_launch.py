@@ -208,7 +208,10 @@ def test_deepspeed_zero2_on_cpu(clean_data, tmp_path, request):
     if reason:
         print(f"skipping DeepSpeed ZeRO-2: {reason}")
         pytest.skip(reason)
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(request.config.cache.mkdir("torch_extensions")))
+    # DeepSpeed compiles its CPU communication op once; pytest's cache keeps it between runs.
+    cache = getattr(request.config, "cache", None)
+    extensions = cache.mkdir("torch_extensions") if cache is not None else tmp_path / "torch_extensions"
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions))
     script = tmp_path / "recording_pretrain.py"
     script.write_text(RECORDING_SCRIPT)
     overrides = [*clean_data, f"train.output_dir={tmp_path}", "train.clip_grad=1.0", "train.grad_accum=2"]
