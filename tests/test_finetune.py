@@ -221,12 +221,13 @@ def test_two_process_finetune_then_eval_without_padded_repeats(exported, clean_d
 
 
 def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
-    from avmae.evaluation.probe import format_probe_results, run_linear_probe
+    from avmae.evaluation.probe import format_probe_results, run_linear_probes
 
     probe = ["finetune.probe_weight_decays=[0.01,1.0]", "finetune.probe_max_iter=30"]
     cfg = load_config(FINETUNE, clean_data + GEOMETRY + probe)
-    raw = run_linear_probe(cfg, None, feature="raw")
-    random = run_linear_probe(cfg, None, feature="encoder")
+    with pytest.raises(ValueError, match="needs a pretrained model"):
+        run_linear_probes(cfg, None)
+    raw, random = run_linear_probes(cfg, None, sources=("raw", "random"))
     assert raw["source"] == "raw" and random["source"] == "random"
     assert raw["dim"] == 3 * 2 * 4 * 4 + 8 * 8 and random["dim"] == 2 * 128
     assert raw["records"]["val"] == 3 and raw["records"]["train"] == random["records"]["train"]
@@ -234,6 +235,9 @@ def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
         assert set(result["sweep"]["label"]) == {0.01, 1.0}
         for split in ("train", "val", "test"):
             assert 0.0 <= result[split]["label"]["top1"] <= 100.0
+    # one decoding pass or one per source: the same features, the same probe
+    (alone,) = run_linear_probes(cfg, None, sources=("random",))
+    assert alone["test"] == random["test"] and alone["sweep"] == random["sweep"]
     table = format_probe_results([random, raw])
     assert "random" in table and "raw" in table
 

@@ -1,13 +1,13 @@
-"""Linear probe of frozen features: a pretrained encoder, a random encoder, or raw inputs.
+"""Linear probe of frozen features: a pretrained encoder, a random encoder, raw inputs.
 
-    python tools/linear_probe.py --config configs/probe/synthetic.yaml [--feature encoder|raw|all] [key.sub=value ...]
+    python tools/linear_probe.py --config configs/probe/synthetic.yaml [--sources pretrained,random,raw] [key.sub=value ...]
 
-``--feature encoder`` probes the encoder of ``finetune.pretrained`` (an export folder), or a
-randomly initialised encoder when that is empty; ``raw`` probes average-pooled pixels and fbank;
-``all`` runs the pretrained encoder (when given), a random encoder and the raw baseline and
-prints them side by side. Features of ``finetune.modalities`` are extracted once per split, and
-a linear classifier is fitted on them with a weight-decay sweep chosen on the validation split.
-Results go to ``train.output_dir/linear_probe.json``.
+``pretrained`` probes the encoder of ``finetune.pretrained`` (an export folder); ``random`` a
+randomly initialised encoder of the same architecture; ``raw`` average-pooled pixels and fbank.
+By default every source that can run does (``pretrained`` only when ``finetune.pretrained`` is
+set), on features of ``finetune.modalities`` extracted in one pass over the clips; a linear
+classifier is fitted on each with a weight-decay sweep chosen on the validation split. The table
+is printed and the results go to ``train.output_dir/linear_probe.json``.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from pathlib import Path
 
 from avmae.config import load_config
 from avmae.evaluation.finetune import prepare_config
-from avmae.evaluation.probe import format_probe_results, run_linear_probe
+from avmae.evaluation.probe import SOURCES, format_probe_results, run_linear_probes
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file under configs/probe/")
-    parser.add_argument("--feature", default="encoder", choices=("encoder", "raw", "all"))
+    parser.add_argument("--sources", default=None, help=f"comma-separated, among {','.join(SOURCES)}")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     cfg = prepare_config(load_config(args.config, args.overrides))
@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         from avmae.export import from_pretrained
 
         pretrained = from_pretrained(cfg.finetune.pretrained)
-    runs = {"encoder": [("encoder", pretrained)], "raw": [("raw", None)]}.get(args.feature)
-    if runs is None:  # all
-        runs = ([("encoder", pretrained)] if pretrained is not None else []) + [("encoder", None), ("raw", None)]
-    results = [run_linear_probe(cfg, encoder, feature) for feature, encoder in runs]
+    if args.sources:
+        sources = tuple(args.sources.split(","))
+    else:
+        sources = SOURCES if pretrained is not None else ("random", "raw")
+    results = run_linear_probes(cfg, pretrained, sources)
 
     print(format_probe_results(results))
     out = Path(cfg.train.output_dir)

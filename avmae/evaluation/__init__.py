@@ -4,7 +4,7 @@
 - ``evaluate``: per-view predictions gathered from all processes, padded repeats dropped, views
   averaged; ``metrics.json`` and per-class AP files;
 - ``probe``: frozen features (pretrained encoder, random encoder or raw inputs) and an L-BFGS
-  linear classifier, ``run_linear_probe(cfg, encoder_or_None, feature)``;
+  linear classifier, ``run_linear_probes(cfg, pretrained_or_None, sources)``;
 - ``finetune``: the timm/accelerate finetuning recipe, ``finetune(cfg)``.
 """
 

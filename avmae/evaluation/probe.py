@@ -1,12 +1,13 @@
 """Linear probing: a frozen feature extractor, features computed once, a linear classifier on top.
 
-Three feature sources share one code path, so their numbers are comparable:
+Three feature sources share one code path and one decoding pass, so their numbers are
+comparable:
 
-- ``feature="encoder"`` with an encoder: mean-pooled tokens of each modality from
+- ``pretrained``: mean-pooled tokens of each modality from the pretrained
   ``encoder.forward_features``, concatenated (video first) for audiovisual probes;
-- ``feature="encoder"`` with ``None``: the same with a randomly initialised encoder built from the
-  config (the "no pretraining" reference);
-- ``feature="raw"``: the inputs themselves, average-pooled to a small grid (pixels
+- ``random``: the same with a randomly initialised encoder built from the config (the "no
+  pretraining" reference);
+- ``raw``: the inputs themselves, average-pooled to a small grid (pixels
   ``finetune.probe_raw_video_grid``, fbank ``finetune.probe_raw_audio_grid``): the "no network"
   baseline.
 
@@ -63,39 +64,47 @@ def pool_raw(
 
 @torch.no_grad()
 def extract_features(
-    encoder: nn.Module | None, loader: DataLoader, modalities: str, cfg: Config, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Features of every record of ``loader``'s dataset, views averaged.
+    extractors: dict[str, nn.Module | None],
+    loader: DataLoader,
+    modalities: str,
+    cfg: Config,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Features of every record of ``loader``'s dataset from each extractor, views averaged; the
+    clips are decoded once for all of them.
 
     Args:
-        encoder: an ``AVEncoder`` (``forward_features(video=None, audio=None)``), or None for raw
-            pooled inputs.
+        extractors: name -> an ``AVEncoder`` (``forward_features(video=None, audio=None)``), or
+            None for raw pooled inputs.
 
     Returns:
-        ``features`` ``(M, D)`` in record order and ``targets`` head -> ``(M,)`` or ``(M, K)``.
+        name -> ``features`` ``(M, D)`` in record order, and ``targets`` head -> ``(M,)`` or ``(M, K)``.
     """
-    if encoder is not None:
-        encoder.eval().to(device)
-    index, view, feats, targets = [], [], [], []
+    for encoder in extractors.values():
+        if encoder is not None:
+            encoder.eval().to(device)
+    index, view, feats, targets = [], [], {name: [] for name in extractors}, []
     for batch in loader:
         inputs = {k: v.to(device) for k, v in model_inputs(batch, modalities).items()}
-        if encoder is None:
-            f = pool_raw(inputs, tuple(cfg.finetune.probe_raw_video_grid), tuple(cfg.finetune.probe_raw_audio_grid))
-        else:
-            f = pool_tokens(encoder.forward_features(**inputs), modalities)
-        feats.append(f.float().cpu())
+        for name, encoder in extractors.items():
+            if encoder is None:
+                grids = tuple(cfg.finetune.probe_raw_video_grid), tuple(cfg.finetune.probe_raw_audio_grid)
+                f = pool_raw(inputs, *grids)
+            else:
+                f = pool_tokens(encoder.forward_features(**inputs), modalities)
+            feats[name].append(f.float().cpu())
         index.append(batch["index"])
         view.append(batch["view"])
         targets.append(batch["targets"])
-    if not feats:
+    if not index:
         raise ValueError("the feature loader yielded no batch")
     agg = aggregate_views(
         torch.cat(index),
         torch.cat(view),
-        {"features": torch.cat(feats)},
+        {name: torch.cat(f) for name, f in feats.items()},
         {h: torch.cat([t[h] for t in targets]) for h in targets[0]},
     )
-    return agg["scores"]["features"], agg["targets"]
+    return agg["scores"], agg["targets"]
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> dict[str, float]:
@@ -208,63 +217,78 @@ def encoder_of(module: nn.Module) -> nn.Module:
     raise TypeError(f"expected an AVEncoder or a model holding one, got {type(module).__name__}")
 
 
-def run_linear_probe(cfg: Config, encoder: nn.Module | None, feature: str = "encoder") -> dict:
-    """Linear probe of ``cfg.finetune.modalities`` features on ``cfg.data``.
+SOURCES = ("pretrained", "random", "raw")
+
+
+def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[str, ...] = SOURCES) -> list[dict]:
+    """Linear probes of ``cfg.finetune.modalities`` features on ``cfg.data``, one per source, on
+    features extracted in one pass over the clips.
 
     Args:
-        encoder: a pretrained encoder (or a model holding one); ``None`` with ``feature="encoder"``
-            builds a randomly initialised encoder of ``cfg.model`` (seeded by ``train.seed``).
-        feature: ``"encoder"`` (mean-pooled tokens) or ``"raw"`` (pooled inputs; ``encoder`` unused).
+        pretrained: a pretrained encoder (or a model holding one); needed for ``pretrained``.
+        sources: ``pretrained`` (its mean-pooled tokens), ``random`` (the same from a randomly
+            initialised encoder of ``cfg.model``, seeded by ``train.seed``) and ``raw`` (pooled
+            inputs).
 
     Returns:
-        ``train_probe``'s result plus ``feature``, ``source`` (``pretrained`` | ``random`` |
-        ``raw``), ``modalities``, ``dim`` and ``records`` per split. Accuracies are percentages.
+        per source, ``train_probe``'s result plus ``source``, ``modalities``, ``dim`` and
+        ``records`` per split. Accuracies are percentages.
     """
     from avmae.data import build_dataset
 
     from .evaluate import build_eval_loader
 
-    if feature not in ("encoder", "raw"):
-        raise ValueError(f"feature must be 'encoder' or 'raw', got {feature!r}")
+    unknown = set(sources) - set(SOURCES)
+    if unknown or not sources:
+        raise ValueError(f"probe sources must be among {SOURCES}, got {sources}")
     ft = cfg.finetune
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    source = "raw"
-    extractor = None
-    if feature == "encoder":
-        source = "pretrained" if encoder is not None else "random"
-        if encoder is None:
+    extractors: dict[str, nn.Module | None] = {}
+    for source in sources:
+        if source == "pretrained":
+            if pretrained is None:
+                raise ValueError("the pretrained probe needs a pretrained model (finetune.pretrained)")
+            extractors[source] = encoder_of(pretrained)
+        elif source == "random":
             from avmae.models import build_encoder
 
             torch.manual_seed(cfg.train.seed)
             modalities = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
-            encoder = build_encoder(cfg, modalities[ft.modalities])
-        extractor = encoder_of(encoder)
+            extractors[source] = build_encoder(cfg, modalities[ft.modalities])
+        else:
+            extractors[source] = None
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     splits = ("train", "test") if ft.probe_holdout > 0 else ("train", "val", "test")
-    features, targets = {}, {}
+    features: dict[str, dict[str, torch.Tensor]] = {source: {} for source in sources}
+    targets = {}
     for split in splits:
         dataset = build_dataset(cfg, split, train=False)
-        features[split], targets[split] = extract_features(
-            extractor, build_eval_loader(cfg, dataset), ft.modalities, cfg, device
+        split_features, targets[split] = extract_features(
+            extractors, build_eval_loader(cfg, dataset), ft.modalities, cfg, device
         )
+        for source in sources:
+            features[source][split] = split_features[source]
         classes, multi_label = dataset.classes, dataset.multi_label
     if ft.probe_holdout > 0:
-        keep, held = holdout_split(features["train"].shape[0], ft.probe_holdout, cfg.train.seed)
-        features["val"] = features["train"][held]
+        keep, held = holdout_split(targets["train"][next(iter(classes))].shape[0], ft.probe_holdout, cfg.train.seed)
+        for per_split in features.values():
+            per_split["val"], per_split["train"] = per_split["train"][held], per_split["train"][keep]
         targets["val"] = {h: t[held] for h, t in targets["train"].items()}
-        features["train"] = features["train"][keep]
         targets["train"] = {h: t[keep] for h, t in targets["train"].items()}
 
     num_classes = {head: len(names) for head, names in classes.items()}
-    result = train_probe(features, targets, num_classes, multi_label, list(ft.probe_weight_decays), ft.probe_max_iter)
-    result.update(
-        feature=feature,
-        source=source,
-        modalities=ft.modalities,
-        dim=int(features["train"].shape[1]),
-        records={split: int(f.shape[0]) for split, f in features.items()},
-    )
-    return result
+    results = []
+    for source in sources:
+        per_split = features[source]
+        result = train_probe(per_split, targets, num_classes, multi_label, list(ft.probe_weight_decays), ft.probe_max_iter)
+        result.update(
+            source=source,
+            modalities=ft.modalities,
+            dim=int(per_split["train"].shape[1]),
+            records={split: int(f.shape[0]) for split, f in per_split.items()},
+        )
+        results.append(result)
+    return results
 
 
 def format_probe_results(results: list[dict]) -> str:
