@@ -90,11 +90,14 @@ class DataConfig:
     audio_template: str = "{stem}.wav"  # file under audio_root; {stem} is the video's file stem
     # Where the list of missing media files is written; None = <train.output_dir>/missing_<split>.txt
     missing_list: Optional[str] = None
-    batch_size: int = 8  # per process
+    batch_size: int = 8  # items per process and micro-batch; a training item holds clips_per_video clips
     num_workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = True
-    clips_per_video: int = 1  # training: clips drawn from one decoded video
+    # Training: clips drawn from one decoded video (repeated sampling), each with its own start,
+    # speed and augmentation; a micro-batch holds batch_size x clips_per_video clips, and the lr
+    # scaling and clips/s count them. Evaluation ignores it (test_clips x test_crops).
+    clips_per_video: int = 1
     test_clips: int = 4  # multi-view evaluation: temporal clips
     test_crops: int = 1  # multi-view evaluation: spatial crops (1 or 3)
     balanced_sampling: bool = False  # AudioSet-style weighted sampling
@@ -106,6 +109,8 @@ class DataConfig:
         _check_choice(
             "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae")
         )
+        if self.clips_per_video < 1:
+            raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
 
 
 @dataclass

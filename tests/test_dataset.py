@@ -14,11 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from avmae.config import load_config
-from avmae.data.audio import fbank
-from avmae.data.dataset import AVDataset, TooManyDecodeFailures, build_dataset
+from avmae.data.audio import fbank, read_audio
+from avmae.data.collate import collate_clips
+from avmae.data.dataset import AVDataset, TooManyDecodeFailures, _read_clips, _read_windows, build_dataset
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
 from avmae.data.transforms import eval_video_transform
+from avmae.data.video import open_video
 
 # tiny clips: 4 frames at 4 fps (1 s of the 2.5 s synthetic clips), 48 px crops, 1.28 s of audio
 TINY = [
@@ -297,3 +299,45 @@ def test_weighted_sampler_shards_one_draw_across_ranks():
         DistributedWeightedSampler(weights, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="non-negative"):
         DistributedWeightedSampler(torch.tensor([1.0, -1.0]))
+
+
+def test_several_clips_per_video_share_one_decode_and_flatten_into_the_batch(synthetic_root, tmp_path):
+    cfg = tiny_config(synthetic_root, tmp_path, "data.clips_per_video=3", "augment.two_views=true")
+    dataset = build_dataset(cfg, "train", train=True)
+    good = [i for i, r in enumerate(dataset.records) if not bad_kinds(synthetic_root, {r.id})][:2]
+    item = dataset[good[0]]
+    assert item["clips"] == 3 and item["id"] == dataset.records[good[0]].id
+    assert item["video"].shape == item["video2"].shape == (3, 3, 4, 48, 48)
+    assert item["audio"].shape == item["audio2"].shape == (3, 1, 128, 128)
+    # each clip has its own start and augmentation
+    assert not torch.equal(item["video"][0], item["video"][1]) and not torch.equal(item["audio"][0], item["audio"][2])
+
+    batch = collate_clips([dataset[i] for i in good])
+    assert batch["video"].shape == (6, 3, 4, 48, 48) and batch["audio2"].shape == (6, 1, 128, 128)
+    assert torch.equal(batch["video"][3], dataset[good[1]]["video"][0])  # item 1's clips follow item 0's
+    assert batch["id"] == [dataset.records[i].id for i in good for _ in range(3)]
+    assert batch["targets"]["label"].tolist() == [dataset.records[i].targets["label"] for i in good for _ in range(3)]
+    assert batch["failures"].shape == (2,)  # bad files count once per item
+    assert "clips" not in batch
+
+    single = collate_clips([build_dataset(tiny_config(synthetic_root, tmp_path), "train", train=True)[good[0]]])
+    assert single["video"].shape == (1, 3, 4, 48, 48)  # one clip per item: the default collate
+    with pytest.raises(ValueError, match="at least 1"):
+        tiny_config(synthetic_root, tmp_path, "data.clips_per_video=0")
+
+
+def test_clips_read_together_equal_clips_read_apart(make_clip, tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (50, 64, 96, 3), dtype=np.uint8)  # decord needs >= 80 px wide
+    audio = rng.uniform(-0.5, 0.5, 2 * 16000).astype(np.float32)
+    path = make_clip("noise.mp4", frames, 25.0, audio)
+    times = [np.array([0.1, 0.5, 0.9]), np.array([0.3, 0.7, 1.1]), np.array([1.5, 1.7, 1.9])]
+    with open_video(path, "decord") as reader:
+        together = _read_clips(reader, times)
+        apart = [reader.frames_at(t) for t in times]
+    assert all(torch.equal(a, b) for a, b in zip(together, apart))
+    # two overlapping windows cut from one read, one far window read alone
+    starts = [0.2, 0.0, 1.2]
+    waves = _read_windows(path, starts, 0.5, 16000)
+    for wave, start in zip(waves, starts):
+        assert torch.equal(wave, read_audio(path, start, 0.5, 16000))

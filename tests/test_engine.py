@@ -18,12 +18,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from avmae.config import TrainConfig, load_config
 from avmae.data import ClipRecord
-from avmae.engine import NonFiniteLossError, TrainingInterrupted, pretrain
+from avmae.engine import NonFiniteLossError, TrainingInterrupted, pretrain, read_scalars
 from avmae.engine.checkpoint import (
     TrainerState,
     latest_checkpoint,
@@ -109,16 +108,6 @@ def run_config(output_dir, *overrides):
     )
 
 
-def scalars(run_dir, tag: str) -> dict[int, float]:
-    values = {}
-    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        if tag in events.Tags()["scalars"]:
-            values.update({e.step: e.value for e in events.Scalars(tag)})
-    return values
-
-
 def mae_lr(step: int, peak: float, minimum: float, num_steps: int, num_warmup: int) -> float:
     """MAE's `adjust_learning_rate` at iteration `step` (0-based), written out independently."""
     if step < num_warmup:
@@ -135,6 +124,7 @@ def test_lr_scales_with_the_effective_batch():
     assert effective_batch_size(64, 8, 1) == 512
     assert scaled_lr(train, 512) == pytest.approx(3e-4)
     assert scaled_lr(train, effective_batch_size(16, 2, 4)) == pytest.approx(1.5e-4 * 128 / 256)
+    assert effective_batch_size(16, 2, 4, clips_per_video=3) == 384  # every clip of an item counts
 
 
 def test_schedule_is_per_iteration_warmup_then_cosine():
@@ -249,7 +239,7 @@ def test_a_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_pat
     final = pretrain(run_config(tmp_path / "split", *overrides), model=StandIn(), dataset=Clips())
     assert final.name == f"step_{steps:08d}"
 
-    whole, split = scalars(tmp_path / "whole", "train/loss"), scalars(tmp_path / "split", "train/loss")
+    whole, split = read_scalars(tmp_path / "whole", "train/loss"), read_scalars(tmp_path / "split", "train/loss")
     assert sorted(whole) == list(range(1, steps + 1))
     assert split == whole  # bit-identical on CPU
     a = load_file(tmp_path / "whole" / "checkpoints" / final.name / "model.safetensors")
@@ -259,7 +249,7 @@ def test_a_signal_saves_and_the_resumed_run_matches_an_uninterrupted_one(tmp_pat
     # the logged lr is the scaled, warmed-up cosine schedule of the updates actually made
     peak = 0.1 * 4 * grad_accum / 256
     warmup = round(0.5 * (6 // grad_accum))
-    lrs = scalars(tmp_path / "whole", "train/lr")
+    lrs = read_scalars(tmp_path / "whole", "train/lr")
     assert [lrs[s] for s in sorted(lrs)] == pytest.approx([mae_lr(s - 1, peak, 0.0, steps, warmup) for s in sorted(lrs)])
 
 
@@ -275,11 +265,22 @@ def test_too_many_bad_clips_stop_the_run_with_the_reason(tmp_path, synthetic_roo
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_several_clips_per_video_train_on_real_files(tmp_path, synthetic_root, capsys):
+    cfg = load_config(
+        CONFIGS / "pretrain" / "demo.yaml",
+        [f"data.root={synthetic_root}", f"train.output_dir={tmp_path}", "data.batch_size=2", "data.clips_per_video=3",
+         "data.num_workers=0", "train.max_steps=2", "train.log_every=1", "data.max_decode_failures=1.0"],
+    )  # fmt: skip
+    checkpoint = pretrain(cfg)
+    assert checkpoint.is_dir() and len(read_scalars(tmp_path, "train/loss")) == 2
+    assert "6 clips per step" in capsys.readouterr().out  # 2 items x 3 clips
+
+
 def test_bf16_mixed_precision_trains(tmp_path):
     cfg = run_config(tmp_path, "train.max_steps=3", "train.mixed_precision=bf16", "train.clip_grad=1.0")
     pretrain(cfg, model=StandIn(), dataset=Clips())
-    assert len(scalars(tmp_path, "train/loss")) == 3
-    assert all(math.isfinite(v) for v in scalars(tmp_path, "train/loss").values())
+    assert len(read_scalars(tmp_path, "train/loss")) == 3
+    assert all(math.isfinite(v) for v in read_scalars(tmp_path, "train/loss").values())
 
 
 def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_path):

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from avmae.config import load_config
+from avmae.engine import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -101,13 +101,7 @@ def run(command: list[str], env: dict | None = None, timeout: float = 300) -> su
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    values = {}
-    for path in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        if "train/loss" in events.Tags()["scalars"]:
-            values.update({e.step: e.value for e in events.Scalars("train/loss")})
-    return values
+    return read_scalars(run_dir, "train/loss")
 
 
 @pytest.fixture(scope="module")

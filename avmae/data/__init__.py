@@ -5,11 +5,13 @@
 - ``audio``: ``read_audio`` windows, ``fbank`` (CAV-MAE / AST / AudioMAE features), ``NoAudioError``.
 - ``transforms``: the evaluation video transform and the resize/crop/normalise pieces.
 - ``dataset``: ``AVDataset``, ``build_dataset(cfg, split, train)``.
+- ``collate``: ``collate_clips``, the batching of items holding several clips of one video.
 - ``sampler``: ``DistributedWeightedSampler``, ``balanced_weights`` (AudioSet balanced sampling).
 - ``synthetic``: the embedded synthetic audiovisual dataset.
 """
 
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
+from avmae.data.collate import collate_clips
 from avmae.data.dataset import AVDataset, TooManyDecodeFailures, build_dataset
 from avmae.data.manifests import ClipRecord, Manifest, ManifestError, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
@@ -29,6 +31,7 @@ __all__ = [
     "VideoReader",
     "balanced_weights",
     "build_dataset",
+    "collate_clips",
     "fbank",
     "kaldi_fbank",
     "normalize_fbank",

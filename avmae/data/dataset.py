@@ -5,6 +5,14 @@ record (two independently sampled and augmented views with ``augment.two_views``
 gives ``data.test_clips x data.test_crops`` items per record, evenly spaced clips x spatial crops,
 that share ``index`` and differ in ``view``.
 
+Repeated sampling. With ``data.clips_per_video = K > 1`` a training item decodes its file once
+and returns ``K`` clips, each with its own start, speed and augmentation (and second view, with
+``augment.two_views``): ``video (K, C, T, H, W)``, ``audio (K, 1, T_a, F)`` and ``clips = K``.
+``avmae.data.collate.collate_clips`` flattens them into a batch of ``batch_size x K`` clips. The
+frames of all clips come from one reader (one decord ``get_batch`` over the union of their frame
+times); overlapping audio windows are cut from one read of their union. Evaluation ignores
+``clips_per_video``: its clips are ``data.test_clips x data.test_crops``.
+
 Randomness. Each item draws from its own ``torch.Generator`` seeded from
 ``(train.seed, epoch, index, view, attempt)``, so an item is the same whatever the number of
 workers, and a resumed run that calls ``set_epoch`` reproduces it.
@@ -36,7 +44,9 @@ from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.data.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
+    DecordReader,
     VideoDecodeError,
+    VideoReader,
     check_duration,
     clip_span,
     clip_starts,
@@ -80,7 +90,8 @@ class AVDataset(Dataset):
         manifest: the split's records and classes.
         data_cfg: clip geometry (``video``, ``audio``), multi-view counts, failure policy.
         augment_cfg: temporal sampling (``random_start``, ``speed_range``) and ``two_views``.
-        train: random clips and ``transforms``; otherwise multi-view evaluation clips.
+        train: random clips (``data_cfg.clips_per_video`` of them per item) and ``transforms``;
+            otherwise multi-view evaluation clips.
         transforms: an ``avmae.augment.AVTransforms`` for training; unused in evaluation, which
             applies ``avmae.data.transforms.eval_video_transform`` and no audio change.
         seed: base of every item's generator.
@@ -101,8 +112,8 @@ class AVDataset(Dataset):
     ):
         if train and transforms is None:
             raise ValueError("a training dataset needs transforms (avmae.augment.build_transforms)")
-        if data_cfg.clips_per_video != 1:
-            raise ValueError(f"data.clips_per_video={data_cfg.clips_per_video}: only 1 clip per video is supported")
+        if data_cfg.clips_per_video < 1:
+            raise ValueError(f"data.clips_per_video={data_cfg.clips_per_video} must be at least 1")
         self.data_cfg = data_cfg
         self.augment_cfg = augment_cfg
         self.train = train
@@ -115,6 +126,7 @@ class AVDataset(Dataset):
         self.crops = crop_positions(data_cfg.test_crops)
         self.views = 1 if train else data_cfg.test_clips * len(self.crops)
         self.two_views = train and augment_cfg.two_views
+        self.clips_per_video = data_cfg.clips_per_video if train else 1
         # shared with DataLoader workers, so set_epoch reaches persistent workers and the failure
         # limit counts the bad clips of all workers together
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -206,33 +218,39 @@ class AVDataset(Dataset):
         record = self.records[record_index]
         video_cfg, audio_cfg = self.data_cfg.video, self.data_cfg.audio
         segment = (record.start, record.end) if record.start is not None else None
+        views = 2 if self.two_views else 1
         with open_video(record.video, video_cfg.decoder) as reader:
-            clips = []  # (start, span, speed) of each view
-            for _ in range(2 if self.two_views else 1):
+            clips = []  # (start, span, speed); view v of clip k at k * views + v
+            for _ in range(self.clips_per_video * views):
                 speed = augment.sample_speed(self.augment_cfg, generator) if self.train else 1.0
                 span = clip_span(video_cfg.num_frames, video_cfg.frame_rate, speed)
                 check_duration(reader, span, video_cfg.min_duration_fraction, segment)
                 start = self._clip_start(reader.duration, span, segment, view, generator)
                 clips.append((start, span, speed))
-            frames = [
-                reader.frames_at(frame_times(start, video_cfg.num_frames, video_cfg.frame_rate, speed))
-                for start, _, speed in clips
-            ]
+            times = [frame_times(start, video_cfg.num_frames, video_cfg.frame_rate, speed) for start, _, speed in clips]
+            frames = _read_clips(reader, times)
         waves, silent = self._audio_windows(record_index, [start + span / 2 for start, span, _ in clips])
 
-        sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
-        for k, (clip_frames, wave) in enumerate(zip(frames, waves)):
+        videos, audios = [], []
+        for clip_frames, wave in zip(frames, waves):
             clip_frames = rearrange(clip_frames, "t h w c -> t c h w")
             if self.train:
-                video = self.transforms.video(clip_frames, generator)
+                videos.append(self.transforms.video(clip_frames, generator))
                 wave = self.transforms.waveform(wave, generator)
-                audio = self.transforms.fbank(fbank(wave, audio_cfg), generator)
+                audios.append(self.transforms.fbank(fbank(wave, audio_cfg), generator)[None])
             else:
-                video = eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)])
-                audio = fbank(wave, audio_cfg)
-            suffix = "2" if k else ""
-            sample["video" + suffix] = video
-            sample["audio" + suffix] = audio[None]
+                videos.append(eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)]))
+                audios.append(fbank(wave, audio_cfg)[None])
+
+        sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
+        for v, suffix in enumerate(["", "2"][:views]):
+            if self.clips_per_video == 1:
+                sample["video" + suffix], sample["audio" + suffix] = videos[v], audios[v]
+            else:
+                sample["video" + suffix] = torch.stack(videos[v::views])
+                sample["audio" + suffix] = torch.stack(audios[v::views])
+        if self.clips_per_video > 1:
+            sample["clips"] = self.clips_per_video
         return sample
 
     def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
@@ -240,8 +258,9 @@ class AVDataset(Dataset):
         silence fed for a file without audio (``audio.no_audio: silence``)."""
         record = self.records[record_index]
         rate, seconds = self.data_cfg.audio.sample_rate, self.data_cfg.audio.seconds
+        starts = [c - seconds / 2 for c in centres]
         try:
-            return [read_audio(record.audio or record.video, c - seconds / 2, seconds, rate) for c in centres], False
+            return _read_windows(record.audio or record.video, starts, seconds, rate), False
         except NoAudioError as err:
             if self.data_cfg.audio.no_audio == "skip":
                 raise
@@ -262,6 +281,46 @@ class AVDataset(Dataset):
         return targets
 
 
+def _read_clips(reader: VideoReader, times: list[np.ndarray]) -> list[torch.Tensor]:
+    """The ``(T, H, W, C)`` frames of each clip's ``times`` from one open reader.
+
+    decord's ``get_batch`` decodes sorted frame indices in one forward pass, seeking only across
+    gaps, so all clips are read in one call over the union of their times. PyAV's reader decodes
+    everything from the first to the last wanted frame, which for clips far apart in a long file
+    is more than reading each clip on its own, so it gets one call per clip.
+    """
+    if len(times) == 1 or not isinstance(reader, DecordReader):
+        return [reader.frames_at(t) for t in times]
+    frames = reader.frames_at(np.concatenate(times))
+    return list(frames.split([len(t) for t in times]))
+
+
+def _read_windows(path: Path, starts: list[float], seconds: float, rate: int) -> list[torch.Tensor]:
+    """``(round(seconds * rate),)`` waveforms of ``[start, start + seconds)`` for each of ``starts``.
+
+    Overlapping windows (the clips of one file under a 10 s window) are cut from one read of
+    their union, each within half a sample of its exact start; a window that overlaps no other
+    is read on its own, so windows far apart in a long file never read what lies between them.
+    """
+    length = int(round(seconds * rate))
+    waves: list[torch.Tensor | None] = [None] * len(starts)
+    order = sorted(range(len(starts)), key=lambda i: starts[i])
+    groups = [[order[0]]]
+    for i in order[1:]:
+        if starts[i] < starts[groups[-1][-1]] + seconds:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    for group in groups:
+        first = starts[group[0]]
+        offsets = [int(round((starts[i] - first) * rate)) for i in group]
+        union = read_audio(path, first, seconds if len(group) == 1 else (offsets[-1] + length) / rate, rate)
+        for i, offset in zip(group, offsets):
+            # a copy: waveform augmentations may work in place on overlapping windows
+            waves[i] = union[offset : offset + length].clone() if len(group) > 1 else union
+    return waves
+
+
 def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
     """One ``id<TAB>video<TAB>audio`` line per record, written atomically (ranks may race)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +333,12 @@ def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
 
 def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
     """The dataset of ``split`` (train/val/test): training clips when ``train``, else multi-view."""
+    if train and cfg.data.clips_per_video > 1 and cfg.model.contrastive in ("infonce", "mocov3"):
+        log.warning(
+            "data.clips_per_video=%d with model.contrastive=%s: the clips of one video share a batch "
+            "and are negatives of each other in the contrastive loss",
+            cfg.data.clips_per_video, cfg.model.contrastive,
+        )
     manifest = read_manifest(cfg.data, split)
     return AVDataset(
         manifest,

@@ -15,9 +15,9 @@ from timm.scheduler import CosineLRScheduler
 from avmae.config import TrainConfig
 
 
-def effective_batch_size(batch_size: int, num_processes: int, grad_accum: int) -> int:
-    """Clips that contribute to one optimiser update."""
-    return batch_size * num_processes * grad_accum
+def effective_batch_size(batch_size: int, num_processes: int, grad_accum: int, clips_per_video: int = 1) -> int:
+    """Clips that contribute to one optimiser update (an item of a batch holds `clips_per_video`)."""
+    return batch_size * clips_per_video * num_processes * grad_accum
 
 
 def scaled_lr(train: TrainConfig, effective_batch: int) -> float:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from avmae.config import Config, config_to_dict
-from avmae.data import DistributedWeightedSampler, Manifest, balanced_weights, build_dataset
+from avmae.data import DistributedWeightedSampler, Manifest, balanced_weights, build_dataset, collate_clips
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -101,6 +101,7 @@ def build_train_loader(cfg: Config, dataset: Dataset) -> DataLoader:
         shuffle=sampler is None,
         sampler=sampler,
         drop_last=True,
+        collate_fn=collate_clips,
         num_workers=workers,
         pin_memory=data.pin_memory and torch.cuda.is_available(),
         persistent_workers=workers > 0,
@@ -208,7 +209,9 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
     model.to(accelerator.device)  # before the optimiser, so a fused AdamW sees CUDA parameters
     loader = build_train_loader(cfg, dataset)
 
-    clips_per_update = effective_batch_size(cfg.data.batch_size, accelerator.num_processes, train.grad_accum)
+    clips_per_update = effective_batch_size(
+        cfg.data.batch_size, accelerator.num_processes, train.grad_accum, cfg.data.clips_per_video
+    )
     lr = scaled_lr(train, clips_per_update)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     use_fused = accelerator.device.type == "cuda" and not deepspeed
@@ -242,7 +245,8 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
     accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
     accelerator.print(
         f"{num_steps} optimiser steps, {steps_per_epoch} per epoch; {clips_per_update} clips per step "
-        f"({accelerator.num_processes} processes x {cfg.data.batch_size} x {train.grad_accum} accumulated), "
+        f"({accelerator.num_processes} processes x {cfg.data.batch_size} videos x {cfg.data.clips_per_video} clips "
+        f"x {train.grad_accum} accumulated), "
         f"peak lr {lr:.3g}"
     )
     progress = tqdm(

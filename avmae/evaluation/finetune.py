@@ -115,6 +115,7 @@ def classification_loss(
 def build_balanced_loader(cfg: Config, dataset, accelerator) -> DataLoader:
     """A loader whose ``DistributedWeightedSampler`` already gives each process its own share
     (so it is not prepared, i.e. not sharded again, by accelerate)."""
+    from avmae.data.collate import collate_clips
     from avmae.data.manifests import Manifest
     from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
 
@@ -132,6 +133,7 @@ def build_balanced_loader(cfg: Config, dataset, accelerator) -> DataLoader:
         batch_size=data.batch_size,
         sampler=sampler,
         drop_last=True,
+        collate_fn=collate_clips,
         num_workers=data.num_workers,
         pin_memory=data.pin_memory and torch.cuda.is_available(),
         persistent_workers=data.num_workers > 0,
@@ -167,7 +169,9 @@ def finetune(cfg: Config) -> dict:
         loader = build_balanced_loader(cfg, train_set, accelerator)
     else:
         loader = build_train_loader(cfg, train_set)
-    clips_per_update = effective_batch_size(cfg.data.batch_size, accelerator.num_processes, train.grad_accum)
+    clips_per_update = effective_batch_size(
+        cfg.data.batch_size, accelerator.num_processes, train.grad_accum, cfg.data.clips_per_video
+    )
     lr = scaled_lr(train, clips_per_update)
     model.to(accelerator.device)
     optimizer = build_finetune_optimizer(model, train, lr, ft.layer_decay)
