@@ -86,9 +86,10 @@ class AVDecoder(nn.Module):
     def _mask_token(self, modality: str) -> torch.Tensor:
         return self.mask_token[modality] if isinstance(self.mask_token, nn.ParameterDict) else self.mask_token
 
-    def _position(self, modality: str, grid: tuple[int, ...]) -> torch.Tensor:
-        """``(1, N, width)`` positional (plus modality) embedding of every token of ``grid``."""
-        pos = self.pos_embed[modality](grid)
+    def _position(self, modality: str, grid: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``(1, N, width)`` positional (plus modality) embedding of every token of ``grid``, in
+        ``dtype`` (the sine-cosine buffer stays fp32 under DeepSpeed's bf16/fp16 modes)."""
+        pos = self.pos_embed[modality](grid).to(dtype)
         if self.modality_embed is not None:
             pos = pos + self.modality_embed[modality]
         return pos
@@ -99,7 +100,7 @@ class AVDecoder(nn.Module):
         batch, num_tokens = mask.ids_restore.shape
         fill = self._mask_token(modality).expand(batch, num_tokens - x.shape[1], -1).to(x.dtype)
         x = take_tokens(torch.cat([x, fill], dim=1), mask.ids_restore)
-        return x + self._position(modality, grid)
+        return x + self._position(modality, grid, x.dtype)
 
     def _decode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         x = run_blocks(self._part(self.blocks, modality), x, self.grad_checkpointing)
@@ -132,9 +133,9 @@ class AVDecoder(nn.Module):
         encoded tokens alone (the target's own visible tokens are not given to the decoder)."""
         (source,) = [m for m in latent if m != target]
         context = self._part(self.embed, target)(latent[source])
-        context = context + take_tokens(self._position(source, grids[source]).expand(context.shape[0], -1, -1), masks[source].ids_keep)
+        context = context + take_tokens(self._position(source, grids[source], context.dtype).expand(context.shape[0], -1, -1), masks[source].ids_keep)
         batch, num_target = masks[target].ids_restore.shape
-        queries = self._mask_token(target).to(context.dtype) + self._position(target, grids[target])
+        queries = self._mask_token(target).to(context.dtype) + self._position(target, grids[target], context.dtype)
         x = torch.cat([context, queries.expand(batch, num_target, -1)], dim=1)
         return self.pred[target](self._decode(target, x)[:, -num_target:])
 

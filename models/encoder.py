@@ -122,7 +122,9 @@ class AVEncoder(nn.Module):
         for modality, x in inputs.items():
             if modality not in self.patch_embed:
                 raise ValueError(f"this encoder has no {modality} tokenizer (built for {self.modalities})")
-            t = self.patch_embed[modality](x) + self.pos_embed[modality](self.grid(modality, x))
+            t = self.patch_embed[modality](x)
+            # the sine-cosine table is a buffer, which DeepSpeed's bf16/fp16 modes leave in fp32
+            t = t + self.pos_embed[modality](self.grid(modality, x)).to(t.dtype)
             if self.modality_embed is not None:
                 t = t + self.modality_embed[modality]
             tokens[modality] = t

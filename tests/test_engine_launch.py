@@ -62,9 +62,9 @@ RECORDING_SCRIPT = textwrap.dedent(
         models.append(build_model(cfg))
         return models[-1]
 
-    def recording_inputs(batch):
+    def recording_inputs(batch, dtype=None):
         seen.extend([datasets[0].epoch, int(i)] for i in batch["index"])
-        return model_inputs(batch)
+        return model_inputs(batch, dtype)
 
     engine.build_dataset, engine.build_pretrain_model, engine._model_inputs = recording_dataset, recording_model, recording_inputs
     cfg = load_config(sys.argv[1], sys.argv[2:])
@@ -208,7 +208,9 @@ def test_deepspeed_zero2_on_cpu(clean_data, tmp_path, request):
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions))
     script = tmp_path / "recording_pretrain.py"
     script.write_text(RECORDING_SCRIPT)
-    overrides = [*clean_data, f"train.output_dir={tmp_path}", "train.clip_grad=1.0", "train.grad_accum=2"]
+    # bf16, as real runs use it: DeepSpeed then holds bf16 weights and the engine casts the inputs
+    overrides = [*clean_data, f"train.output_dir={tmp_path}", "train.clip_grad=1.0", "train.grad_accum=2",
+                 "train.mixed_precision=bf16"]  # fmt: skip
     run(launch_command("zero2.yaml", script, DEMO, *overrides, "train.max_steps=2"), env=env, timeout=400)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

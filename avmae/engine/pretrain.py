@@ -180,8 +180,19 @@ class LogWindow:
         return logs
 
 
-def _model_inputs(batch: dict) -> dict[str, torch.Tensor]:
-    return {name: batch[name] for name in MODEL_INPUTS if name in batch}
+def _input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed's bf16/fp16 modes hold the weights in that dtype and, unlike autocast, leave the
+    inputs to the caller: they must be cast to it."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
+def _model_inputs(batch: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    if dtype is not None:
+        inputs = {name: x.to(dtype) if x.is_floating_point() else x for name, x in inputs.items()}
+    return inputs
 
 
 def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset | None = None) -> Path:
@@ -214,6 +225,7 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
     )
     lr = scaled_lr(train, clips_per_update)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    input_dtype = _input_dtype(accelerator)
     use_fused = accelerator.device.type == "cuda" and not deepspeed
     optimizer = build_optimizer(model, train, lr, fused=use_fused)
     _configure_deepspeed(accelerator, cfg)
@@ -279,7 +291,7 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
                 if state.batch_in_epoch >= micro_per_epoch:
                     break  # the last, incomplete accumulation window of the epoch is dropped
                 with accelerator.accumulate(model):
-                    output = model(**_model_inputs(batch))
+                    output = model(**_model_inputs(batch, input_dtype))
                     accelerator.backward(output["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0 and not deepspeed:
                         accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
