@@ -1,0 +1,321 @@
+"""Data-pipeline throughput: training clips per second of one worker, per video decoder.
+
+What is timed is the training path itself: ``avmae.data.build_dataset(cfg, "train", train=True)``
+items, i.e. ``AVDataset.__getitem__`` with its training transforms: open the file, decode the
+clip's frames, read and resample the audio window, compute the fbank, augment video, waveform
+and fbank. It runs in this process on ``threads`` torch threads (one by default), as one
+DataLoader worker does; no batching, no transfer to a device.
+
+Two rates are reported for each setting (decoder x ``data.clips_per_video``):
+
+- ``clips_per_s``: clips per wall-clock second of the single worker;
+- ``clips_per_cpu_s``: clips per second of CPU time of the whole process (every thread, the
+  decoders' own included), i.e. clips/s per fully used core. On a shared machine it is the figure
+  the load changes least, and a decoder that spreads over threads cannot inflate it.
+
+The split into stages (ms per clip) comes from wrapping, for the timed items only, the functions
+``AVDataset`` calls: ``video_decode`` (``open_video`` and ``_read_clips``), ``audio_decode``
+(``_read_windows``: demux, decode, resample), ``fbank``, ``augment`` (the three training
+transforms) and ``other`` (the rest: seeding, layout, targets).
+
+The clips are written once into a cache folder by ``write_benchmark_clips``: 640x360 H.264 + AAC
+mp4 files drawn with the synthetic generator (``avmae.data.synthetic``) at 25 and 30 fps.
+``generate_dataset`` writes square frames only, so each clip is drawn ``height`` pixels square
+and widened to ``width`` with mirrored copies of itself: every column holds native detail (pixel
+noise, edges), so the encoder sees no smooth upscaled content that would decode unrealistically
+fast. Their video bit rate and keyframe count are recorded with the measurement: at crf 18 with
+pixel noise the bit rate is above that of typical 360p web video (around 0.5-1 Mb/s), and a clip
+decodes from the keyframe before its first frame, so both set the decoding cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+from unittest import mock
+
+import av
+import numpy as np
+import torch
+
+from avmae.augment import AVTransforms
+from avmae.config import Config, replace
+from avmae.data import AVDataset, build_dataset
+from avmae.data import dataset as dataset_module
+from avmae.data.synthetic import DEFAULT_NUISANCE, VIDEO_CRF, class_specs, render_clip, write_av_file
+from avmae.data.video import DECODERS
+
+from .machine import environment, finish
+from .train_step import _rounds
+
+# The issue's target for the pipeline: 30 clips/s per CPU core on 360p H.264.
+TARGET_CLIPS_PER_CPU_S = 30.0
+STAGES = ("video_decode", "audio_decode", "fbank", "augment", "other")
+# The functions of avmae.data.dataset wrapped to time each stage (the transforms are wrapped too).
+_TIMED_FUNCTIONS = {"open_video": "video_decode", "_read_clips": "video_decode",
+                    "_read_windows": "audio_decode", "fbank": "fbank"}  # fmt: skip
+# Warm-up items are drawn in an epoch the timed items never reach, so none of them repeats.
+_WARMUP_EPOCH = 1_000_000
+SPEC_FILE = "clips.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The clips
+
+
+def clips_spec(
+    num_clips: int = 16,
+    duration: float = 10.0,
+    fps: Sequence[float] = (25.0, 30.0),
+    width: int = 640,
+    height: int = 360,
+    seed: int = 0,
+) -> dict:
+    """The arguments that determine the benchmark clips (clip ``i`` runs at ``fps[i % len(fps)]``)."""
+    if num_clips < 1 or duration <= 0 or not fps or min(fps) <= 0:
+        raise ValueError(f"need num_clips >= 1, duration > 0 and positive fps, got {num_clips}, {duration}, {fps}")
+    if width % 2 or height % 2 or height < 16 or width < 16:
+        raise ValueError(f"H.264 yuv420p needs even frame sizes of at least 16, got {width}x{height}")
+    return {"num_clips": num_clips, "duration": float(duration), "fps": [float(f) for f in fps],
+            "width": width, "height": height, "seed": seed, "nuisance": DEFAULT_NUISANCE}  # fmt: skip
+
+
+def default_clips_dir(spec: dict, root: str | Path = "data/benchmark") -> Path:
+    """``root/h264_<W>x<H>_<duration>s_<N>clips``: clips of other settings get another folder."""
+    return Path(root) / f"h264_{spec['width']}x{spec['height']}_{spec['duration']:g}s_{spec['num_clips']}clips"
+
+
+def widen(frames: np.ndarray, width: int) -> np.ndarray:
+    """``(T, H, W0, C)`` -> ``(T, H, width, C)``: the frames followed by mirrored copies of
+    themselves (alternately flipped, so there are no seams), cut at ``width``."""
+    copies = math.ceil(width / frames.shape[2])
+    return np.concatenate([frames[:, :, ::-1] if k % 2 else frames for k in range(copies)], axis=2)[:, :, :width]
+
+
+def video_stream_stats(path: Path) -> dict:
+    """Bits per second of the video stream of ``path`` (its packets' bytes over its duration) and
+    its keyframes: a frame decodes from the keyframe before it, so their spacing sets the cost
+    of reaching a clip inside the file."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size]
+        seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / av.time_base
+    return {"bit_rate": 8.0 * sum(p.size for p in packets) / seconds, "keyframes": sum(p.is_keyframe for p in packets)}
+
+
+def _write_clips(out_dir: Path, spec: dict) -> None:
+    num_classes = min(spec["num_clips"], 8)
+    specs = class_specs(num_classes)
+    rows, stats = [], []
+    (out_dir / "clips").mkdir(parents=True)
+    for i in range(spec["num_clips"]):
+        fps = spec["fps"][i % len(spec["fps"])]
+        rng = np.random.default_rng([spec["seed"], i])
+        clip = render_clip(specs[i % num_classes], rng, spec["duration"], fps, spec["height"], nuisance=spec["nuisance"])
+        frames = widen(clip.frames, spec["width"])
+        path = write_av_file(out_dir / "clips" / f"clip_{i:03d}.mp4", frames, fps, clip.audio)
+        rows.append(f"clip_{i:03d},clips/{path.name},{i % num_classes}\n")
+        stats.append(video_stream_stats(path))
+    (out_dir / "train.csv").write_text("id,video,label\n" + "".join(rows))
+    (out_dir / "classes.txt").write_text("".join(f"{s.name}\n" for s in specs))
+    info = spec | {
+        "codec": f"H.264 (libx264 crf {VIDEO_CRF}, preset fast) + AAC",
+        "video_bit_rate_mean": float(np.mean([s["bit_rate"] for s in stats])),
+        "keyframes_per_clip_mean": float(np.mean([s["keyframes"] for s in stats])),
+    }
+    (out_dir / SPEC_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_benchmark_clips(out_dir: str | Path, spec: dict) -> dict:
+    """Write the clips of ``spec`` (``clips_spec``) to ``out_dir`` unless it already holds them.
+
+    Layout: ``clips/clip_<i>.mp4``, ``train.csv`` and ``classes.txt`` (the synthetic format of
+    ``avmae.data.manifests``) and ``clips.json`` (the spec, the codec and the mean video bit
+    rate), which is returned. The folder appears complete or not at all.
+    """
+    out_dir = Path(out_dir)
+    info_path = out_dir / SPEC_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if {k: info.get(k) for k in spec} != spec:
+            raise FileExistsError(
+                f"{out_dir}: holds benchmark clips of other settings ({info_path}); choose another folder"
+            )
+        return info
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty and holds no {SPEC_FILE}; choose another folder")
+    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_clips(partial, spec)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return json.loads(info_path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement
+
+
+def benchmark_dataset(cfg: Config, clips_dir: str | Path, decoder: str, clips_per_video: int) -> AVDataset:
+    """The training dataset of ``cfg`` (geometry, augmentation, seed) over the benchmark clips."""
+    clips_dir = Path(clips_dir)
+    data = replace(
+        cfg.data, format="synthetic", root=str(clips_dir), train="train.csv", label_file=None,
+        video_template=None, audio_root=None, missing_list=str(clips_dir / "missing_{split}.txt"),
+        clips_per_video=clips_per_video, video=replace(cfg.data.video, decoder=decoder),
+    )  # fmt: skip
+    return build_dataset(replace(cfg, data=data), "train", train=True)
+
+
+class StageTimes:
+    """Seconds spent in each stage (``STAGES``), summed over calls of the wrapped functions."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    def wrap(self, stage: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - start
+
+        return timed
+
+
+@contextlib.contextmanager
+def timed_stages(dataset: AVDataset) -> Iterator[StageTimes]:
+    """Time the stages of ``dataset.__getitem__`` inside the block (module docstring)."""
+    times = StageTimes()
+    transforms = dataset.transforms
+    with contextlib.ExitStack() as stack:
+        for name, stage in _TIMED_FUNCTIONS.items():
+            wrapped = times.wrap(stage, getattr(dataset_module, name))
+            stack.enter_context(mock.patch.object(dataset_module, name, wrapped))
+        dataset.transforms = AVTransforms(
+            *(times.wrap("augment", f) for f in (transforms.video, transforms.waveform, transforms.fbank))
+        )
+        try:
+            yield times
+        finally:
+            dataset.transforms = transforms
+
+
+def _item(dataset: AVDataset, n: int) -> dict:
+    """The ``n``-th item of an endless pass: index ``n mod len``, one epoch per pass."""
+    dataset.set_epoch(n // len(dataset))
+    return dataset[n % len(dataset)]
+
+
+def _setting_result(decoder: str, k: int, parts: list[dict]) -> dict:
+    items, clips = sum(p["items"] for p in parts), sum(p["clips"] for p in parts)
+    wall, cpu = sum(p["wall_s"] for p in parts), sum(p["cpu_s"] for p in parts)
+    stages = {s: sum(p["stages"][s] for p in parts) for s in STAGES[:-1]}
+    stages["other"] = max(0.0, wall - sum(stages.values()))
+    return {
+        "decoder": decoder,
+        "clips_per_video": k,
+        "items": items,
+        "clips": clips,
+        "failures": sum(p["failures"] for p in parts),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "clips_per_s": clips / wall,
+        "clips_per_cpu_s": clips / cpu,
+        "cpu_per_wall": cpu / wall,  # > 1: the decoder used more threads; < 1: the process waited
+        "round_clips_per_s": [p["clips"] / p["wall_s"] for p in parts],
+        "stage_ms_per_clip": {s: 1000.0 * t / clips for s, t in stages.items()},
+        "meets_target": clips / cpu >= TARGET_CLIPS_PER_CPU_S,
+    }
+
+
+def measure_data_pipeline(
+    cfg: Config,
+    clips_dir: str | Path,
+    decoders: Sequence[str] = ("decord", "pyav"),
+    clips_per_video: Sequence[int] = (1,),
+    items: int = 32,
+    warmup: int = 2,
+    rounds: int = 2,
+    threads: int = 1,
+) -> dict:
+    """Clips/s of one in-process worker for every decoder x ``clips_per_video`` (module docstring).
+
+    The settings are built and warmed up with ``warmup`` items each, then ``items`` timed items
+    each run in ``rounds`` rounds that alternate the settings, reversing their order every round,
+    so a change of load on a shared machine falls on all of them alike. An item of
+    ``clips_per_video = K`` holds K clips; rates count clips.
+
+    Returns a JSON-ready record: environment, the clips (``clips.json``), the clip geometry and,
+    per setting, ``clips_per_s``, ``clips_per_cpu_s``, ``stage_ms_per_clip`` and ``meets_target``.
+    """
+    unknown = [d for d in decoders if d not in DECODERS]
+    if unknown or not decoders:
+        raise ValueError(f"decoders must be some of {', '.join(DECODERS)}, got {list(decoders)}")
+    if not clips_per_video or min(clips_per_video) < 1:
+        raise ValueError(f"clips_per_video values must be >= 1, got {list(clips_per_video)}")
+    if warmup < 0 or threads < 1:
+        raise ValueError(f"need warmup >= 0 and threads >= 1, got warmup={warmup}, threads={threads}")
+    if not 1 <= rounds <= items:
+        raise ValueError(f"need 1 <= rounds <= items, got items={items}, rounds={rounds}")
+    clips_dir = Path(clips_dir)
+    info_path = clips_dir / SPEC_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{clips_dir}: no {SPEC_FILE}; write the clips with write_benchmark_clips first")
+    per_round = _rounds(items, rounds)
+    settings = [(d, k) for d in dict.fromkeys(decoders) for k in dict.fromkeys(clips_per_video)]
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        env = environment(torch.device("cpu"), threads)
+        datasets = {s: benchmark_dataset(cfg, clips_dir, *s) for s in settings}
+        for dataset in datasets.values():
+            for n in range(warmup):
+                _item(dataset, _WARMUP_EPOCH * len(dataset) + n)
+        parts: dict[tuple[str, int], list[dict]] = {s: [] for s in settings}
+        done = dict.fromkeys(settings, 0)
+        for r, count in enumerate(per_round):
+            for setting in settings if r % 2 == 0 else reversed(settings):
+                dataset, clips, failures = datasets[setting], 0, 0
+                with timed_stages(dataset) as times:
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    for n in range(done[setting], done[setting] + count):
+                        sample = _item(dataset, n)
+                        clips += sample.get("clips", 1)
+                        failures += sample["failures"]
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                done[setting] += count
+                parts[setting].append({"items": count, "clips": clips, "failures": failures,
+                                       "wall_s": wall, "cpu_s": cpu, "stages": dict(times.seconds)})  # fmt: skip
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    video, audio = cfg.data.video, cfg.data.audio
+    return {
+        "kind": "data_pipeline",
+        **finish(env),
+        "clips": json.loads(info_path.read_text()),
+        "geometry": {
+            "num_frames": video.num_frames, "frame_rate": video.frame_rate, "resize": video.resize,
+            "size": video.size, "audio_seconds": audio.seconds, "num_mel_bins": audio.num_mel_bins,
+        },  # fmt: skip
+        "warmup_items": warmup,
+        "timed_items": items,
+        "rounds": rounds,
+        "target_clips_per_cpu_s": TARGET_CLIPS_PER_CPU_S,
+        "stages": "video_decode: open_video + _read_clips; audio_decode: _read_windows; fbank; "
+        "augment: the video, waveform and fbank training transforms; other: the rest of __getitem__",
+        "settings": [_setting_result(d, k, parts[(d, k)]) for d, k in settings],
+    }

@@ -1,0 +1,108 @@
+"""Throughput of the pretraining engine itself, under whatever ``accelerate launch`` set up.
+
+``measure_engine(cfg, items)`` runs ``avmae.engine.pretrain`` unchanged (accelerate's
+preparation, DDP or DeepSpeed ZeRO, mixed precision, accumulation, clipping, logging, the final
+checkpoint) on ``DeviceClips``: one random clip of the config's geometry, made once on the
+device and repeated, so neither decoding nor host-to-device copies limit the step. The figure is
+the engine's own ``train/clips_per_s`` (all processes), averaged over the logging windows after
+the first (which holds the warm-up and DeepSpeed's first steps). MFU divides the counted
+forward + backward FLOPs per clip by the data-sheet (or measured GEMM) peak of every process's
+device together.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from avmae.config import Config, replace
+
+from .machine import datasheet_peak, environment, finish, measure_gemm_flops, measured_peak_source
+from .train_step import count_step_flops, step_precision, synthetic_inputs
+
+
+class DeviceClips(Dataset):
+    """``length`` items holding the same random ``video (C, T, H, W)`` and ``audio (1, T_a, F)``,
+    already on ``device`` (so the loader must run in the main process, without pinning)."""
+
+    def __init__(self, cfg: Config, length: int, device: torch.device):
+        video, audio = synthetic_inputs(cfg, 1, device)
+        self.video, self.audio, self.length = video[0], audio[0], length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return {"video": self.video, "audio": self.audio, "failures": 0, "index": index}
+
+
+def measure_engine(cfg: Config) -> dict | None:
+    """Run ``train.max_steps`` updates of ``pretrain`` on ``DeviceClips`` into a fresh
+    ``train.output_dir`` (removed first) and return the record on the main process (None on the
+    others). Needs at least two logging windows."""
+    from accelerate import PartialState
+
+    from avmae.engine import pretrain, read_scalars
+
+    train = cfg.train
+    if train.max_steps < 2 * train.log_every:
+        raise ValueError(f"train.max_steps={train.max_steps} gives fewer than two windows of train.log_every={train.log_every}")
+    state = PartialState()
+    device = state.device
+    output_dir = Path(train.output_dir)
+    if state.is_main_process and output_dir.exists():
+        shutil.rmtree(output_dir)  # a fresh run each time: resume=none refuses old checkpoints
+    state.wait_for_everyone()
+    run = replace(
+        cfg,
+        data=replace(cfg.data, num_workers=0, pin_memory=False, clips_per_video=1),
+        train=replace(train, resume="none", checkpoint_every=train.max_steps, keep_checkpoints=1),
+    )
+    items = run.data.batch_size * state.num_processes * train.grad_accum * (train.max_steps + 1)
+    env = environment(device, torch.get_num_threads())
+    pretrain(run, dataset=DeviceClips(run, items, device))
+    if not state.is_main_process:
+        return None
+
+    windows = read_scalars(output_dir, "train/clips_per_s")
+    steady = [windows[s] for s in sorted(windows)[1:]]
+    clips_per_s = sum(steady) / len(steady)
+    flops = count_step_flops(cfg, "avmae")
+    dtype = step_precision(cfg) or torch.float32
+    datasheet = datasheet_peak(device, dtype)
+    if datasheet:
+        peak, source = datasheet
+    else:
+        peak = measure_gemm_flops(device, dtype)
+        source = measured_peak_source(device, dtype, 2048, peak)
+    from accelerate.state import AcceleratorState
+
+    return {
+        "kind": "engine",
+        **finish(env),
+        "distributed": AcceleratorState().distributed_type.value,
+        "zero_stage": _zero_stage(),
+        "num_processes": state.num_processes,
+        "model_size": cfg.model.size,
+        "batch_size": cfg.data.batch_size,
+        "grad_accum": train.grad_accum,
+        "precision": train.mixed_precision,
+        "steps": train.max_steps,
+        "log_every": train.log_every,
+        "window_clips_per_s": [windows[s] for s in sorted(windows)],
+        "clips_per_s": clips_per_s,
+        "flops_per_clip": flops,
+        "peak_flops": peak,
+        "peak_source": source,
+        "mfu": flops["step"] * clips_per_s / (peak * state.num_processes),
+    }
+
+
+def _zero_stage() -> int | None:
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin
+    return plugin.zero_stage if plugin is not None else None

@@ -1,0 +1,266 @@
+"""Training-step throughput, peak memory and MFU, with variants measured side by side.
+
+One step is what the engine does per optimiser update, without the data pipeline: forward under
+the config's autocast, backward, optimiser step, ``zero_grad``; inputs are random tensors of the
+config's shapes, built once on the device. Variants (``VARIANTS``):
+
+- ``avmae``: ``avmae.models.build_pretrain_model(cfg)`` (attention through SDPA) and
+  ``avmae.engine.optim.build_optimizer`` (timm's AdamW, fused on CUDA), autocast to
+  ``train.mixed_precision``;
+- ``compiled``: the same model under ``torch.compile`` with the arguments accelerate passes for
+  ``train.compile=true`` (``dynamo_backend="inductor"``);
+- ``reference``: ``avmae.models.reference.ReferenceAVMAE`` with ``plain_adamw``: dense fp32
+  attention, no autocast, no fused or multi-tensor kernels.
+
+Every variant is built and warmed up first (memory is measured there), then the timed steps run
+in rounds that alternate the variants, reversing their order every round, so a change of load on
+a shared machine falls on all of them alike.
+
+FLOPs are counted by ``avmae.models.count_flops`` on the ``meta`` device: the forward pass, and
+forward + backward of the loss (``backward=True``). Throughput in FLOP/s and MFU use the counted
+forward + backward (the 3 x forward convention is recorded beside it): the backward of the patch
+embeddings needs no input gradient, so the count is a little under 3 x forward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import TorchDynamoPlugin
+from torch import nn
+
+from avmae.config import Config
+from avmae.engine.optim import build_optimizer, scaled_lr
+from avmae.models import build_pretrain_model, count_flops, num_tokens
+from avmae.models.reference import ReferenceAVMAE, check_reference_config, plain_adamw
+
+from .machine import (
+    PeakMemory,
+    datasheet_peak,
+    environment,
+    finish,
+    measure_gemm_flops,
+    measured_peak_source,
+    synchronize,
+)
+
+VARIANTS = {
+    "avmae": "AVMAE (SDPA attention), timm AdamW (fused on CUDA), train.mixed_precision autocast",
+    "compiled": "the avmae variant under torch.compile (inductor), as train.compile=true runs it",
+    "reference": "models/reference.py: dense fp32 softmax(q @ k.T / sqrt(d)) @ v attention, no autocast, "
+    "AdamW foreach=False",
+}
+PRECISIONS = {"no": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Variant:
+    """A model and its optimiser, and how one training step runs them."""
+
+    name: str
+    module: nn.Module  # what is called: the model, or its compiled wrapper
+    optimizer: torch.optim.Optimizer
+    autocast: torch.dtype | None
+
+    def step(self, video: torch.Tensor, audio: torch.Tensor) -> None:
+        with torch.autocast(video.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.module(video, audio)["loss"]
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def step_precision(cfg: Config) -> torch.dtype | None:
+    """Autocast dtype of ``train.mixed_precision`` (fp16 needs a gradient scaler: not measured)."""
+    if cfg.train.mixed_precision not in PRECISIONS:
+        raise ValueError(
+            f"train.mixed_precision={cfg.train.mixed_precision!r}: the benchmark measures 'no' or 'bf16'"
+        )
+    return PRECISIONS[cfg.train.mixed_precision]
+
+
+def check_variants(cfg: Config, variants: list[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"variants must be some of {', '.join(VARIANTS)}, got {variants}")
+    if cfg.train.compile:
+        raise ValueError("train.compile=true: the benchmark measures torch.compile as the 'compiled' variant instead")
+    if "reference" in variants:
+        check_reference_config(cfg)
+    step_precision(cfg)
+
+
+def default_variants(cfg: Config) -> list[str]:
+    """``avmae``, and ``reference`` when the reference model implements ``cfg`` (``compiled`` is
+    asked for by name: compiling takes minutes on the CPU)."""
+    try:
+        check_reference_config(cfg)
+    except ValueError:
+        return ["avmae"]
+    return ["avmae", "reference"]
+
+
+def synthetic_inputs(cfg: Config, batch: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``video (B, C, T, H, W)`` and ``audio (B, 1, T_a, F)`` of the config's geometry."""
+    video, audio = cfg.data.video, cfg.data.audio
+    shapes = (batch, 3, video.num_frames, video.size, video.size), (batch, 1, audio.target_length, audio.num_mel_bins)
+    if torch.device(device).type == "meta":
+        return tuple(torch.empty(s, device="meta") for s in shapes)
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=generator).to(device) for s in shapes)
+
+
+def _build_model(cfg: Config, name: str) -> nn.Module:
+    return ReferenceAVMAE(cfg) if name == "reference" else build_pretrain_model(cfg)
+
+
+def build_variant(cfg: Config, name: str, device: torch.device) -> Variant:
+    model = _build_model(cfg, name).to(device).train()
+    lr = scaled_lr(cfg.train, cfg.data.batch_size)
+    if name == "reference":
+        return Variant(name, model, plain_adamw(model, cfg.train, lr), None)
+    optimizer = build_optimizer(model, cfg.train, lr, fused=device.type == "cuda")  # as the engine
+    module = torch.compile(model, **TorchDynamoPlugin(backend="inductor").to_kwargs()) if name == "compiled" else model
+    return Variant(name, module, optimizer, step_precision(cfg))
+
+
+def count_step_flops(cfg: Config, name: str, batch: int = 2) -> dict[str, int]:
+    """FLOPs per clip of the forward pass and of forward + backward, counted on ``meta``."""
+    with torch.device("meta"):
+        model = _build_model(cfg, name).train()
+    video, audio = synthetic_inputs(cfg, batch, "meta")
+    return {
+        "forward": count_flops(model, video, audio) // batch,
+        "step": count_flops(model, video, audio, backward=True) // batch,
+    }
+
+
+def _rounds(steps: int, rounds: int) -> list[int]:
+    """``steps`` split into ``rounds`` near-equal positive parts."""
+    if steps < 1 or not 1 <= rounds <= steps:
+        raise ValueError(f"need 1 <= rounds <= steps, got steps={steps}, rounds={rounds}")
+    return [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+
+
+def _out_of_memory(err: Exception) -> str:
+    return f"out of memory: {str(err).splitlines()[0]}"
+
+
+def measure_train_step(
+    cfg: Config,
+    device: torch.device,
+    variants: list[str],
+    warmup: int = 3,
+    steps: int = 10,
+    rounds: int = 2,
+    gemm_size: int = 2048,
+) -> dict:
+    """Measure each variant's training step at ``data.batch_size`` clips; see the module doc.
+
+    Returns a JSON-ready record: environment, geometry, FLOPs, the MFU yardstick and, per
+    variant, ``clips_per_s``, ``step_ms``, ``round_clips_per_s``, ``peak_memory_bytes``,
+    ``build_and_warmup_s``, ``achieved_flops``, ``mfu`` and, when the reference ran, ``vs_reference``
+    (clips/s ratio). A variant that runs out of memory gets ``error`` instead.
+    """
+    check_variants(cfg, variants)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+    per_round = _rounds(steps, rounds)
+    batch = cfg.data.batch_size
+    env = environment(device, torch.get_num_threads())
+    tokens = num_tokens(cfg)
+    precision = step_precision(cfg)
+    flops = {name: count_step_flops(cfg, "avmae" if name == "compiled" else name) for name in variants}
+    video, audio = synthetic_inputs(cfg, batch, device)
+
+    results: dict[str, dict] = {}
+    built: dict[str, Variant] = {}
+    for name in variants:
+        results[name] = {"description": VARIANTS[name]}
+        try:
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                variant = build_variant(cfg, name, device)
+                for _ in range(warmup):
+                    variant.step(video, audio)
+                synchronize(device)
+            built[name] = variant
+            results[name] |= {"build_and_warmup_s": time.perf_counter() - start,
+                              "peak_memory_bytes": memory.bytes, "memory_measure": memory.what}  # fmt: skip
+        except torch.OutOfMemoryError as err:
+            results[name]["error"] = _out_of_memory(err)
+            torch.cuda.empty_cache()
+
+    gemm_dtype = precision or torch.float32
+    datasheet = datasheet_peak(device, gemm_dtype)
+    gemm_before = None if datasheet else measure_gemm_flops(device, gemm_dtype, gemm_size)
+    timings: dict[str, list[tuple[int, float]]] = {name: [] for name in built}
+    for r, count in enumerate(per_round):
+        for name in list(built) if r % 2 == 0 else list(reversed(built)):
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(count):
+                    built[name].step(video, audio)
+                synchronize(device)
+                timings[name].append((count, time.perf_counter() - start))
+            except torch.OutOfMemoryError as err:
+                results[name]["error"] = _out_of_memory(err)
+                del built[name]
+                torch.cuda.empty_cache()
+    if datasheet:
+        peak, peak_source = datasheet
+    else:  # the best of before and after the timed rounds: the machine at its least loaded
+        peak = max(gemm_before, measure_gemm_flops(device, gemm_dtype, gemm_size))
+        peak_source = measured_peak_source(device, gemm_dtype, gemm_size, peak)
+
+    for name, parts in timings.items():
+        if name not in built:
+            continue
+        done, seconds = sum(n for n, _ in parts), sum(t for _, t in parts)
+        clips_per_s = done * batch / seconds
+        achieved = flops[name]["step"] * clips_per_s
+        results[name] |= {
+            "timed_steps": done,
+            "timed_s": seconds,
+            "clips_per_s": clips_per_s,
+            "step_ms": 1000.0 * seconds / done,
+            "round_clips_per_s": [n * batch / t for n, t in parts],
+            "achieved_flops": achieved,
+            "mfu": achieved / peak,
+        }
+    reference = results.get("reference", {}).get("clips_per_s")
+    for name in ("avmae", "compiled"):
+        if reference and "clips_per_s" in results.get(name, {}):
+            results[name]["vs_reference"] = results[name]["clips_per_s"] / reference
+
+    video_cfg, audio_cfg = cfg.data.video, cfg.data.audio
+    return {
+        "kind": "train_step",
+        **finish(env),
+        "model_size": cfg.model.size,
+        "batch_size": batch,
+        "precision": cfg.train.mixed_precision,
+        "fused_adamw": device.type == "cuda",
+        "geometry": {
+            "video": [3, video_cfg.num_frames, video_cfg.size, video_cfg.size],
+            "audio": [1, audio_cfg.target_length, audio_cfg.num_mel_bins],
+        },
+        "tokens": tokens,
+        "visible_tokens": {
+            "video": math.floor(tokens["video"] * (1 - cfg.model.mask_ratio_video)),
+            "audio": math.floor(tokens["audio"] * (1 - cfg.model.mask_ratio_audio)),
+        },
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "rounds": rounds,
+        "flops_per_clip": flops,
+        "flops_convention": "counted forward + backward (torch FlopCounterMode); 3 x forward for comparison: "
+        + ", ".join(f"{n} {3 * f['forward'] / 1e9:.3f} GFLOP" for n, f in flops.items()),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "variants": results,
+    }

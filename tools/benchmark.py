@@ -1,0 +1,143 @@
+"""Measure training-step throughput or data-pipeline throughput; write the JSON record and append
+its rows to docs/benchmarks.md.
+
+    python tools/benchmark.py train-step --config configs/pretrain/demo.yaml
+        [--variants avmae reference compiled] [--steps N] [--warmup N] [--threads N] [--out FILE.json]
+        [key.sub=value ...]
+    accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
+        --config configs/pretrain/vitb_vggsound.yaml [key.sub=value ...]
+    python tools/benchmark.py data [--config configs/pretrain/vitb_vggsound.yaml]
+        [--decoders decord pyav] [--clips-per-video 1 4] [--items N] [--out FILE.json] [key.sub=value ...]
+
+train-step runs on CUDA when it is available, else on the CPU, in the config's
+train.mixed_precision (bf16 or no). Variants default to avmae, plus the reference when the
+config is one it implements (mid fusion, separate decoders, no contrastive head). data times the
+training items of the config's dataset settings on one worker and one thread, over 360p H.264
+clips it writes once into --clips-dir. engine runs the pretraining engine itself (accelerate,
+DDP or DeepSpeed, as launched) for train.max_steps on a random clip kept on the device, and reports
+its logged clips/s after the first logging window (see avmae.benchmark.engine). See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from avmae.benchmark import (
+    VARIANTS,
+    clips_spec,
+    default_clips_dir,
+    default_variants,
+    measure_data_pipeline,
+    measure_engine,
+    measure_train_step,
+    save_record,
+    write_benchmark_clips,
+)
+from avmae.benchmark.report import format_row, header_lines
+from avmae.config import load_config
+from avmae.data.video import DECODERS
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="JSON record (default runs/benchmark/<kind>-<config>-<time>.json)")
+    parser.add_argument("--docs", default="docs/benchmarks.md", help="markdown file the rows are appended to")
+    parser.add_argument("--no-docs", dest="docs", action="store_const", const=None, help="do not append rows")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train-step", help="training-step clips/s, peak memory and MFU per variant")
+    train.add_argument("--config", required=True, help="pretraining YAML")
+    train.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None)
+    train.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    train.add_argument("--rounds", type=int, default=2, help="timed rounds the steps are split into")
+    train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default torch's: one per core; on a shared machine fewer, "
+                       "or the threads wait on each other)")
+    _common(train)
+
+    engine = commands.add_parser("engine", help="clips/s and MFU of the pretraining engine under accelerate launch")
+    engine.add_argument("--config", required=True, help="pretraining YAML (train.max_steps, train.log_every)")
+    _common(engine)
+
+    data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
+    data.add_argument("--config", default="configs/pretrain/vitb_vggsound.yaml",
+                      help="YAML whose data and augment settings are timed")
+    data.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS))
+    data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")
+    data.add_argument("--items", type=int, default=32, help="timed dataset items per setting")
+    data.add_argument("--warmup", type=int, default=2, help="untimed items per setting first")
+    data.add_argument("--rounds", type=int, default=2, help="timed rounds the items are split into")
+    data.add_argument("--threads", type=int, default=1, help="torch threads of the worker")
+    data.add_argument("--clips-dir", default=None, help="cache folder of the clips (default under data/benchmark)")
+    data.add_argument("--num-clips", type=int, default=16)
+    data.add_argument("--duration", type=float, default=10.0, help="seconds per clip")
+    data.add_argument("--fps", type=float, nargs="+", default=[25.0, 30.0], help="frame rates, used in turn")
+    data.add_argument("--width", type=int, default=640)
+    data.add_argument("--height", type=int, default=360)
+    _common(data)
+    return parser
+
+
+def _device(name: str | None) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_train_step(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    variants = args.variants or default_variants(cfg)
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"train-step on {device}: {', '.join(variants)}, {cfg.model.size}, batch {cfg.data.batch_size}, "
+          f"{cfg.train.mixed_precision}", flush=True)  # fmt: skip
+    return measure_train_step(cfg, device, variants, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+
+
+def run_data(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    spec = clips_spec(args.num_clips, args.duration, args.fps, args.width, args.height)
+    clips_dir = Path(args.clips_dir) if args.clips_dir else default_clips_dir(spec)
+    print(f"clips in {clips_dir} (written on first use)", flush=True)
+    write_benchmark_clips(clips_dir, spec)
+    return measure_data_pipeline(
+        cfg, clips_dir, args.decoders, args.clips_per_video,
+        items=args.items, warmup=args.warmup, rounds=args.rounds, threads=args.threads,
+    )  # fmt: skip
+
+
+def run_engine(args: argparse.Namespace) -> dict | None:
+    cfg = load_config(args.config, ["train.output_dir=runs/benchmark/engine_run", *args.overrides])
+    return measure_engine(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    record = {"train-step": run_train_step, "data": run_data, "engine": run_engine}[args.command](args)
+    if record is None:  # not the main process of an accelerate launch
+        return 0
+    command = shlex.join(["python", "tools/benchmark.py", *argv])
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or f"runs/benchmark/{record['kind']}-{Path(args.config).stem}-{stamp}.json"
+    rows = save_record(record, command, out, args.docs)
+    print("\n".join(header_lines(record["kind"]) + [format_row(r) for r in rows]))
+    print(f"record: {out}" + (f"; rows appended to {args.docs}" if args.docs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
