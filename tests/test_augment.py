@@ -12,7 +12,7 @@ import torch
 from avmae.augment import apply_strength, build_transforms, mix_batch, mixup_alpha, sample_speed
 from avmae.augment.audio import add_noise, circular_roll, mask_along_axis, random_gain
 from avmae.augment.mixup import draw_lambda
-from avmae.augment.video import rotate_hue, temporal_order
+from avmae.augment.video import SpatialParams, apply_spatial, rotate_hue, temporal_order
 from avmae.config import load_config
 from avmae.data.transforms import eval_video_transform
 
@@ -338,3 +338,13 @@ def test_mixup_off_still_smooths_and_leaves_inputs():
     assert mixup_alpha(config("augment.mixup=0.5", "augment.enabled=false")) == 0.0
     with pytest.raises(ValueError, match="batch size"):
         mix_batch(video, torch.randn(2, 1, 8, 8), {}, {}, alpha=0.5)
+
+
+def test_grayscale_then_a_down_up_too_small_to_resize():
+    """Grayscale returns a view repeating one channel; a down-up factor so close to 1 that no
+    resize happens hands that view on, and clamping it must not write into it."""
+    cfg = load_config(None, ["data.video.size=64", "data.video.resize=64"])
+    frames = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    out = apply_spatial(frames, SpatialParams(grayscale=True, downup_factor=1.005), cfg.data.video)
+    gray = apply_spatial(frames, SpatialParams(grayscale=True), cfg.data.video)
+    assert out.shape == (4, 3, 64, 64) and torch.equal(out, gray)

@@ -167,7 +167,7 @@ def apply_spatial(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoC
     if params.blur_sigma > 0:
         frames = _gaussian_blur(frames, params.blur_sigma)
     if params.downup_factor > 1:
-        frames = _down_up(frames, params.downup_factor).clamp_(0.0, 1.0)
+        frames = _down_up(frames, params.downup_factor).clamp(0.0, 1.0)  # may be a view of its input
     return frames
 
 
