@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
 
 from avmae.data.synthetic import generate_dataset, write_av_file
 
@@ -25,6 +29,45 @@ def _offline_hub():
         os.environ.pop("HF_HUB_OFFLINE", None)
     else:
         os.environ["HF_HUB_OFFLINE"] = previous
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons, and the engine sets torch's thread count on the
+    CPU: every test starts from neither and leaves neither behind."""
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.set_num_threads(threads)
+
+
+def decodable_rows(root: Path) -> dict[str, list[dict]]:
+    """The manifest rows (``id,video,label``) of each split of a generated dataset, its bad clips
+    left out (they would stop a short run at ``data.max_decode_failures``)."""
+    with open(root / "bad_clips.csv") as f:
+        bad = {row["id"] for row in csv.DictReader(f)}
+    rows = {}
+    for split in ("train", "val", "test"):
+        with open(root / f"{split}.csv") as f:
+            rows[split] = [r for r in csv.DictReader(f) if r["id"] not in bad]
+    return rows
+
+
+def write_manifests(root: Path, folder: Path, rows: dict[str, list[dict]]) -> list[str]:
+    """Write ``rows`` of each split as a manifest in ``folder``; the overrides that point a config
+    at them (``data.root`` = ``root``, ``data.<split>`` = the file)."""
+    overrides = [f"data.root={root}"]
+    for split, split_rows in rows.items():
+        path = folder / f"{split}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
+            writer.writeheader()
+            writer.writerows(split_rows)
+        overrides.append(f"data.{split}={path}")
+    return overrides
 
 
 @pytest.fixture

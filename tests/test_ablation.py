@@ -1,7 +1,6 @@
 """The augmentation ablation: configs compose as intended, and the tool pretrains, exports and
 probes every config on real mp4s, writes one table, and does not retrain when started again."""
 
-import csv
 import importlib.util
 import json
 import math
@@ -10,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+
+from conftest import decodable_rows, write_manifests
 
 from avmae.ablation import ablation_configs, augmentation_setting, run_ablation
 from avmae.augment import apply_strength
@@ -34,31 +34,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; every test builds its own."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def clean_data(synthetic_root, tmp_path_factory):
-    """Overrides pointing at the decodable clips of the session dataset (its bad clips would stop
-    a 2-step pretraining at `data.max_decode_failures`)."""
-    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
-    folder = tmp_path_factory.mktemp("ablation_manifests")
-    overrides = [f"data.root={synthetic_root}"]
-    for split in ("train", "val", "test"):
-        rows = [r for r in csv.DictReader(open(synthetic_root / f"{split}.csv")) if r["id"] not in bad]
-        with open(folder / f"{split}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
-            writer.writeheader()
-            writer.writerows(rows)
-        overrides.append(f"data.{split}={folder / f'{split}.csv'}")
-    return overrides
+    """Overrides pointing at the decodable clips of the session dataset."""
+    return write_manifests(synthetic_root, tmp_path_factory.mktemp("ablation_manifests"), decodable_rows(synthetic_root))
 
 
 def _ablation_tool():

@@ -4,19 +4,7 @@ files it wrote and the three probes."""
 import json
 from pathlib import Path
 
-import pytest
-from accelerate.state import AcceleratorState, GradientState
-
 from avmae.demo import format_summary, run_demo
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def test_demo_generates_pretrains_exports_probes_and_draws(tmp_path):

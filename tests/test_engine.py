@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 from torch import nn
 
@@ -34,19 +33,6 @@ from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch
 from avmae.engine.pretrain import build_train_loader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; every test builds its own. The engine also sets
-    torch's thread count on the CPU, which the rest of the session should not inherit."""
-    threads = torch.get_num_threads()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    torch.set_num_threads(threads)
 
 
 class Clips(torch.utils.data.Dataset):

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import json
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import decodable_rows, write_manifests
 from safetensors.torch import load_file
 
 from avmae.config import load_config
@@ -108,17 +108,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 def clean_data(synthetic_root, tmp_path_factory) -> list[str]:
     """Overrides pointing at 16 decodable clips of the session dataset (its bad clips left out), so
     every item is the record the sampler chose and sharding can be checked by index."""
-    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
-    rows = []
-    for split in ("train", "val", "test"):
-        rows += [r for r in csv.DictReader(open(synthetic_root / f"{split}.csv")) if r["id"] not in bad]
+    rows = [r for split_rows in decodable_rows(synthetic_root).values() for r in split_rows]
     assert len(rows) >= 16, "the session dataset changed; pick another size here"
-    manifest = tmp_path_factory.mktemp("clean") / "train.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
-        writer.writeheader()
-        writer.writerows(rows[:16])
-    return [f"data.root={synthetic_root}", f"data.train={manifest}", *TINY]
+    return [*write_manifests(synthetic_root, tmp_path_factory.mktemp("clean"), {"train": rows[:16]}), *TINY]
 
 
 @pytest.fixture(scope="module")

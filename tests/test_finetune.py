@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
+from conftest import decodable_rows, write_manifests
 from safetensors.torch import save_file
 
 import avmae
@@ -45,16 +45,6 @@ GEOMETRY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; every test builds its own."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """An encoder export of the demo's micro model, made at the demo geometry, with its own
@@ -75,21 +65,10 @@ def exported(tmp_path_factory):
 def clean_data(synthetic_root, tmp_path_factory):
     """Overrides pointing at the session dataset's decodable clips: train, a 3-record val split
     (odd, so two processes at batch 2 need one padded repeat) and test."""
-    bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
-    folder = tmp_path_factory.mktemp("manifests")
-    rows = {}
-    for split in ("train", "val", "test"):
-        rows[split] = [r for r in csv.DictReader(open(synthetic_root / f"{split}.csv")) if r["id"] not in bad]
+    rows = decodable_rows(synthetic_root)
     rows["val"] = (rows["val"] + rows["test"])[:3]
-    overrides = [f"data.root={synthetic_root}"]
-    for split, split_rows in rows.items():
-        with open(folder / f"{split}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["id", "video", "label"])
-            writer.writeheader()
-            writer.writerows(split_rows)
-        overrides.append(f"data.{split}={folder / f'{split}.csv'}")
     assert len(rows["val"]) == 3 and len(rows["train"]) >= 8
-    return overrides
+    return write_manifests(synthetic_root, tmp_path_factory.mktemp("manifests"), rows)
 
 
 def test_layer_decay_is_applied_by_the_timm_scheduler():

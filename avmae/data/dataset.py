@@ -112,8 +112,6 @@ class AVDataset(Dataset):
     ):
         if train and transforms is None:
             raise ValueError("a training dataset needs transforms (avmae.augment.build_transforms)")
-        if data_cfg.clips_per_video < 1:
-            raise ValueError(f"data.clips_per_video={data_cfg.clips_per_video} must be at least 1")
         self.data_cfg = data_cfg
         self.augment_cfg = augment_cfg
         self.train = train

@@ -217,6 +217,10 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
         model = build_pretrain_model(cfg)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # SimSiam's and MoCo v3's projector BatchNorms normalise over the global batch, as in their
+        # papers (SyncBatchNorm has no CPU kernels: on gloo they stay per process)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(accelerator.device)  # before the optimiser, so a fused AdamW sees CUDA parameters
     loader = build_train_loader(cfg, dataset)
 
