@@ -22,7 +22,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from avmae.config import AugmentConfig, Config, config_to_dict, load_config
 
@@ -126,12 +125,8 @@ def run_one(
     run_dir = Path(cfg.train.output_dir)
     resumed_from = latest_checkpoint(run_dir / "checkpoints")
 
-    threads = torch.get_num_threads()
     started = time.perf_counter()
-    try:
-        checkpoint = pretrain(cfg)
-    finally:
-        torch.set_num_threads(threads)  # pretraining on the CPU leaves a core to its data worker
+    checkpoint = pretrain(cfg)
     pretrain_seconds = time.perf_counter() - started
 
     export_dir = run_dir / "export"

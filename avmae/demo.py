@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 
 from avmae.config import load_config
 
@@ -71,7 +70,6 @@ def run_demo(
     data_root, out_dir = Path(data_root), Path(out_dir)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
-    threads = torch.get_num_threads()
 
     if (data_root / "train.csv").is_file():
         print(f"[1/5] synthetic dataset: using the one in {data_root}")
@@ -86,7 +84,6 @@ def run_demo(
         PRETRAIN_CONFIG, [f"data.root={data_root}", f"train.output_dir={pretrain_dir}", f"train.seed={seed}", *overrides]
     )
     checkpoint, seconds["pretrain"] = _timed(pretrain, cfg)
-    torch.set_num_threads(threads)  # pretraining on the CPU leaves a core to its data worker
 
     print("[3/5] export to safetensors")
     export_dir, seconds["export"] = _timed(export, checkpoint, out_dir / "export", "model")

@@ -33,8 +33,8 @@ def _offline_hub():
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons, and the engine sets torch's thread count on the
-    CPU: every test starts from neither and leaves neither behind."""
+    """accelerate keeps process-wide singletons, and tests may set torch's thread count: every
+    test starts from neither and leaves neither behind."""
     threads = torch.get_num_threads()
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

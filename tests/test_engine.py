@@ -257,7 +257,9 @@ def test_several_clips_per_video_train_on_real_files(tmp_path, synthetic_root, c
         [f"data.root={synthetic_root}", f"train.output_dir={tmp_path}", "data.batch_size=2", "data.clips_per_video=3",
          "data.num_workers=0", "train.max_steps=2", "train.log_every=1", "data.max_decode_failures=1.0"],
     )  # fmt: skip
+    torch.set_num_threads(1)  # the run takes its own count on the CPU and gives this one back
     checkpoint = pretrain(cfg)
+    assert torch.get_num_threads() == 1
     assert checkpoint.is_dir() and len(read_scalars(tmp_path, "train/loss")) == 2
     assert "6 clips per step" in capsys.readouterr().out  # 2 items x 3 clips
 

@@ -203,7 +203,17 @@ def pretrain(cfg: Config, model: torch.nn.Module | None = None, dataset: Dataset
     `loss` and detached scalar `logs`; `after_optimizer_step(progress)` is called when it exists.
     Raises `TrainingInterrupted` after saving when SIGTERM/SIGINT arrives, and
     `NonFiniteLossError` (naming the step) instead of saving when the loss stops being finite.
+    On the CPU the run uses fewer torch threads (`_share_cpu_cores`); the caller's count is
+    restored when it returns or raises.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, model, dataset)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) -> Path:
     train = cfg.train
     accelerator = build_accelerator(cfg)
     set_seed(train.seed, device_specific=True)  # masks and drop path differ across ranks
