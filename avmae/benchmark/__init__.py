@@ -21,7 +21,7 @@ from .data_pipeline import (
     write_benchmark_clips,
 )
 from .engine import DeviceClips, measure_engine
-from .machine import PeakMemory, datasheet_peak, environment, measure_gemm_flops
+from .machine import PeakMemory, datasheet_peak, environment, measure_gemm_flops, peak_flops
 from .report import append_rows, record_rows, save_record, write_json
 from .train_step import VARIANTS, default_variants, measure_train_step
 
@@ -41,6 +41,7 @@ __all__ = [
     "measure_engine",
     "measure_gemm_flops",
     "measure_train_step",
+    "peak_flops",
     "record_rows",
     "save_record",
     "write_benchmark_clips",

@@ -1,6 +1,6 @@
 """Throughput of the pretraining engine itself, under whatever ``accelerate launch`` set up.
 
-``measure_engine(cfg, items)`` runs ``avmae.engine.pretrain`` unchanged (accelerate's
+``measure_engine(cfg)`` runs ``avmae.engine.pretrain`` unchanged (accelerate's
 preparation, DDP or DeepSpeed ZeRO, mixed precision, accumulation, clipping, logging, the final
 checkpoint) on ``DeviceClips``: one random clip of the config's geometry, made once on the
 device and repeated, so neither decoding nor host-to-device copies limit the step. The figure is
@@ -16,11 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState, PartialState
 from torch.utils.data import Dataset
 
 from avmae.config import Config, replace
 
-from .machine import datasheet_peak, environment, finish, measure_gemm_flops, measured_peak_source
+from .machine import environment, finish, peak_flops
 from .train_step import count_step_flops, step_precision, synthetic_inputs
 
 
@@ -43,8 +44,6 @@ def measure_engine(cfg: Config) -> dict | None:
     """Run ``train.max_steps`` updates of ``pretrain`` on ``DeviceClips`` into a fresh
     ``train.output_dir`` (removed first) and return the record on the main process (None on the
     others). Needs at least two logging windows."""
-    from accelerate import PartialState
-
     from avmae.engine import pretrain, read_scalars
 
     train = cfg.train
@@ -71,20 +70,13 @@ def measure_engine(cfg: Config) -> dict | None:
     steady = [windows[s] for s in sorted(windows)[1:]]
     clips_per_s = sum(steady) / len(steady)
     flops = count_step_flops(cfg, "avmae")
-    dtype = step_precision(cfg) or torch.float32
-    datasheet = datasheet_peak(device, dtype)
-    if datasheet:
-        peak, source = datasheet
-    else:
-        peak = measure_gemm_flops(device, dtype)
-        source = measured_peak_source(device, dtype, 2048, peak)
-    from accelerate.state import AcceleratorState
-
+    peak, source = peak_flops(device, step_precision(cfg) or torch.float32)
+    accelerator = AcceleratorState()
     return {
         "kind": "engine",
         **finish(env),
-        "distributed": AcceleratorState().distributed_type.value,
-        "zero_stage": _zero_stage(),
+        "distributed": accelerator.distributed_type.value,
+        "zero_stage": accelerator.deepspeed_plugin.zero_stage if accelerator.deepspeed_plugin else None,
         "num_processes": state.num_processes,
         "model_size": cfg.model.size,
         "batch_size": cfg.data.batch_size,
@@ -100,9 +92,3 @@ def measure_engine(cfg: Config) -> dict | None:
         "mfu": flops["step"] * clips_per_s / (peak * state.num_processes),
     }
 
-
-def _zero_stage() -> int | None:
-    from accelerate.state import AcceleratorState
-
-    plugin = AcceleratorState().deepspeed_plugin
-    return plugin.zero_stage if plugin is not None else None

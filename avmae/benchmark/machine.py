@@ -198,3 +198,16 @@ def measured_peak_source(device: torch.device, dtype: torch.dtype, size: int, fl
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else device_name(device)
     dtype_name = str(dtype).removeprefix("torch.")
     return f"measured GEMM peak: best {dtype_name} {size}x{size} matmul on {where} ({flops / 1e9:.1f} GFLOP/s)"
+
+
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, size: int = 2048, measured_before: float | None = None
+) -> tuple[float, str]:
+    """``(FLOP/s, source)`` an MFU is measured against: the data-sheet peak of a known GPU, else
+    the best of ``measured_before`` (a ``measure_gemm_flops`` taken earlier in the run, if any)
+    and a GEMM measured now: the machine at its least loaded."""
+    datasheet = datasheet_peak(device, dtype)
+    if datasheet:
+        return datasheet
+    flops = max(measured_before or 0.0, measure_gemm_flops(device, dtype, size))
+    return flops, measured_peak_source(device, dtype, size, flops)

@@ -37,15 +37,7 @@ from avmae.engine.optim import build_optimizer, scaled_lr
 from avmae.models import build_pretrain_model, count_flops, num_tokens
 from avmae.models.reference import ReferenceAVMAE, check_reference_config, plain_adamw
 
-from .machine import (
-    PeakMemory,
-    datasheet_peak,
-    environment,
-    finish,
-    measure_gemm_flops,
-    measured_peak_source,
-    synchronize,
-)
+from .machine import PeakMemory, datasheet_peak, environment, finish, measure_gemm_flops, peak_flops, synchronize
 
 VARIANTS = {
     "avmae": "AVMAE (SDPA attention), timm AdamW (fused on CUDA), train.mixed_precision autocast",
@@ -195,8 +187,7 @@ def measure_train_step(
             torch.cuda.empty_cache()
 
     gemm_dtype = precision or torch.float32
-    datasheet = datasheet_peak(device, gemm_dtype)
-    gemm_before = None if datasheet else measure_gemm_flops(device, gemm_dtype, gemm_size)
+    gemm_before = None if datasheet_peak(device, gemm_dtype) else measure_gemm_flops(device, gemm_dtype, gemm_size)
     timings: dict[str, list[tuple[int, float]]] = {name: [] for name in built}
     for r, count in enumerate(per_round):
         for name in list(built) if r % 2 == 0 else list(reversed(built)):
@@ -211,11 +202,7 @@ def measure_train_step(
                 results[name]["error"] = _out_of_memory(err)
                 del built[name]
                 torch.cuda.empty_cache()
-    if datasheet:
-        peak, peak_source = datasheet
-    else:  # the best of before and after the timed rounds: the machine at its least loaded
-        peak = max(gemm_before, measure_gemm_flops(device, gemm_dtype, gemm_size))
-        peak_source = measured_peak_source(device, gemm_dtype, gemm_size, peak)
+    peak, peak_source = peak_flops(device, gemm_dtype, gemm_size, gemm_before)  # before and after the timed rounds
 
     for name, parts in timings.items():
         if name not in built:
