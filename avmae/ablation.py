@@ -114,7 +114,7 @@ def run_one(
             ``train.output_dir``.
     """
     from avmae.engine import latest_checkpoint, pretrain
-    from avmae.evaluation.finetune import prepare_config
+    from avmae.engine.finetune import prepare_config
     from avmae.evaluation.probe import run_linear_probes
     from avmae.export import export, from_pretrained
 
@@ -167,7 +167,7 @@ def run_one(
 def run_baselines(export_dir: Path, out_dir: Path, probe_config: str | Path, overrides: list[str]) -> list[dict]:
     """Linear probes of a random-init encoder of the exported architecture and of the raw inputs,
     at the same preprocessing; saved as ``out_dir/runs/baselines.json``."""
-    from avmae.evaluation.finetune import prepare_config
+    from avmae.engine.finetune import prepare_config
     from avmae.evaluation.probe import run_linear_probes
 
     probe_cfg = prepare_config(_probe_config(probe_config, overrides, export_dir, out_dir / "baselines"))

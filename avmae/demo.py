@@ -62,7 +62,7 @@ def run_demo(
     """
     from avmae.data.synthetic import generate_dataset
     from avmae.engine import pretrain
-    from avmae.evaluation.finetune import prepare_config
+    from avmae.engine.finetune import prepare_config
     from avmae.evaluation.probe import run_linear_probes
     from avmae.export import export, from_pretrained
     from avmae.visualize import visualize

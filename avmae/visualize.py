@@ -54,7 +54,7 @@ def load_clip(cfg: Config, clip: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # the statistics avmae.objectives.normalize_patches standardises with
+    # the statistics avmae.models.losses.normalize_patches standardises with
     return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
 
 

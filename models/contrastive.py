@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from avmae.objectives import cosine_momentum, info_nce, moco_loss, simsiam_loss
+from .losses import cosine_momentum, info_nce, moco_loss, simsiam_loss
 
 
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avmae.masking import TokenMask, take_tokens
+from .masking import TokenMask, take_tokens
 
 from .layers import MODALITIES, init_weights, make_blocks, norm_layer, run_blocks
 from .pos_embed import SinCosPosEmbed

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from avmae.config import Config, ModelConfig
-from avmae.masking import TokenMask, sample_mask, take_tokens
-from avmae.objectives import masked_mse, normalize_patches
+from .masking import TokenMask, sample_mask, take_tokens
+from .losses import masked_mse, normalize_patches
 
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
 from .decoder import AVDecoder

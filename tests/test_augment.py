@@ -14,7 +14,7 @@ from avmae.augment.audio import add_noise, circular_roll, mask_along_axis, rando
 from avmae.augment.mixup import draw_lambda
 from avmae.augment.video import SpatialParams, apply_spatial, rotate_hue, temporal_order
 from avmae.config import load_config
-from avmae.data.transforms import eval_video_transform
+from avmae.augment.transforms import eval_video_transform
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "augment"
 GEOMETRY = ["data.video.resize=36", "data.video.size=32"]

@@ -25,7 +25,7 @@ from avmae.benchmark.report import TABLES, header_lines
 from avmae.config import load_config
 from avmae.data.video import open_video
 from avmae.models import build_pretrain_model
-from avmae.models.reference import ReferenceAVMAE, avmae_to_reference_state_dict
+from avmae.benchmark.reference import ReferenceAVMAE, avmae_to_reference_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "pretrain" / "demo.yaml"

@@ -19,7 +19,7 @@ from avmae.data.collate import collate_clips
 from avmae.data.dataset import AVDataset, TooManyDecodeFailures, _read_clips, _read_windows, build_dataset
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
-from avmae.data.transforms import eval_video_transform
+from avmae.augment.transforms import eval_video_transform
 from avmae.data.video import open_video
 
 # tiny clips: 4 frames at 4 fps (1 s of the 2.5 s synthetic clips), 48 px crops, 1.28 s of audio

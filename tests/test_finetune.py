@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 import avmae
 from avmae.config import load_config, save_config
 from avmae.engine.optim import build_scheduler
-from avmae.evaluation.finetune import build_finetune_optimizer, build_model, classification_loss, prepare_config
+from avmae.engine.finetune import build_finetune_optimizer, build_model, classification_loss, prepare_config
 from avmae.export import export
 from avmae.models import build_classifier, build_pretrain_model
 
@@ -224,7 +224,7 @@ def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
 def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_root, tmp_path):
     """AudioSet-format manifests over the synthetic mp4s: BCE, sigmoid views, mAP with a class
     that has no positive excluded and reported, balanced sampling through the weighted sampler."""
-    from avmae.evaluation.finetune import finetune
+    from avmae.engine.finetune import finetune
 
     bad = {row["id"] for row in csv.DictReader(open(synthetic_root / "bad_clips.csv"))}
     mids = ["/m/a", "/m/b", "/m/c", "/m/d", "/m/never"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from avmae.masking import sample_mask, take_tokens
+from avmae.models.masking import sample_mask, take_tokens
 
 
 def _check_consistent(m, batch: int, num_tokens: int, num_visible: int) -> None:

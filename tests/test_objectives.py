@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from avmae.objectives import (
+from avmae.models.losses import (
     cosine_momentum,
     info_nce,
     masked_mse,

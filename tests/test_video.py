@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avmae.config import VideoConfig
-from avmae.data.transforms import crop_positions, eval_video_transform, normalize, spatial_crop
+from avmae.augment.transforms import crop_positions, eval_video_transform, normalize, spatial_crop
 from avmae.data.video import (
     ClipTooShortError,
     VideoDecodeError,

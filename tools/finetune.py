@@ -18,7 +18,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from avmae.config import load_config
-from avmae.evaluation.finetune import finetune
+from avmae.engine.finetune import finetune
 
 
 @record

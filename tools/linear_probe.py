@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from avmae.config import load_config
-from avmae.evaluation.finetune import prepare_config
+from avmae.engine.finetune import prepare_config
 from avmae.evaluation.probe import SOURCES, format_probe_results, run_linear_probes
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from avmae.config import AugmentConfig, Config, VideoConfig
-from avmae.data.transforms import eval_video_transform
+from avmae.augment.transforms import eval_video_transform
 
 from . import rng
 from .audio import FbankAugment, WaveformAugment

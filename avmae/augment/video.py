@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from avmae.config import AugmentConfig, VideoConfig
-from avmae.data.transforms import normalize, resize_short_side, spatial_crop
+from avmae.augment.transforms import normalize, resize_short_side, spatial_crop
 
 from . import rng
 

@@ -1,7 +1,7 @@
 """Benchmarks: training-step throughput, memory and MFU, and data-pipeline clips/s.
 
 - ``train_step``: ``measure_train_step(cfg, device, variants)``, the avmae model against its
-  ``torch.compile`` form and the plain reference model (``avmae.models.reference``).
+  ``torch.compile`` form and the plain reference model (``avmae.benchmark.reference``).
 - ``data_pipeline``: ``write_benchmark_clips`` (360p H.264 clips from the synthetic generator) and
   ``measure_data_pipeline(cfg, clips_dir, decoders, clips_per_video)``, clips/s of one worker.
 - ``engine``: ``measure_engine(cfg)``, the pretraining engine under ``accelerate launch`` (DDP,

@@ -9,7 +9,7 @@ config's shapes, built once on the device. Variants (``VARIANTS``):
   ``train.mixed_precision``;
 - ``compiled``: the same model under ``torch.compile`` with the arguments accelerate passes for
   ``train.compile=true`` (``dynamo_backend="inductor"``);
-- ``reference``: ``avmae.models.reference.ReferenceAVMAE`` with ``plain_adamw``: dense fp32
+- ``reference``: ``avmae.benchmark.reference.ReferenceAVMAE`` with ``plain_adamw``: dense fp32
   attention, no autocast, no fused or multi-tensor kernels.
 
 Every variant is built and warmed up first (memory is measured there), then the timed steps run
@@ -35,14 +35,14 @@ from torch import nn
 from avmae.config import Config
 from avmae.engine.optim import build_optimizer, scaled_lr
 from avmae.models import build_pretrain_model, count_flops, num_tokens
-from avmae.models.reference import ReferenceAVMAE, check_reference_config, plain_adamw
+from avmae.benchmark.reference import ReferenceAVMAE, check_reference_config, plain_adamw
 
 from .machine import PeakMemory, datasheet_peak, environment, finish, measure_gemm_flops, peak_flops, synchronize
 
 VARIANTS = {
     "avmae": "AVMAE (SDPA attention), timm AdamW (fused on CUDA), train.mixed_precision autocast",
     "compiled": "the avmae variant under torch.compile (inductor), as train.compile=true runs it",
-    "reference": "models/reference.py: dense fp32 softmax(q @ k.T / sqrt(d)) @ v attention, no autocast, "
+    "reference": "avmae/benchmark/reference.py: dense fp32 softmax(q @ k.T / sqrt(d)) @ v attention, no autocast, "
     "AdamW foreach=False",
 }
 PRECISIONS = {"no": None, "bf16": torch.bfloat16}

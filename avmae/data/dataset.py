@@ -42,7 +42,7 @@ from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
-from avmae.data.transforms import crop_positions, eval_video_transform
+from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
     DecordReader,
     VideoDecodeError,
@@ -93,7 +93,7 @@ class AVDataset(Dataset):
         train: random clips (``data_cfg.clips_per_video`` of them per item) and ``transforms``;
             otherwise multi-view evaluation clips.
         transforms: an ``avmae.augment.AVTransforms`` for training; unused in evaluation, which
-            applies ``avmae.data.transforms.eval_video_transform`` and no audio change.
+            applies ``avmae.augment.transforms.eval_video_transform`` and no audio change.
         seed: base of every item's generator.
         missing_list: where the ids and paths of records with missing files are written.
         split: name used in log lines.

@@ -228,7 +228,7 @@ def evaluate_finetuned(
     from avmae.data import build_dataset
     from avmae.engine.pretrain import build_accelerator
 
-    from .finetune import load_finetuned
+    from avmae.engine.finetune import load_finetuned
 
     model, cfg = load_finetuned(model_dir, overrides)
     accelerator = build_accelerator(cfg)

@@ -10,8 +10,8 @@ CAV-MAE era is written:
 - plain AdamW (``foreach=False``, ``fused=False``; ``plain_adamw``).
 
 It shares with ``AVMAE`` everything that is not about how the network runs: the masking policies
-(``avmae.masking``), the sine-cosine positions, the patchify order and the loss
-(``avmae.objectives``). Width, depth, heads, token counts, masks and parameter count are those of
+(``avmae.models.masking``), the sine-cosine positions, the patchify order and the loss
+(``avmae.models.losses``). Width, depth, heads, token counts, masks and parameter count are those of
 the ``AVMAE`` built from the same config, and ``avmae_to_reference_state_dict`` maps an
 ``AVMAE``'s weights onto it, so a benchmark ratio between the two is about implementation only.
 """
@@ -25,13 +25,13 @@ from einops import rearrange
 from torch import nn
 
 from avmae.config import Config, TrainConfig
-from avmae.masking import TokenMask, sample_mask, take_tokens
-from avmae.objectives import masked_mse, normalize_patches
+from avmae.models.masking import TokenMask, sample_mask, take_tokens
+from avmae.models.losses import masked_mse, normalize_patches
 
-from .layers import MODALITIES, audio_grid, init_weights, norm_layer, patchify_audio, patchify_video, video_grid
-from .pos_embed import audio_sincos, video_sincos
-from .pretrain import model_grids
-from .registry import get_size
+from avmae.models.layers import MODALITIES, audio_grid, init_weights, norm_layer, patchify_audio, patchify_video, video_grid
+from avmae.models.pos_embed import audio_sincos, video_sincos
+from avmae.models.pretrain import model_grids
+from avmae.models.registry import get_size
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

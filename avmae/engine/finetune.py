@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from avmae.config import Config, TrainConfig, replace, save_config
 from avmae.engine.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
-from .evaluate import build_eval_loader, evaluate, format_table, model_inputs, summary, write_results
+from avmae.evaluation.evaluate import build_eval_loader, evaluate, format_table, model_inputs, summary, write_results
 
 
 def prepare_config(cfg: Config) -> Config:
