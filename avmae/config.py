@@ -211,6 +211,9 @@ class ModelConfig:
     video_masking: str = "random"  # random | tube
     audio_masking: str = "random"  # random | time | freq | time_freq
     norm_pix_loss: bool = True
+    # MAE loss on the masked patches only (gathered first, targets in fp32 at that size); false
+    # is the earlier full-size target path, equal in value, kept to measure the difference.
+    mae_loss_masked_only: bool = True
     loss_weight_video: float = 0.5
     loss_weight_audio: float = 0.5
     mae_weight: float = 1.0  # 0 turns the reconstruction branch off
@@ -252,7 +255,12 @@ class TrainConfig:
     clip_grad: float = 0.0  # 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
-    compile: bool = False
+    # torch.compile of the training step: null = on where a GPU is present (off on the CPU and
+    # under DeepSpeed); a compiler failure falls back to the eager model with a message
+    # (avmae/engine/compile.py). compile_mode: default | max-autotune | max-autotune-no-cudagraphs
+    # | reduce-overhead (CUDA graphs).
+    compile: Optional[bool] = None
+    compile_mode: str = "default"
     log_every: int = 10  # optimiser steps between logs (and NaN checks)
     checkpoint_every: int = 500  # optimiser steps
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all

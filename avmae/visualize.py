@@ -17,6 +17,7 @@ import torch
 
 from avmae.config import Config, replace
 from avmae.data.dataset import AVDataset
+from avmae.data.device import normalize_inputs
 from avmae.data.manifests import ClipRecord, Manifest
 
 
@@ -50,7 +51,7 @@ def load_clip(cfg: Config, clip: str | Path) -> dict[str, torch.Tensor]:
     item = dataset[0]
     if item["failures"]:
         raise ValueError(f"{clip}: could not be decoded (see the warning above)")
-    return {"video": item["video"], "audio": item["audio"]}
+    return normalize_inputs({"video": item["video"], "audio": item["audio"]}, cfg.data.video)
 
 
 def _patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

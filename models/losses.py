@@ -62,6 +62,27 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def masked_patch_mse(
+    pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, num_masked: int, norm_pix: bool
+) -> torch.Tensor:
+    """``masked_mse(pred, target, mask)`` computed on the masked patches only.
+
+    pred: ``(B, N, P)`` (any float dtype); patches: the raw ``(B, N, P)`` patches; mask ``(B, N)``,
+    1 = masked, ``num_masked`` ones in every row (the masking policies keep a fixed count).
+    The masked rows of both are gathered first, so the fp32 copy of the prediction and the
+    ``norm_pix`` target (``normalize_patches``) are built at ``num_masked`` rows, not ``N``. With
+    every row holding the same count, the mean over masked patches is a plain mean.
+    """
+    if num_masked == 0:
+        return pred.sum() * 0.0
+    ids = mask.argsort(dim=1, descending=True, stable=True)[:, :num_masked]
+    index = ids[:, :, None].expand(-1, -1, pred.shape[-1])
+    target = torch.gather(patches, 1, index).float()
+    if norm_pix:
+        target = normalize_patches(target)
+    return F.mse_loss(torch.gather(pred, 1, index).float(), target)
+
+
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """Symmetric InfoNCE between paired embeddings, negatives from every process.
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from avmae.config import Config, ModelConfig
 from .masking import TokenMask, sample_mask, take_tokens
-from .losses import masked_mse, normalize_patches
+from .losses import masked_mse, masked_patch_mse, normalize_patches
 
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
 from .decoder import AVDecoder
@@ -168,7 +168,16 @@ class AVMAE(nn.Module):
 
     def _mae_branch(self, inputs, masks, latent) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
         grids = self.grids(inputs)
-        targets = self.targets(inputs)
+        masked_only = self.cfg.mae_loss_masked_only
+        # masked_only: raw patches, gathered at the masked rows by the loss; else full-size targets
+        targets = {m: self.patchify(m, x) for m, x in inputs.items()} if masked_only else self.targets(inputs)
+
+        def score(pred: torch.Tensor, m: str) -> torch.Tensor:
+            if masked_only:
+                num_masked = masks[m].mask.shape[1] - masks[m].num_visible
+                return masked_patch_mse(pred, targets[m], masks[m].mask, num_masked, self.cfg.norm_pix_loss)
+            return masked_mse(pred, targets[m], masks[m].mask)
+
         recon = self.cfg.reconstruction
         preds = {}
         objectives: dict[str, list[torch.Tensor]] = {m: [] for m in inputs}
@@ -176,20 +185,23 @@ class AVMAE(nn.Module):
         if recon in ("joint", "both"):
             preds = self.decoder.reconstruct(latent, masks, grids)
             for m in inputs:
-                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask))
+                objectives[m].append(score(preds[m], m))
                 logs[f"mae_{m}"] = objectives[m][-1]
         if recon in ("inpaint", "both"):
             inpainted = {m: self.decoder.inpaint(m, latent, masks, grids) for m in inputs}
             for m in inputs:
-                objectives[m].append(masked_mse(inpainted[m], targets[m], masks[m].mask))
+                objectives[m].append(score(inpainted[m], m))
                 logs[f"inpaint_{m}" if recon == "both" else f"mae_{m}"] = objectives[m][-1]
             preds = preds or inpainted
         weight = {"video": self.cfg.loss_weight_video, "audio": self.cfg.loss_weight_audio}
         loss = sum(weight[m] * torch.stack(objectives[m]).mean() for m in inputs)
         outputs = {}
+        if masked_only and not self.training:
+            targets = self.targets(inputs)  # the full-size targets, for inspection (visualize)
         for m in inputs:
             outputs[f"pred_{m}"] = preds[m]
-            outputs[f"target_{m}"] = targets[m]
+            if not (masked_only and self.training):
+                outputs[f"target_{m}"] = targets[m]
             outputs[f"mask_{m}"] = masks[m].mask
         return loss, logs, outputs
 
@@ -240,7 +252,8 @@ class AVMAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict:
         """Returns ``loss``, ``logs`` (detached scalars) and, when the MAE branch runs,
-        ``pred_*``/``target_*`` ``(B, N, patch_dim)`` and ``mask_*`` ``(B, N)`` (1 = masked)."""
+        ``pred_*``/``target_*`` ``(B, N, patch_dim)`` and ``mask_*`` ``(B, N)`` (1 = masked);
+        in training with ``model.mae_loss_masked_only`` no full-size ``target_*`` is built."""
         cfg = self.cfg
         inputs = {"video": video, "audio": audio}
         inputs2 = None

@@ -14,7 +14,7 @@ from avmae.augment.audio import add_noise, circular_roll, mask_along_axis, rando
 from avmae.augment.mixup import draw_lambda
 from avmae.augment.video import SpatialParams, apply_spatial, rotate_hue, temporal_order
 from avmae.config import load_config
-from avmae.augment.transforms import eval_video_transform
+from avmae.augment.transforms import eval_video_transform, mean_colour
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "augment"
 GEOMETRY = ["data.video.resize=36", "data.video.size=32"]
@@ -69,7 +69,7 @@ def test_one_draw_per_clip_keeps_a_still_clip_still():
     reference = eval_video_transform(still_clip(), config().data.video)
     for seed in range(4):
         video = transforms.video(still_clip(), generator(seed))
-        assert video.shape == (3, 6, 32, 32) and video.dtype == torch.float32
+        assert video.shape == (3, 6, 32, 32) and video.dtype == torch.uint8  # normalised on the device
         assert frames_identical(video)
         assert not torch.equal(video, reference)  # it did augment
 
@@ -86,7 +86,8 @@ def test_tube_cutout_erases_the_same_box_in_every_frame():
     video = build_transforms(config("augment.crop=0", "augment.tube_cutout=1.0"), train=True).video(
         textured_clip(), generator(3)
     )
-    erased = (video == 0).all(dim=0)  # (T, H, W): every channel exactly at the mean colour
+    fill = mean_colour(config().data.video.mean).view(3, 1, 1, 1)
+    erased = (video == fill).all(dim=0)  # (T, H, W): every channel exactly at the mean colour
     assert erased[0].any()
     assert all(torch.equal(erased[0], erased[t]) for t in range(1, erased.shape[0]))
     rows, cols = erased[0].nonzero(as_tuple=True)
@@ -168,7 +169,7 @@ def test_larger_strength_changes_more():
     for strength in (0.25, 1.0, 2.0):
         transforms = build_transforms(config(*moderate, f"augment.strength={strength}"), train=True)
         changes.append([
-            sum((f(x, generator(seed)) - ref).abs().mean().item() for seed in range(8)) / 8
+            sum((f(x, generator(seed)).float() - ref.float()).abs().mean().item() for seed in range(8)) / 8
             for f, x, ref in ((transforms.video, clip, reference), (transforms.waveform, wave, wave),
                               (transforms.fbank, fbank, fbank))
         ])

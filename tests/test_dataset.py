@@ -19,7 +19,7 @@ from avmae.data.collate import collate_clips
 from avmae.data.dataset import AVDataset, TooManyDecodeFailures, _read_clips, _read_windows, build_dataset
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
-from avmae.augment.transforms import eval_video_transform
+from avmae.augment.transforms import eval_video_transform, normalize_video
 from avmae.data.video import open_video
 
 # tiny clips: 4 frames at 4 fps (1 s of the 2.5 s synthetic clips), 48 px crops, 1.28 s of audio
@@ -59,6 +59,11 @@ class PlainTransforms:
         return features
 
 
+def model_video(item: dict, cfg) -> torch.Tensor:
+    """An item's uint8 video as the model sees it (normalised, as the engine does on the device)."""
+    return normalize_video(item["video"], cfg.data.video.mean, cfg.data.video.std)
+
+
 def test_dataloader_with_two_workers_over_the_synthetic_dataset(synthetic_root, tmp_path):
     cfg = tiny_config(synthetic_root, tmp_path, "data.batch_size=4")
     ids = split_ids(synthetic_root, "train")
@@ -74,7 +79,7 @@ def test_dataloader_with_two_workers_over_the_synthetic_dataset(synthetic_root, 
     seen, failures, batches = [], 0, 0
     for batch in loader:
         b = batch["video"].shape[0]
-        assert batch["video"].shape == (b, 3, 4, 48, 48) and batch["video"].dtype == torch.float32
+        assert batch["video"].shape == (b, 3, 4, 48, 48) and batch["video"].dtype == torch.uint8
         assert batch["audio"].shape == (b, 1, 128, 128) and batch["audio"].dtype == torch.float32
         assert batch["targets"]["label"].dtype == torch.long and batch["targets"]["label"].shape == (b,)
         assert torch.isfinite(batch["video"]).all() and torch.isfinite(batch["audio"]).all()
@@ -197,7 +202,7 @@ def test_audio_and_video_are_aligned_in_time(make_clip, tmp_path):
         for epoch in epochs:
             dataset.set_epoch(epoch)
             item = dataset[0]
-            brightness = item["video"].mean(dim=(0, 2, 3))
+            brightness = model_video(item, cfg).mean(dim=(0, 2, 3))
             bright = torch.nonzero(brightness > brightness.min() + 1.0).flatten()
             if bright.numel() == 0:
                 continue  # the flash fell outside this clip
@@ -213,7 +218,7 @@ def test_audio_and_video_are_aligned_in_time(make_clip, tmp_path):
     assert all(-0.125 - 0.02 <= o <= 0.02 for o in offsets), offsets
     # the evaluation clip is centred on the file: frames at 1.0 .. 1.875 s, flash at frame 5
     evaluation.set_epoch(0)
-    brightness = evaluation[0]["video"].mean(dim=(0, 2, 3))
+    brightness = model_video(evaluation[0], cfg).mean(dim=(0, 2, 3))
     assert torch.argmax(brightness).item() == 5
 
 
@@ -232,7 +237,7 @@ def test_segments_of_a_long_video(make_clip, tmp_path):
     mean, std = cfg.data.video.mean[0], cfg.data.video.std[0]
 
     def times(item) -> np.ndarray:
-        level = (item["video"][0].mean(dim=(1, 2)) * std + mean) * 255
+        level = (model_video(item, cfg)[0].mean(dim=(1, 2)) * std + mean) * 255
         return np.round(level.numpy() / 4) / fps
 
     train = AVDataset(manifest, cfg.data, cfg.augment, train=True, transforms=PlainTransforms(cfg.data.video))

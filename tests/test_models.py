@@ -180,7 +180,8 @@ def test_every_mae_variant_trains_a_step(fusion, decoder, reconstruction):
     assert no_grad == []
     assert torch.isfinite(out["loss"])
     for m, n in (("video", 32), ("audio", 32)):
-        assert out[f"pred_{m}"].shape == out[f"target_{m}"].shape == (2, n, PATCH_DIM[m])
+        assert out[f"pred_{m}"].shape == (2, n, PATCH_DIM[m])
+        assert f"target_{m}" not in out  # training scores the masked patches only
         assert out[f"mask_{m}"].shape == (2, n)
     assert (out["mask_video"].sum(1) == 32 - 8).all() and (out["mask_audio"].sum(1) == 16).all()
     expected_logs = {"mae", "mae_video", "mae_audio"} | ({"inpaint_video", "inpaint_audio"} if reconstruction == "both" else set())
@@ -283,8 +284,29 @@ def test_loss_is_carried_by_masked_patches_only():
         grad, mask = preds[m].grad, out[f"mask_{m}"]
         assert (grad[mask == 0] == 0).all()
         assert (grad[mask == 1].abs().sum(-1) > 0).all()
-    # raw targets are the patches themselves
-    assert torch.equal(out["target_audio"], patchify_audio(audio, 8))
+    # raw targets are the patches themselves (built in full for inspection in eval mode)
+    assert torch.equal(model.eval()(video, audio)["target_audio"], patchify_audio(audio, 8))
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_only_loss_equals_the_full_size_formula(norm_pix):
+    """model.mae_loss_masked_only gathers the masked patches before the fp32 target; the loss and
+    its gradient equal the full-size masked_mse path's."""
+    results = []
+    for masked_only in (True, False):
+        torch.manual_seed(0)
+        model = build_pretrain_model(tiny_cfg(f"model.norm_pix_loss={norm_pix}", f"model.mae_loss_masked_only={masked_only}",
+                                              "model.reconstruction=both"))
+        video, audio = tiny_batch()
+        out = model(video, audio, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        results.append((out["loss"].detach(), out["logs"], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, logs_a, grads_a), (loss_b, logs_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=0)
+    for name in logs_b:
+        torch.testing.assert_close(logs_a[name], logs_b[name], rtol=1e-6, atol=0)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-7)
 
 
 def test_masks_and_loss_are_reproducible_under_a_generator():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avmae.config import VideoConfig
-from avmae.augment.transforms import crop_positions, eval_video_transform, normalize, spatial_crop
+from avmae.augment.transforms import crop_positions, eval_video_transform, normalize, normalize_video, spatial_crop
 from avmae.data.video import (
     ClipTooShortError,
     VideoDecodeError,
@@ -133,9 +133,9 @@ def test_eval_transform_shapes_crops_and_normalisation():
     frames = torch.zeros(4, 3, 40, 80, dtype=torch.uint8)
     frames[..., :, :40] = 255  # left half white, right half black
     out = eval_video_transform(frames, cfg)
-    assert out.shape == (3, 4, 24, 24) and out.dtype == torch.float32
+    assert out.shape == (3, 4, 24, 24) and out.dtype == torch.uint8  # normalised on the device
     # resized to 32 x 64: left crop is white, right crop black, centre straddles the edge
-    left, centre, right = (eval_video_transform(frames, cfg, p) for p in crop_positions(3))
+    left, centre, right = (normalize_video(eval_video_transform(frames, cfg, p), cfg.mean, cfg.std) for p in crop_positions(3))
     white = (1.0 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
     black = -torch.tensor(cfg.mean) / torch.tensor(cfg.std)
     assert torch.allclose(left.mean(dim=(1, 2, 3)), white, atol=1e-4)

@@ -41,7 +41,7 @@ def _eval_video(frames: torch.Tensor, generator: torch.Generator, video_cfg: Vid
 class AVTransforms:
     """The per-clip transforms, each ``f(x, generator)``:
 
-    - ``video``: uint8 ``(T, C, H, W)`` -> float32 ``(C, T, size, size)`` normalised;
+    - ``video``: uint8 ``(T, C, H, W)`` -> uint8 ``(C, T, size, size)`` (normalised on the device);
     - ``waveform``: float32 ``(N,)`` -> ``(N,)``, before the fbank;
     - ``fbank``: normalised float32 ``(T_a, F)`` -> ``(T_a, F)``.
 

@@ -5,7 +5,8 @@ clip and apply it to every frame, so the clip stays a plausible video (objects m
 colours stay put); with ``per_frame`` the same transforms draw their parameters per frame, which
 breaks temporal coherency on purpose (the paper's control). Frame shuffle and time reversal are
 the other controls. Order: crop first (later ops touch fewer pixels), flip, colour, grayscale,
-blur, down-up sampling, temporal reindexing, normalise, tube cutout in normalised space.
+blur, down-up sampling, temporal reindexing, back to uint8, tube cutout (the mean colour).
+The clip leaves as uint8 ``(C, T, H, W)``; the device normalises it (``normalize_video``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from einops import rearrange
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from avmae.config import AugmentConfig, VideoConfig
-from avmae.augment.transforms import normalize, resize_short_side, spatial_crop
+from avmae.augment.transforms import mean_colour, resize_short_side, spatial_crop, to_uint8
 
 from . import rng
 
@@ -171,17 +173,16 @@ def apply_spatial(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoC
     return frames
 
 
-def to_model_input(frames: torch.Tensor, video_cfg: VideoConfig) -> torch.Tensor:
-    """uint8, or float in [0, 1], ``(T, C, H, W)`` -> normalised float32 ``(C, T, H, W)``."""
-    if frames.is_floating_point():
-        frames = frames * 255.0  # `normalize` takes the uint8 scale
-    return normalize(frames, video_cfg.mean, video_cfg.std)
+def to_clip(frames: torch.Tensor) -> torch.Tensor:
+    """uint8, or float in [0, 1], ``(T, C, H, W)`` -> uint8 ``(C, T, H, W)`` (floats rounded to
+    the nearest level: at most half a level, 0.5 / 255, from the float path)."""
+    return rearrange(to_uint8(frames), "t c h w -> c t h w").contiguous()
 
 
-def erase_box(video: torch.Tensor, box: Box) -> torch.Tensor:
-    """Set ``box`` of normalised ``(C, T, H, W)`` to 0, the dataset's mean colour, in place."""
+def erase_box(video: torch.Tensor, box: Box, fill: torch.Tensor) -> torch.Tensor:
+    """Set ``box`` of uint8 ``(C, T, H, W)`` or ``(C, H, W)`` to the colour ``fill`` ``(C,)``, in place."""
     top, left, h, w = box
-    video[..., top : top + h, left : left + w] = 0.0
+    video[..., top : top + h, left : left + w] = fill.view(-1, *([1] * (video.ndim - 1)))
     return video
 
 
@@ -203,7 +204,8 @@ def temporal_order(generator: torch.Generator, aug: AugmentConfig, num_frames: i
 
 
 class VideoAugment:
-    """Training video transform: uint8 ``(T, C, H, W)`` -> normalised float ``(C, T, size, size)``.
+    """Training video transform: uint8 ``(T, C, H, W)`` -> uint8 ``(C, T, size, size)``; the cutout
+    fill is the dataset's mean colour (0 once normalised, to within half a level).
 
     ``aug`` must be an effective config (see ``apply_strength``).
     """
@@ -233,9 +235,10 @@ class VideoAugment:
             frames = apply_spatial(frames, params[0], self.video_cfg)
 
         frames = frames[temporal_order(generator, self.aug, num_frames)]
-        video = to_model_input(frames, self.video_cfg)
+        video = to_clip(frames)
+        fill = mean_colour(self.video_cfg.mean)
         for t, p in enumerate(params):
             if p.cutout_box is not None:
                 # one box through the whole clip (a tube), or one per frame under `per_frame`
-                erase_box(video if len(params) == 1 else video[:, t], p.cutout_box)
+                erase_box(video if len(params) == 1 else video[:, t], p.cutout_box, fill)
         return video

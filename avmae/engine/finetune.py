@@ -207,7 +207,7 @@ def finetune(cfg: Config) -> dict:
                 source.set_epoch(epoch)
         for batch in loader:
             batch = send_to_device(batch, accelerator.device)
-            inputs = model_inputs(batch, ft.modalities)
+            inputs = model_inputs(batch, ft.modalities, cfg.data.video)  # uint8 video normalised on the device
             with accelerator.accumulate(model):
                 video, audio, soft = mix_batch(
                     inputs.get("video"), inputs.get("audio"), batch["targets"], heads, alpha, smoothing, mix_generator
@@ -234,7 +234,9 @@ def finetune(cfg: Config) -> dict:
                 break
         last = step >= num_steps
         if last or (ft.eval_every > 0 and (epoch + 1) % ft.eval_every == 0):
-            metrics, _ = evaluate(model, eval_loader, accelerator, ft.modalities, multi_label, len(eval_set.records))
+            metrics, _ = evaluate(
+                model, eval_loader, accelerator, ft.modalities, multi_label, len(eval_set.records), cfg.data.video
+            )
             accelerator.log({f"{ft.eval_split}/{k}": v for k, v in summary(metrics).items()}, step=step)
             accelerator.print(format_table(metrics, f"{ft.eval_split} after epoch {epoch + 1}, step {step}"))
         if last:

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 
 from avmae.config import Config, config_to_dict
 from avmae.data import DistributedWeightedSampler, Manifest, balanced_weights, build_dataset, collate_clips
+from avmae.data.device import normalize_inputs
+from avmae.engine.compile import compile_model
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -65,10 +67,15 @@ def build_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum, sync_with_dataloader=False
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True,
+            data_seed=cfg.train.seed,
+            # pinned batches (data.pin_memory) cross to the GPU without blocking the host
+            non_blocking=cfg.data.pin_memory and torch.cuda.is_available(),
+        ),
         log_with="tensorboard",
         project_dir=cfg.train.output_dir,
-        dynamo_backend="inductor" if cfg.train.compile else "no",
+        dynamo_backend="no",  # the engine compiles itself, with a fallback (avmae.engine.compile)
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
@@ -245,6 +252,7 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
     _configure_deepspeed(accelerator, cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     core = accelerator.unwrap_model(model)
+    forward = compile_model(model, cfg, accelerator.device, deepspeed, log=accelerator.print)  # or the model itself
 
     steps_per_epoch = len(loader) // train.grad_accum
     num_steps = total_steps(train, steps_per_epoch)
@@ -304,8 +312,9 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
             for batch in epoch_loader:
                 if state.batch_in_epoch >= micro_per_epoch:
                     break  # the last, incomplete accumulation window of the epoch is dropped
+                batch = normalize_inputs(batch, cfg.data.video)  # uint8 frames -> model input, on the device
                 with accelerator.accumulate(model):
-                    output = model(**_model_inputs(batch, input_dtype))
+                    output = forward(**_model_inputs(batch, input_dtype))
                     accelerator.backward(output["loss"])
                     if accelerator.sync_gradients and train.clip_grad > 0 and not deepspeed:
                         accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself

@@ -68,14 +68,24 @@ def aggregate_views(
     }
 
 
-def model_inputs(batch: dict, modalities: str) -> dict[str, torch.Tensor]:
-    """The keyword inputs of a classifier for ``audio``, ``video`` or ``audiovisual``."""
+def model_inputs(batch: dict, modalities: str, video_cfg=None) -> dict[str, torch.Tensor]:
+    """The keyword inputs of a classifier for ``audio``, ``video`` or ``audiovisual``; uint8
+    video is normalised by ``video_cfg`` (``data.video``) where it lies (``avmae.data.device``)."""
+    from avmae.data.device import normalize_inputs
+
     names = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}[modalities]
-    return {name: batch[name] for name in names}
+    inputs = {name: batch[name] for name in names}
+    if "video" in inputs and not inputs["video"].is_floating_point():
+        if video_cfg is None:
+            raise ValueError("uint8 video needs data.video (its mean and std) to become a model input")
+        inputs = normalize_inputs(inputs, video_cfg)
+    return inputs
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, accelerator, modalities: str, multi_label: bool) -> dict:
+def predict(
+    model: nn.Module, loader: Iterable, accelerator, modalities: str, multi_label: bool, video_cfg=None
+) -> dict:
     """Per-view probabilities of every item, gathered from all processes (padding included).
 
     ``loader`` must be prepared by ``accelerator`` (or be a per-process shard). Returns, on every
@@ -85,7 +95,7 @@ def predict(model: nn.Module, loader: Iterable, accelerator, modalities: str, mu
     model.eval()
     chunks: dict[str, list] = {"index": [], "view": [], "scores": [], "targets": []}
     for batch in loader:
-        logits = model(**model_inputs(batch, modalities))
+        logits = model(**model_inputs(batch, modalities, video_cfg))
         probs = {h: (l.float().sigmoid() if multi_label else l.float().softmax(dim=-1)) for h, l in logits.items()}
         # Batches may differ in size across processes at the tail: pad, gather, then cut.
         local = {"index": batch["index"], "view": batch["view"], "scores": probs, "targets": batch["targets"]}
@@ -119,10 +129,12 @@ def evaluate(
     modalities: str,
     multi_label: bool,
     num_records: int | None = None,
+    video_cfg=None,
 ) -> tuple[dict, dict]:
     """Multi-view metrics of ``model`` on ``loader``.
 
     Args:
+        video_cfg: ``data.video``, whose mean and std normalise uint8 video on the device.
         num_records: records of the dataset. A clip that cannot be decoded is replaced by another
             record's clip, whose repeat is dropped here, so the bad record gets no prediction:
             the shortfall is reported, never filled in.
@@ -132,7 +144,7 @@ def evaluate(
         ``records_scored``, ``records_unscored``, ``records_with_fewer_views``,
         ``views_per_record`` and ``duplicates_dropped``; and the output of ``aggregate_views``.
     """
-    raw = predict(model, loader, accelerator, modalities, multi_label)
+    raw = predict(model, loader, accelerator, modalities, multi_label, video_cfg)
     agg = aggregate_views(raw["index"], raw["view"], raw["scores"], raw["targets"])
     views = agg["views"]
     metrics = classification_metrics(agg["scores"], agg["targets"], multi_label)
@@ -240,7 +252,7 @@ def evaluate_finetuned(
         )
     model, loader = accelerator.prepare(model, build_eval_loader(cfg, dataset))
     modalities, multi_label = cfg.finetune.modalities, dataset.multi_label
-    metrics, _ = evaluate(model, loader, accelerator, modalities, multi_label, len(dataset.records))
+    metrics, _ = evaluate(model, loader, accelerator, modalities, multi_label, len(dataset.records), cfg.data.video)
     out_dir = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
     if accelerator.is_main_process:
         write_results(out_dir, {**metrics, "split": split}, dataset.classes)

@@ -85,7 +85,7 @@ def extract_features(
             encoder.eval().to(device)
     index, view, feats, targets = [], [], {name: [] for name in extractors}, []
     for batch in loader:
-        inputs = {k: v.to(device) for k, v in model_inputs(batch, modalities).items()}
+        inputs = model_inputs({k: v.to(device) for k, v in batch.items() if k in ("video", "audio")}, modalities, cfg.data.video)
         for name, encoder in extractors.items():
             if encoder is None:
                 grids = tuple(cfg.finetune.probe_raw_video_grid), tuple(cfg.finetune.probe_raw_audio_grid)
