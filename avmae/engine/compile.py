@@ -33,6 +33,19 @@ def compile_enabled(cfg: Config, device: torch.device | str, deepspeed: bool = F
     return bool(cfg.train.compile)
 
 
+def describe_failure(err: BaseException) -> str:
+    """``Type: first line`` of ``err`` and of its root cause (the compiler's own error)."""
+
+    def line(e: BaseException) -> str:
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+    root = err
+    while (root.__cause__ or getattr(root, "inner_exception", None)) is not None and root is not root.__cause__:
+        root = root.__cause__ or root.inner_exception
+    return line(err) if root is err else f"{line(err)} ({line(root)})"
+
+
 class CompiledStep:
     """Calls ``compiled`` after verifying, on the first call, that its forward and backward run;
     on failure prints the reason once and calls ``model`` from then on."""
@@ -54,9 +67,18 @@ class CompiledStep:
         grads = [p.grad for p in params]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         devices = [d for d in {p.device for p in params} if d.type == "cuda"]
-        with torch.random.fork_rng(devices=devices):
-            output = self.compiled(*args, **kwargs)
-            output["loss"].backward()
+        generators = [(g, g.get_state()) for g in [*args, *kwargs.values()] if isinstance(g, torch.Generator)]
+        try:
+            with torch.random.fork_rng(devices=devices):
+                output = self.compiled(*args, **kwargs)
+                output["loss"].backward()
+        finally:
+            self._restore(params, grads, buffers, generators)
+
+    @staticmethod
+    def _restore(params, grads, buffers, generators) -> None:
+        for g, state in generators:
+            g.set_state(state)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.grad = g
@@ -69,7 +91,7 @@ class CompiledStep:
                 self._verify(*args, **kwargs)
                 self.active = self.compiled
             except Exception as err:  # any compiler failure: the eager model is always correct
-                self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                self.error = describe_failure(err)
                 self.log(
                     f"torch.compile failed, training continues without it (set train.compile=false to skip "
                     f"the attempt): {self.error}"
