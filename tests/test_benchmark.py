@@ -48,7 +48,7 @@ def demo_cfg():
 
 @pytest.fixture(scope="module")
 def train_record(demo_cfg):
-    return measure_train_step(demo_cfg, torch.device("cpu"), ["avmae", "reference"], warmup=1, steps=2,
+    return measure_train_step(demo_cfg, torch.device("cpu"), ["avmae", "reference_fp32"], warmup=1, steps=2,
                               rounds=2, gemm_size=512)  # fmt: skip
 
 
@@ -66,7 +66,7 @@ def data_record(demo_cfg, clips_dir):
 
 def test_train_step_variants(train_record):
     variants = train_record["variants"]
-    assert set(variants) == {"avmae", "reference"}
+    assert set(variants) == {"avmae", "reference_fp32"}
     for result in variants.values():
         assert "error" not in result
         assert math.isfinite(result["clips_per_s"]) and result["clips_per_s"] > 0
@@ -75,10 +75,10 @@ def test_train_step_variants(train_record):
         assert result["peak_memory_bytes"] >= 0
     ratio = variants["avmae"]["vs_reference"]
     assert math.isfinite(ratio)
-    assert ratio == pytest.approx(variants["avmae"]["clips_per_s"] / variants["reference"]["clips_per_s"])
+    assert ratio == pytest.approx(variants["avmae"]["clips_per_s"] / variants["reference_fp32"]["clips_per_s"])
     flops = train_record["flops_per_clip"]
     # same network, same masks: the same matmuls, and backward costs more than forward
-    assert flops["avmae"] == flops["reference"]
+    assert flops["avmae"] == flops["reference_fp32"]
     assert flops["avmae"]["step"] > 2 * flops["avmae"]["forward"] > 0
 
 
@@ -98,11 +98,15 @@ def test_reference_computes_the_avmae_loss(demo_cfg):
 
 
 def test_default_variants_follow_the_reference_model(demo_cfg):
-    assert default_variants(demo_cfg) == ["avmae", "reference"]
+    assert default_variants(demo_cfg) == ["avmae", "reference_fp32"]  # demo.yaml trains in fp32
+    bf16 = load_config(DEMO, ["train.mixed_precision=bf16"])
+    assert default_variants(bf16) == ["avmae", "reference_bf16", "reference_fp32"]
+    with pytest.raises(ValueError, match="reference_bf16 variant runs under train.mixed_precision=bf16"):
+        measure_train_step(demo_cfg, torch.device("cpu"), ["reference_bf16"])
     late = load_config(REPO / "configs" / "pretrain" / "vitb_vggsound.yaml")
     assert default_variants(late) == ["avmae"]
     with pytest.raises(ValueError, match="model.fusion='late'"):
-        measure_train_step(late, torch.device("cpu"), ["reference"])
+        measure_train_step(late, torch.device("cpu"), ["reference_fp32"])
 
 
 def test_benchmark_clips(clips_dir):
@@ -150,7 +154,7 @@ def test_rows_go_into_their_table(tmp_path, train_record, data_record):
 
     start = lines.index(train_header)
     body = lines[start + 2 : start + 2 + len(train_rows)]
-    assert [line.split(" | ")[5] for line in body] == ["avmae", "reference"]  # in order, under the header
+    assert [line.split(" | ")[5] for line in body] == ["avmae", "reference_fp32"]  # in order, under the header
     assert lines[start + 2 + len(train_rows) :][:2] == ["", "Notes."]
     assert all(_cells(line) == len(TABLES["train_step"][1]) for line in body)
     assert "a\\|b.yaml" in body[0]  # a pipe in the command does not split the cell
@@ -191,3 +195,64 @@ def test_tool_writes_json_only_with_no_docs(tmp_path, monkeypatch):
     assert record["kind"] == "train_step" and record["variants"]["avmae"]["clips_per_s"] > 0
     assert record["command"].startswith("python tools/benchmark.py train-step --config")
     assert not (tmp_path / "docs").exists()
+
+
+def test_fair_reference_rows_under_bf16(demo_cfg):
+    cfg = load_config(DEMO, ["data.batch_size=2", "train.mixed_precision=bf16"])
+    record = measure_train_step(cfg, torch.device("cpu"), ["avmae", "reference_bf16", "reference_fp32"], warmup=1,
+                                steps=1, rounds=1, gemm_size=256)  # fmt: skip
+    variants = record["variants"]
+    assert all("error" not in v for v in variants.values()), variants
+    avmae = variants["avmae"]
+    # vs_reference is against the fair (same autocast) reference; the fp32 ratio is kept beside it
+    assert avmae["vs_reference"] == pytest.approx(avmae["clips_per_s"] / variants["reference_bf16"]["clips_per_s"])
+    assert avmae["vs_reference_fp32"] == pytest.approx(avmae["clips_per_s"] / variants["reference_fp32"]["clips_per_s"])
+    assert "TF32 allowed" in variants["reference_bf16"]["description"] and "fp32" in variants["reference_fp32"]["description"]
+    assert not torch.backends.cuda.matmul.allow_tf32  # the benchmark leaves TF32 as the engine has it
+
+
+def test_profile_splits_the_step_and_names_the_attention_kernel(demo_cfg):
+    from avmae.benchmark.profile import CATEGORIES, categorize, profile_train_step
+
+    record = profile_train_step(demo_cfg, torch.device("cpu"), "avmae", warmup=1, steps=1)
+    assert set(record["ms_per_step"]) == set(CATEGORIES)
+    assert sum(record["ms_per_step"].values()) == pytest.approx(record["total_ms_per_step"])
+    assert sum(record["share"].values()) == pytest.approx(1.0)
+    for category in ("matmul", "attention", "elementwise", "optimizer"):
+        assert record["ms_per_step"][category] > 0, category
+    assert any("scaled_dot_product" in k for k in record["attention_kernels"])  # SDPA ran
+    reference = profile_train_step(demo_cfg, torch.device("cpu"), "reference_fp32", warmup=0, steps=1)
+    assert list(reference["attention_kernels"]) == ["none (explicit matmul + softmax)"]
+    assert categorize("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert categorize("aten::_scaled_dot_product_efficient_attention_backward") == "attention"
+    (row,) = record_rows(record, "python tools/benchmark.py profile")
+    assert len(row) == len(TABLES["profile"][1])
+
+
+def test_gpu_suite_plan_and_tiny_run(tmp_path):
+    from avmae.benchmark.suite import FULL, TINY, Step, run_suite, suite_steps
+
+    full = {s.name: s for s in suite_steps(FULL, tmp_path, ["data.format=shards", "data.root=/shards"])}
+    assert list(full)[:4] == ["fair_reference", "profile_avmae", "profile_reference", "levers"]
+    assert {"batch_128", "batch_256", "vitl", "cavmae_shaped", "engine_synthetic", "engine_loader", "max_autotune",
+            "input_copy"} <= set(full)  # fmt: skip
+    assert {"avmae_full_loss", "compiled", "compiled_cudagraphs"} <= set(full["levers"].argv)
+    assert "model.size=large" in full["vitl"].argv and "model.decoder_depth=8" in full["cavmae_shaped"].argv
+    assert "data.root=/shards" in full["engine_loader"].argv and full["engine_loader"].launch
+    assert "engine_loader" not in {s.name for s in suite_steps(FULL, tmp_path)}
+
+    spec = importlib.util.spec_from_file_location("tool_benchmark_suite", REPO / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    steps = [s for s in suite_steps(TINY, tmp_path) if s.name in ("profile_avmae", "input_copy")]
+    steps.append(Step("broken", ["profile", "--config", str(tmp_path / "missing.yaml")], 10))
+    summary = run_suite(steps, tmp_path, budget_s=600, in_process=tool.main)
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert status == {"profile_avmae": "ok", "input_copy": "ok", "broken": "error"}  # one failure stops nothing
+    assert json.loads((tmp_path / "profile_avmae.json").read_text())["kind"] == "profile"
+    copy = json.loads((tmp_path / "input_copy.json").read_text())
+    assert copy["float32_bytes"] == 4 * copy["uint8_bytes"] and "CPU" in copy["note"]
+    markdown = (tmp_path / "suite.md").read_text()
+    assert "## profile_avmae: ok" in markdown and header_lines("input_copy")[0] in markdown
+    skipped = run_suite(suite_steps(TINY, tmp_path / "late")[:1], tmp_path / "late", budget_s=0)
+    assert skipped["steps"][0]["status"] == "skipped" and "budget" in skipped["steps"][0]["message"]

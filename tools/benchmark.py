@@ -2,20 +2,30 @@
 its rows to docs/benchmarks.md.
 
     python tools/benchmark.py train-step --config configs/pretrain/demo.yaml
-        [--variants avmae reference compiled] [--steps N] [--warmup N] [--threads N] [--out FILE.json]
+        [--variants avmae reference_bf16 reference_fp32 compiled ...] [--steps N] [--warmup N] [--threads N]
+        [--out FILE.json]
         [key.sub=value ...]
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
         --config configs/pretrain/vitb_vggsound.yaml [key.sub=value ...]
     python tools/benchmark.py data [--config configs/pretrain/vitb_vggsound.yaml]
         [--decoders decord pyav] [--clips-per-video 1 4] [--items N] [--out FILE.json] [key.sub=value ...]
+    python tools/benchmark.py profile --config CONFIG [--variant avmae] [--steps N] [key.sub=value ...]
+    python tools/benchmark.py input-copy --config CONFIG [key.sub=value ...]
+    python tools/benchmark.py gpu-suite --out DIR [--budget-s 480] [--tiny] [--engine-data key=value ...]
 
 train-step runs on CUDA when it is available, else on the CPU, in the config's
-train.mixed_precision (bf16 or no). Variants default to avmae, plus the reference when the
-config is one it implements (mid fusion, separate decoders, no contrastive head). data times the
+train.mixed_precision (bf16 or no). Variants default to avmae, plus the reference rows when the
+config is one the reference implements (mid fusion, separate decoders, no contrastive head):
+reference_bf16 (same autocast, TF32 allowed) under bf16, and reference_fp32. data times the
 training items of the config's dataset settings on one worker and one thread, over 360p H.264
 clips it writes once into --clips-dir. engine runs the pretraining engine itself (accelerate,
 DDP or DeepSpeed, as launched) for train.max_steps on a random clip kept on the device, and reports
-its logged clips/s after the first logging window (see avmae.benchmark.engine). See docs/benchmarks.md.
+its logged clips/s after the first logging window (see avmae.benchmark.engine); --data-source
+dataset feeds it the config's own training data instead. profile breaks one variant's step down
+by kind of work (avmae.benchmark.profile); input-copy times one batch of frames to the device as
+float32 and as uint8. gpu-suite runs every GPU measurement, each in its own process, and writes
+the JSON records, suite.json and suite.md into DIR (avmae.benchmark.suite; --tiny: the micro
+model, for a CPU check). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,7 +49,11 @@ from avmae.benchmark import (
     save_record,
     write_benchmark_clips,
 )
+from avmae.benchmark.engine import SOURCES
+from avmae.benchmark.input_copy import measure_input_copy
+from avmae.benchmark.profile import profile_train_step
 from avmae.benchmark.report import format_row, header_lines
+from avmae.benchmark.suite import FULL, TINY, run_suite, suite_steps
 from avmae.config import load_config
 from avmae.data.video import DECODERS
 
@@ -62,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     train.add_argument("--rounds", type=int, default=2, help="timed rounds the steps are split into")
     train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    train.add_argument("--gemm-size", type=int, default=2048,
+                       help="matrix size of the GEMM that measures peak FLOP/s where no data sheet applies")
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default torch's: one per core; on a shared machine fewer, "
                        "or the threads wait on each other)")
@@ -69,7 +85,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = commands.add_parser("engine", help="clips/s and MFU of the pretraining engine under accelerate launch")
     engine.add_argument("--config", required=True, help="pretraining YAML (train.max_steps, train.log_every)")
+    engine.add_argument("--data-source", choices=SOURCES, default="device",
+                        help="device: one random clip kept on the device; dataset: the config's training data")
     _common(engine)
+
+    prof = commands.add_parser("profile", help="torch.profiler breakdown of one variant's training step")
+    prof.add_argument("--config", required=True, help="pretraining YAML")
+    prof.add_argument("--variant", choices=list(VARIANTS), default="avmae")
+    prof.add_argument("--steps", type=int, default=3, help="profiled steps")
+    prof.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    prof.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    prof.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _common(prof)
+
+    copy = commands.add_parser("input-copy", help="one batch of frames to the device: float32 vs uint8")
+    copy.add_argument("--config", required=True, help="YAML whose data.batch_size and video geometry are used")
+    copy.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    _common(copy)
+
+    suite = commands.add_parser("gpu-suite", help="every GPU measurement, within a time budget, as JSON records")
+    suite.add_argument("--out", required=True, help="folder for the records, suite.json and suite.md")
+    suite.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget; later steps are skipped")
+    suite.add_argument("--tiny", action="store_true", help="micro model, a few steps, no compiled variants (CPU check)")
+    suite.add_argument("--in-process", action="store_true", help="run the steps in this process (no timeouts)")
+    suite.add_argument("--engine-data", nargs="+", default=None, metavar="KEY=VALUE",
+                       help="overrides naming the training data the engine_loader step reads (e.g. the shards)")
 
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
     data.add_argument("--config", default="configs/pretrain/vitb_vggsound.yaml",
@@ -104,7 +144,8 @@ def run_train_step(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     print(f"train-step on {device}: {', '.join(variants)}, {cfg.model.size}, batch {cfg.data.batch_size}, "
           f"{cfg.train.mixed_precision}", flush=True)  # fmt: skip
-    return measure_train_step(cfg, device, variants, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+    return measure_train_step(cfg, device, variants, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
+                              gemm_size=args.gemm_size)  # fmt: skip
 
 
 def run_data(args: argparse.Namespace) -> dict:
@@ -121,13 +162,38 @@ def run_data(args: argparse.Namespace) -> dict:
 
 def run_engine(args: argparse.Namespace) -> dict | None:
     cfg = load_config(args.config, ["train.output_dir=runs/benchmark/engine_run", *args.overrides])
-    return measure_engine(cfg)
+    return measure_engine(cfg, args.data_source)
+
+
+def run_profile(args: argparse.Namespace) -> dict:
+    cfg = load_config(args.config, args.overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return profile_train_step(cfg, _device(args.device), args.variant, warmup=args.warmup, steps=args.steps)
+
+
+def run_input_copy(args: argparse.Namespace) -> dict:
+    return measure_input_copy(load_config(args.config, args.overrides), _device(args.device))
+
+
+def run_gpu_suite(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    steps = suite_steps(TINY if args.tiny else FULL, out, args.engine_data)
+    summary = run_suite(steps, out, args.budget_s, in_process=main if args.in_process else None)
+    failed = [s["name"] for s in summary["steps"] if s["status"] not in ("ok", "skipped")]
+    print(f"suite: {len(summary['steps'])} steps in {summary['total_s']:.0f} s; records, suite.json and suite.md in {out}"
+          + (f"; not ok: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    record = {"train-step": run_train_step, "data": run_data, "engine": run_engine}[args.command](args)
+    if args.command == "gpu-suite":
+        return run_gpu_suite(args)
+    runs = {"train-step": run_train_step, "data": run_data, "engine": run_engine, "profile": run_profile,
+            "input-copy": run_input_copy}  # fmt: skip
+    record = runs[args.command](args)
     if record is None:  # not the main process of an accelerate launch
         return 0
     command = shlex.join(["python", "tools/benchmark.py", *argv])

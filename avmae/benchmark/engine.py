@@ -2,8 +2,12 @@
 
 ``measure_engine(cfg)`` runs ``avmae.engine.pretrain`` unchanged (accelerate's
 preparation, DDP or DeepSpeed ZeRO, mixed precision, accumulation, clipping, logging, the final
-checkpoint) on ``DeviceClips``: one random clip of the config's geometry, made once on the
-device and repeated, so neither decoding nor host-to-device copies limit the step. The figure is
+checkpoint) on ``DeviceClips``: one random clip of the config's geometry (uint8 frames, as
+datasets deliver them), made once on the device and repeated, so neither decoding nor
+host-to-device copies limit the step. With ``source="dataset"`` it trains on the config's own
+training data instead (``build_dataset(cfg, "train")``: mp4 manifests, or any other
+``data.format``, with the config's ``data.num_workers`` and pinning), which measured next to the
+synthetic run says how much of the step the loader keeps fed. The figure is
 the engine's own ``train/clips_per_s`` (all processes), averaged over the logging windows after
 the first (which holds the warm-up and DeepSpeed's first steps). MFU divides the counted
 forward + backward FLOPs per clip by the data-sheet (or measured GEMM) peak of every process's
@@ -40,11 +44,19 @@ class DeviceClips(Dataset):
         return {"video": self.video, "audio": self.audio, "failures": 0, "index": index}
 
 
-def measure_engine(cfg: Config) -> dict | None:
-    """Run ``train.max_steps`` updates of ``pretrain`` on ``DeviceClips`` into a fresh
-    ``train.output_dir`` (removed first) and return the record on the main process (None on the
-    others). Needs at least two logging windows."""
+SOURCES = ("device", "dataset")
+
+
+def measure_engine(cfg: Config, source: str = "device") -> dict | None:
+    """Run ``train.max_steps`` updates of ``pretrain`` on ``DeviceClips`` (``source="device"``)
+    or the config's training data (``"dataset"``) into a fresh ``train.output_dir`` (removed
+    first) and return the record on the main process (None on the others). Needs at least two
+    logging windows."""
+    from avmae.data import build_dataset
     from avmae.engine import pretrain, read_scalars
+
+    if source not in SOURCES:
+        raise ValueError(f"engine data source must be one of {', '.join(SOURCES)}, got {source!r}")
 
     train = cfg.train
     if train.max_steps < 2 * train.log_every:
@@ -55,14 +67,14 @@ def measure_engine(cfg: Config) -> dict | None:
     if state.is_main_process and output_dir.exists():
         shutil.rmtree(output_dir)  # a fresh run each time: resume=none refuses old checkpoints
     state.wait_for_everyone()
+    data = replace(cfg.data, num_workers=0, pin_memory=False, clips_per_video=1) if source == "device" else cfg.data
     run = replace(
-        cfg,
-        data=replace(cfg.data, num_workers=0, pin_memory=False, clips_per_video=1),
-        train=replace(train, resume="none", checkpoint_every=train.max_steps, keep_checkpoints=1),
+        cfg, data=data, train=replace(train, resume="none", checkpoint_every=train.max_steps, keep_checkpoints=1)
     )
     items = run.data.batch_size * state.num_processes * train.grad_accum * (train.max_steps + 1)
     env = environment(device, torch.get_num_threads())
-    pretrain(run, dataset=DeviceClips(run, items, device))
+    dataset = DeviceClips(run, items, device) if source == "device" else build_dataset(run, "train", train=True)
+    pretrain(run, dataset=dataset)
     if not state.is_main_process:
         return None
 
@@ -70,11 +82,12 @@ def measure_engine(cfg: Config) -> dict | None:
     steady = [windows[s] for s in sorted(windows)[1:]]
     clips_per_s = sum(steady) / len(steady)
     flops = count_step_flops(cfg, "avmae")
-    peak, source = peak_flops(device, step_precision(cfg) or torch.float32)
+    peak, peak_source = peak_flops(device, step_precision(cfg) or torch.float32)
     accelerator = AcceleratorState()
     return {
         "kind": "engine",
         **finish(env),
+        "data_source": source if source == "device" else f"dataset ({cfg.data.format}, {cfg.data.num_workers} workers)",
         "distributed": accelerator.distributed_type.value,
         "zero_stage": accelerator.deepspeed_plugin.zero_stage if accelerator.deepspeed_plugin else None,
         "num_processes": state.num_processes,
@@ -88,7 +101,7 @@ def measure_engine(cfg: Config) -> dict | None:
         "clips_per_s": clips_per_s,
         "flops_per_clip": flops,
         "peak_flops": peak,
-        "peak_source": source,
+        "peak_source": peak_source,
         "mfu": flops["step"] * clips_per_s / (peak * state.num_processes),
     }
 

@@ -25,10 +25,20 @@ ENGINE_COLUMNS = (
     "Date", "Device", "Launch", "Model", "Batch per process", "Precision", "Clips/s (all processes)", "MFU",
     "MFU yardstick", "Command",
 )  # fmt: skip
+PROFILE_COLUMNS = (
+    "Date", "Device", "Model", "Batch", "Precision", "Variant", "Time base", "Matmul", "Attention", "Elementwise",
+    "Optimizer", "Copies", "Other", "Total (ms/step)", "Attention kernel", "Command",
+)  # fmt: skip
+INPUT_COPY_COLUMNS = (
+    "Date", "Device", "Batch", "Video", "float32 MB", "uint8 MB", "float32 pageable, blocking (ms)",
+    "uint8 pinned, non_blocking + normalise (ms)", "Note", "Command",
+)  # fmt: skip
 TABLES = {
     "train_step": ("Training step", TRAIN_STEP_COLUMNS),
     "engine": ("Pretraining engine", ENGINE_COLUMNS),
     "data_pipeline": ("Data pipeline", DATA_PIPELINE_COLUMNS),
+    "profile": ("Training-step profile", PROFILE_COLUMNS),
+    "input_copy": ("Batch to the device", INPUT_COPY_COLUMNS),
 }
 
 
@@ -113,12 +123,37 @@ def engine_rows(record: dict, command: str) -> list[list[str]]:
     launch = f"{record['num_processes']} x {record['distributed']}"
     if record["zero_stage"] is not None:
         launch += f" ZeRO-{record['zero_stage']}"
+    if record.get("data_source", "device") != "device":
+        launch += f", data: {record['data_source']}"
     return [[record["date"], record["device"], launch, record["model_size"], str(record["batch_size"]),
              record["precision"], f"{record['clips_per_s']:.1f}", f"{100 * record['mfu']:.1f}%", _yardstick(record),
              _code(command)]]  # fmt: skip
 
 
-ROWS = {"train_step": train_step_rows, "data_pipeline": data_pipeline_rows, "engine": engine_rows}
+def profile_rows(record: dict, command: str) -> list[list[str]]:
+    """The one row of a ``profile_train_step`` record: ms per step (share) per category."""
+    shares = [f"{record['ms_per_step'][c]:.1f} ({100 * record['share'][c]:.0f}%)"
+              for c in ("matmul", "attention", "elementwise", "optimizer", "copies", "other")]  # fmt: skip
+    kernels = ", ".join(record["attention_kernels"])
+    return [[record["date"], record["device"], record["model_size"], str(record["batch_size"]), record["precision"],
+             record["variant"], record["time_base"], *shares, f"{record['total_ms_per_step']:.1f}", kernels,
+             _code(command)]]  # fmt: skip
+
+
+def input_copy_rows(record: dict, command: str) -> list[list[str]]:
+    return [[record["date"], record["device"], str(record["batch_size"]), "x".join(map(str, record["video_shape"])),
+             f"{record['float32_bytes'] / 1e6:.0f}", f"{record['uint8_bytes'] / 1e6:.0f}",
+             f"{record['float32_pageable_blocking_ms']:.2f}", f"{record['uint8_pinned_non_blocking_normalise_ms']:.2f}",
+             record["note"], _code(command)]]  # fmt: skip
+
+
+ROWS = {
+    "train_step": train_step_rows,
+    "data_pipeline": data_pipeline_rows,
+    "engine": engine_rows,
+    "profile": profile_rows,
+    "input_copy": input_copy_rows,
+}
 
 
 def record_rows(record: dict, command: str) -> list[list[str]]:

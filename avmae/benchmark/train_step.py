@@ -1,20 +1,26 @@
 """Training-step throughput, peak memory and MFU, with variants measured side by side.
 
-One step is what the engine does per optimiser update, without the data pipeline: forward under
-the config's autocast, backward, optimiser step, ``zero_grad``; inputs are random tensors of the
-config's shapes, built once on the device. Variants (``VARIANTS``):
+One step is what the engine does per optimiser update, without the data pipeline: the uint8
+video normalised on the device (``avmae.data.device``), forward under the variant's autocast,
+backward, optimiser step, ``zero_grad``; inputs are random tensors of the config's shapes (video
+as uint8), built once on the device. Variants (``VARIANTS``):
 
 - ``avmae``: ``avmae.models.build_pretrain_model(cfg)`` (attention through SDPA) and
   ``avmae.engine.optim.build_optimizer`` (timm's AdamW, fused on CUDA), autocast to
-  ``train.mixed_precision``;
-- ``compiled``: the same model under ``torch.compile`` with the arguments accelerate passes for
-  ``train.compile=true`` (``dynamo_backend="inductor"``);
-- ``reference``: ``avmae.benchmark.reference.ReferenceAVMAE`` with ``plain_adamw``: dense fp32
-  attention, no autocast, no fused or multi-tensor kernels.
+  ``train.mixed_precision``, TF32 off (as the engine runs);
+- ``avmae_full_loss``: the same with ``model.mae_loss_masked_only=false`` (the full-size fp32
+  target path), the "before" of that change;
+- ``compiled``, ``compiled_max_autotune``, ``compiled_max_autotune_no_cudagraphs``,
+  ``compiled_cudagraphs``: the avmae variant under ``torch.compile`` in each ``mode`` (default,
+  max-autotune, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs);
+- ``reference_bf16``: ``avmae.benchmark.reference.ReferenceAVMAE`` with ``plain_adamw`` under the
+  same autocast as avmae and with TF32 matmuls allowed: the fair baseline;
+- ``reference_fp32``: the reference in fp32, no autocast, no TF32 (research code as often run).
 
 Every variant is built and warmed up first (memory is measured there), then the timed steps run
 in rounds that alternate the variants, reversing their order every round, so a change of load on
-a shared machine falls on all of them alike.
+a shared machine falls on all of them alike. A variant that fails (out of memory, a compiler
+error) gets ``error`` and the others go on.
 
 FLOPs are counted by ``avmae.models.count_flops`` on the ``meta`` device: the forward pass, and
 forward + backward of the loss (``backward=True``). Throughput in FLOP/s and MFU use the counted
@@ -29,23 +35,59 @@ import time
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import TorchDynamoPlugin
 from torch import nn
 
-from avmae.config import Config
+from avmae.augment.transforms import normalize_video
+from avmae.config import Config, replace
 from avmae.engine.optim import build_optimizer, scaled_lr
 from avmae.models import build_pretrain_model, count_flops, num_tokens
 from avmae.benchmark.reference import ReferenceAVMAE, check_reference_config, plain_adamw
 
 from .machine import PeakMemory, datasheet_peak, environment, finish, measure_gemm_flops, peak_flops, synchronize
 
-VARIANTS = {
-    "avmae": "AVMAE (SDPA attention), timm AdamW (fused on CUDA), train.mixed_precision autocast",
-    "compiled": "the avmae variant under torch.compile (inductor), as train.compile=true runs it",
-    "reference": "avmae/benchmark/reference.py: dense fp32 softmax(q @ k.T / sqrt(d)) @ v attention, no autocast, "
-    "AdamW foreach=False",
+@dataclass(frozen=True)
+class VariantSpec:
+    """How a variant is built: which model, autocast or not, TF32, compile mode, config changes."""
+
+    description: str
+    model: str = "avmae"  # avmae | reference
+    autocast: bool = True  # train.mixed_precision autocast; False = fp32
+    tf32: bool = False  # TF32 matmuls and convolutions for the fp32 parts (CUDA)
+    compile_mode: str | None = None  # torch.compile mode; None = eager
+    overrides: tuple[tuple[str, str, object], ...] = ()  # (section, field, value) config changes
+
+
+SPECS = {
+    "avmae": VariantSpec("AVMAE (SDPA attention), timm AdamW (fused on CUDA), train.mixed_precision autocast, TF32 off"),
+    "avmae_full_loss": VariantSpec(
+        "the avmae variant with model.mae_loss_masked_only=false: full-size fp32 targets (before the masked-only loss)",
+        overrides=(("model", "mae_loss_masked_only", False),),
+    ),
+    "compiled": VariantSpec("the avmae variant under torch.compile(mode=default), inductor", compile_mode="default"),
+    "compiled_max_autotune": VariantSpec("torch.compile(mode=max-autotune)", compile_mode="max-autotune"),
+    "compiled_max_autotune_no_cudagraphs": VariantSpec(
+        "torch.compile(mode=max-autotune-no-cudagraphs)", compile_mode="max-autotune-no-cudagraphs"
+    ),
+    "compiled_cudagraphs": VariantSpec("torch.compile(mode=reduce-overhead): CUDA graphs", compile_mode="reduce-overhead"),
+    "reference_bf16": VariantSpec(
+        "avmae/benchmark/reference.py (dense softmax(q @ k.T / sqrt(d)) @ v attention, AdamW foreach=False) under "
+        "the same train.mixed_precision autocast, TF32 allowed: the fair baseline",
+        model="reference", tf32=True,
+    ),  # fmt: skip
+    "reference_fp32": VariantSpec(
+        "avmae/benchmark/reference.py in fp32: no autocast, no TF32, AdamW foreach=False",
+        model="reference", autocast=False,
+    ),  # fmt: skip
 }
+VARIANTS = {name: spec.description for name, spec in SPECS.items()}
 PRECISIONS = {"no": None, "bf16": torch.bfloat16}
+COMPILE_MODES = {"default": None, "max-autotune": "max-autotune",
+                 "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs", "reduce-overhead": "reduce-overhead"}  # fmt: skip
+
+
+def set_tf32(enabled: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 @dataclass
@@ -56,8 +98,13 @@ class Variant:
     module: nn.Module  # what is called: the model, or its compiled wrapper
     optimizer: torch.optim.Optimizer
     autocast: torch.dtype | None
+    tf32: bool = False
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def step(self, video: torch.Tensor, audio: torch.Tensor) -> None:
+        set_tf32(self.tf32)
+        video = normalize_video(video, self.mean, self.std)  # uint8 -> model input, as the engine does
         with torch.autocast(video.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self.module(video, audio)["loss"]
         loss.backward()
@@ -78,45 +125,60 @@ def check_variants(cfg: Config, variants: list[str]) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"variants must be some of {', '.join(VARIANTS)}, got {variants}")
-    if cfg.train.compile:
-        raise ValueError("train.compile=true: the benchmark measures torch.compile as the 'compiled' variant instead")
-    if "reference" in variants:
+    if any(SPECS[v].model == "reference" for v in variants):
         check_reference_config(cfg)
+    if "reference_bf16" in variants and cfg.train.mixed_precision != "bf16":
+        raise ValueError("the reference_bf16 variant runs under train.mixed_precision=bf16; this config has "
+                         f"{cfg.train.mixed_precision!r} (set train.mixed_precision=bf16)")
     step_precision(cfg)
 
 
 def default_variants(cfg: Config) -> list[str]:
-    """``avmae``, and ``reference`` when the reference model implements ``cfg`` (``compiled`` is
-    asked for by name: compiling takes minutes on the CPU)."""
+    """``avmae``, and both reference rows when the reference model implements ``cfg`` (compiled
+    variants are asked for by name: compiling takes minutes on the CPU)."""
     try:
         check_reference_config(cfg)
     except ValueError:
         return ["avmae"]
-    return ["avmae", "reference"]
+    return ["avmae", "reference_bf16", "reference_fp32"] if cfg.train.mixed_precision == "bf16" else ["avmae", "reference_fp32"]
 
 
 def synthetic_inputs(cfg: Config, batch: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``video (B, C, T, H, W)`` and ``audio (B, 1, T_a, F)`` of the config's geometry."""
+    """Random uint8 ``video (B, C, T, H, W)`` (as datasets deliver it) and normalised float
+    ``audio (B, 1, T_a, F)`` of the config's geometry; float video on ``meta`` (FLOP counting)."""
     video, audio = cfg.data.video, cfg.data.audio
     shapes = (batch, 3, video.num_frames, video.size, video.size), (batch, 1, audio.target_length, audio.num_mel_bins)
     if torch.device(device).type == "meta":
         return tuple(torch.empty(s, device="meta") for s in shapes)
     generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=generator).to(device) for s in shapes)
+    frames = torch.randint(0, 256, shapes[0], dtype=torch.uint8, generator=generator)
+    return frames.to(device), torch.randn(shapes[1], generator=generator).to(device)
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    """``cfg`` with the variant's config changes applied."""
+    for section, key, value in SPECS[name].overrides:
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
+    return cfg
 
 
 def _build_model(cfg: Config, name: str) -> nn.Module:
-    return ReferenceAVMAE(cfg) if name == "reference" else build_pretrain_model(cfg)
+    return ReferenceAVMAE(cfg) if SPECS[name].model == "reference" else build_pretrain_model(variant_config(cfg, name))
 
 
 def build_variant(cfg: Config, name: str, device: torch.device) -> Variant:
+    spec = SPECS[name]
     model = _build_model(cfg, name).to(device).train()
     lr = scaled_lr(cfg.train, cfg.data.batch_size)
-    if name == "reference":
-        return Variant(name, model, plain_adamw(model, cfg.train, lr), None)
+    autocast = step_precision(cfg) if spec.autocast else None
+    stats = {"mean": tuple(cfg.data.video.mean), "std": tuple(cfg.data.video.std)}
+    if spec.model == "reference":
+        return Variant(name, model, plain_adamw(model, cfg.train, lr), autocast, spec.tf32, **stats)
     optimizer = build_optimizer(model, cfg.train, lr, fused=device.type == "cuda")  # as the engine
-    module = torch.compile(model, **TorchDynamoPlugin(backend="inductor").to_kwargs()) if name == "compiled" else model
-    return Variant(name, module, optimizer, step_precision(cfg))
+    module = model
+    if spec.compile_mode is not None:
+        module = torch.compile(model, backend="inductor", mode=COMPILE_MODES[spec.compile_mode])
+    return Variant(name, module, optimizer, autocast, spec.tf32, **stats)
 
 
 def count_step_flops(cfg: Config, name: str, batch: int = 2) -> dict[str, int]:
@@ -165,7 +227,7 @@ def measure_train_step(
     env = environment(device, torch.get_num_threads())
     tokens = num_tokens(cfg)
     precision = step_precision(cfg)
-    flops = {name: count_step_flops(cfg, "avmae" if name == "compiled" else name) for name in variants}
+    flops = {name: count_step_flops(cfg, name) for name in variants}
     video, audio = synthetic_inputs(cfg, batch, device)
 
     results: dict[str, dict] = {}
@@ -185,6 +247,10 @@ def measure_train_step(
         except torch.OutOfMemoryError as err:
             results[name]["error"] = _out_of_memory(err)
             torch.cuda.empty_cache()
+        except Exception as err:  # a compiler failure in one variant must not lose the others
+            results[name]["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     gemm_dtype = precision or torch.float32
     gemm_before = None if datasheet_peak(device, gemm_dtype) else measure_gemm_flops(device, gemm_dtype, gemm_size)
@@ -219,10 +285,18 @@ def measure_train_step(
             "achieved_flops": achieved,
             "mfu": achieved / peak,
         }
-    reference = results.get("reference", {}).get("clips_per_s")
-    for name in ("avmae", "compiled"):
-        if reference and "clips_per_s" in results.get(name, {}):
-            results[name]["vs_reference"] = results[name]["clips_per_s"] / reference
+    # vs_reference: against the fair (same autocast, TF32) reference when it ran, else the fp32 one
+    references = {r: results.get(r, {}).get("clips_per_s") for r in ("reference_bf16", "reference_fp32")}
+    fair = references["reference_bf16"] or references["reference_fp32"]
+    for name in results:
+        if SPECS[name].model == "reference" or "clips_per_s" not in results[name]:
+            continue
+        for ref, clips in references.items():
+            if clips:
+                results[name][f"vs_{ref}"] = results[name]["clips_per_s"] / clips
+        if fair:
+            results[name]["vs_reference"] = results[name]["clips_per_s"] / fair
+    set_tf32(False)
 
     video_cfg, audio_cfg = cfg.data.video, cfg.data.audio
     return {
