@@ -136,6 +136,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
+        (tmp / STATE_DIR).mkdir()  # before any rank writes its shards there (FSDP's sharded save)
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(tmp / STATE_DIR))

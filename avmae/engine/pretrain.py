@@ -56,12 +56,14 @@ class TrainingInterrupted(RuntimeError):
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerator for this machine: DDP over gloo on CPU needs `cpu=True` (else each process trains
-    alone), while DeepSpeed on CPU needs `cpu=False` and an explicit gloo process group."""
-    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    alone), while DeepSpeed and FSDP on CPU need `cpu=False` (with it accelerate falls back to
+    DDP) and an explicit gloo process group."""
+    fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    sharded = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or fsdp
     on_cpu = not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and on_cpu else []
-    return Accelerator(
-        cpu=on_cpu and not deepspeed,
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if sharded and on_cpu else []
+    accelerator = Accelerator(
+        cpu=on_cpu and not sharded,
         mixed_precision=cfg.train.mixed_precision,
         # Accumulation windows are aligned with epochs by the loop itself (see the module doc).
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -79,6 +81,13 @@ def build_accelerator(cfg: Config) -> Accelerator:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
     )
+    if fsdp and accelerator.distributed_type != DistributedType.FSDP and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # accelerate selects FSDP for GPU process groups only; the processes would train alone
+        raise RuntimeError(
+            "the FSDP launcher needs GPUs (accelerate runs FSDP only on them); on a CPU-only machine use "
+            "configs/accelerate/cpu_2proc.yaml (DDP) or zero3.yaml"
+        )
+    return accelerator
 
 
 def _ignore_signals_in_worker(worker_id: int) -> None:
@@ -233,7 +242,11 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
     if dataset is None:
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
-        model = build_pretrain_model(cfg)
+        # the same initial weights in every process: DDP and DeepSpeed broadcast rank 0's, but FSDP
+        # shards each process's own; rank 0's seed, and the per-process random state left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train.seed)
+            model = build_pretrain_model(cfg)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # SimSiam's and MoCo v3's projector BatchNorms normalise over the global batch, as in their
         # papers (SyncBatchNorm has no CPU kernels: on gloo they stay per process)
