@@ -120,5 +120,6 @@ def compile_model(
     if mode not in MODES:
         raise ValueError(f"train.compile_mode must be one of {', '.join(MODES)}, got {mode!r}")
     compiled = torch.compile(model, backend=backend, mode=None if mode == "default" else mode)
-    log(f"train.compile: torch.compile(mode={mode}, backend={getattr(backend, '__name__', backend)}), verified on the first batch")
+    name = getattr(backend, "__name__", backend)
+    log(f"train.compile: torch.compile(mode={mode}, backend={name}), verified on the first batch")
     return CompiledStep(model, compiled, log)

@@ -85,7 +85,8 @@ def extract_features(
             encoder.eval().to(device)
     index, view, feats, targets = [], [], {name: [] for name in extractors}, []
     for batch in loader:
-        inputs = model_inputs({k: v.to(device) for k, v in batch.items() if k in ("video", "audio")}, modalities, cfg.data.video)
+        on_device = {k: v.to(device) for k, v in batch.items() if k in ("video", "audio")}
+        inputs = model_inputs(on_device, modalities, cfg.data.video)  # uint8 video normalised there
         for name, encoder in extractors.items():
             if encoder is None:
                 grids = tuple(cfg.finetune.probe_raw_video_grid), tuple(cfg.finetune.probe_raw_audio_grid)
