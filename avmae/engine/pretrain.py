@@ -242,10 +242,13 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
     if dataset is None:
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
-        # the same initial weights in every process: DDP and DeepSpeed broadcast rank 0's, but FSDP
-        # shards each process's own; rank 0's seed, and the per-process random state left as it was
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train.seed)
+        # The same initial weights in every process: DDP and DeepSpeed broadcast rank 0's, but FSDP
+        # shards each process's own. Rank 0 builds from train.seed as before; the others build
+        # from it too, with their own random state put back afterwards.
+        others = accelerator.process_index > 0
+        with torch.random.fork_rng(devices=[], enabled=others):
+            if others:
+                torch.manual_seed(train.seed)
             model = build_pretrain_model(cfg)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # SimSiam's and MoCo v3's projector BatchNorms normalise over the global batch, as in their
