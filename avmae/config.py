@@ -49,10 +49,26 @@ class VideoConfig:
 
 @dataclass
 class AudioConfig:
-    """Kaldi fbank exactly as CAV-MAE / AST / AudioMAE compute it; (x - norm_mean) / norm_std."""
+    """The audio window and its Kaldi fbank; (x - norm_mean) / norm_std.
+
+    The fbank call (waveform mean removed; torchaudio's Kaldi fbank, 25 ms Hanning window, 10 ms
+    shift, 128 mel bins, no dither; zero frames appended up to ``target_length``) is CAV-MAE's,
+    AST's and AudioMAE's (YuanGongND/cav-mae src/dataloader.py, facebookresearch/AudioMAE
+    dataset.py). What differs from each of them is where the window sits: see ``window``.
+    AV-MAE (google-research/scenic, projects/av_mae) computes its own log-mel spectrogram with
+    its own statistics; this toolkit feeds the Kaldi fbank to its AV-MAE recipes too.
+    """
 
     sample_rate: int = 16000
-    seconds: float = 10.24  # audio window, centred on the video clip's centre
+    seconds: float = 10.24  # audio window length
+    # Where the window sits relative to the video clip:
+    # - "inside": centred on the clip's centre, then shifted to lie inside the file (never past
+    #   either end); a file shorter than the window is read whole and its fbank padded with zero
+    #   frames after the real ones (CAV-MAE / AudioMAE). For 10 s clips this is the whole clip.
+    # - "centred": always centred on the clip's centre, zero samples where it leaves the file;
+    #   keeps sound and picture aligned, right for long videos (EPIC-KITCHENS) whose clips are
+    #   short segments far from the file's ends.
+    window: str = "inside"
     num_mel_bins: int = 128
     frame_shift_ms: float = 10.0
     frame_length_ms: float = 25.0
@@ -64,6 +80,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
+        _check_choice("audio.window", self.window, ("inside", "centred"))
 
     @property
     def target_length(self) -> int:

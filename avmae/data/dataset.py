@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
-from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
+from avmae.data.audio import AudioDecodeError, NoAudioError, audio_duration, fbank, place_windows, read_audio
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
@@ -252,13 +252,23 @@ class AVDataset(Dataset):
         return sample
 
     def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
-        """Waveforms of ``audio.seconds`` centred on each of ``centres``, and whether they are the
-        silence fed for a file without audio (``audio.no_audio: silence``)."""
+        """The waveform of each clip's audio window, placed by ``audio.window`` around the clip
+        centres ``centres`` (``avmae.data.audio.place_windows``), and whether they are the
+        silence fed for a file without audio (``audio.no_audio: silence``). A file shorter than
+        the window gives its whole, shorter waveform (the fbank appends zero frames)."""
         record = self.records[record_index]
-        rate, seconds = self.data_cfg.audio.sample_rate, self.data_cfg.audio.seconds
-        starts = [c - seconds / 2 for c in centres]
+        audio_cfg = self.data_cfg.audio
+        rate, seconds = audio_cfg.sample_rate, audio_cfg.seconds
+        path = record.audio or record.video
         try:
-            return _read_windows(record.audio or record.video, starts, seconds, rate), False
+            duration = audio_duration(path) if audio_cfg.window == "inside" else None
+            if duration is not None and duration <= 0:
+                raise AudioDecodeError(
+                    f"{path}: the audio states no duration, so audio.window=inside cannot place the "
+                    "window (audio.window=centred does not need it)"
+                )
+            starts, length = place_windows(centres, seconds, duration, audio_cfg.window)
+            return _read_windows(path, starts, length, rate), False
         except NoAudioError as err:
             if self.data_cfg.audio.no_audio == "skip":
                 raise
