@@ -173,6 +173,7 @@ class AugmentConfig:
     num_freq_masks: int = 2
     num_time_masks: int = 2
     mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
+    mixup_per_modality: bool = False  # one lam per modality (AV-MAE's mixmod); avmae/augment/mixup.py
 
     def __post_init__(self) -> None:
         probabilities = (
@@ -214,12 +215,18 @@ class ModelConfig:
     tubelet: int = 2  # frames per video token
     fusion: str = "mid"  # early | late | shared | mid
     fusion_layers: int = 1  # joint layers at the top of a mid-fusion encoder
-    decoder: str = "separate"  # separate | shared | joint
+    decoder: str = "separate"  # separate | shared | joint | same (models/decoder.py)
     decoder_width: int = 384
     decoder_depth: int = 4
     decoder_heads: int = 8
     reconstruction: str = "joint"  # joint | inpaint | both
     modality_embed: bool = True
+    # sin-cos positions of encoder and decoder: grid (separable over the token grid) | 1d (over the
+    # token sequence, AV-MAE's sinusoidal_1d)
+    pos_embed: str = "grid"
+    # mid fusion built from complete encoders (AV-MAE's separate_encoders_and_concat): a LayerNorm
+    # closes each modality's stack, one shared LayerNorm the joint stack (models/encoder.py)
+    stack_norms: bool = False
     drop_path: float = 0.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     # masking
@@ -228,6 +235,8 @@ class ModelConfig:
     video_masking: str = "random"  # random | tube
     audio_masking: str = "random"  # random | time | freq | time_freq
     norm_pix_loss: bool = True
+    # a masked patch's squared errors: mean (MAE; AV-MAE's normalise_by_output_dimension) | sum
+    patch_loss: str = "mean"
     loss_weight_video: float = 0.5
     loss_weight_audio: float = 0.5
     mae_weight: float = 1.0  # 0 turns the reconstruction branch off
@@ -245,7 +254,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("early", "late", "shared", "mid"))
-        _check_choice("model.decoder", self.decoder, ("separate", "shared", "joint"))
+        _check_choice("model.decoder", self.decoder, ("separate", "shared", "joint", "same"))
+        _check_choice("model.pos_embed", self.pos_embed, ("grid", "1d"))
+        _check_choice("model.patch_loss", self.patch_loss, ("mean", "sum"))
         _check_choice("model.reconstruction", self.reconstruction, ("joint", "inpaint", "both"))
         _check_choice("model.video_masking", self.video_masking, ("random", "tube"))
         _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
@@ -265,7 +276,9 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 0.0  # linear warmup, stepped per update; fractions allowed
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum, no Nesterov)
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    momentum: float = 0.9  # sgd
     clip_grad: float = 0.0  # 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -277,6 +290,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
 
 
 @dataclass
@@ -292,7 +306,17 @@ class FinetuneConfig:
     # export instead of this config's (a model must be fed as it was trained).
     inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
-    label_smoothing: float = 0.1  # single-label heads only
+    label_smoothing: float = 0.1
+    # Smooth multi-label targets too, as single-label ones: y (1 - s) + s / K (AV-MAE's AudioSet
+    # finetuning); False leaves multi-hot targets unsmoothed.
+    smooth_multi_label: bool = False
+    # pool: mean-pooled tokens of the encoder as pretrained (AVClassifier); bottleneck: MBT, one
+    # stack per modality exchanging through bottleneck tokens from layer fusion_layer on
+    # (models/classifier.py, MBTClassifier)
+    fusion: str = "pool"
+    fusion_layer: int = 8
+    bottlenecks: int = 4
+    test_with_bottlenecks: bool = True
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
@@ -309,6 +333,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
+        _check_choice("finetune.fusion", self.fusion, ("pool", "bottleneck"))
 
 
 @dataclass

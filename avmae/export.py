@@ -40,7 +40,9 @@ FORMAT_VERSION = 1
 PARTS = ("model", "encoder", "audio", "video")
 # The model fields that define the encoder's weights; the rest of `model` is pretraining-only
 # (masking, losses) or a finetuning choice (drop path).
-ARCHITECTURE_FIELDS = ("size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed")
+ARCHITECTURE_FIELDS = (
+    "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed", "pos_embed", "stack_norms",
+)
 # Preprocessing a model was trained on and must be fed with, whatever the clip geometry.
 AUDIO_PREPROCESSING = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "norm_mean", "norm_std")
 VIDEO_PREPROCESSING = ("mean", "std")
@@ -385,6 +387,11 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
 
     if "audio" not in encoder.modalities:
         raise ValueError(f"the encoder has no audio branch (modalities {encoder.modalities})")
+    if encoder.stack_norms:
+        raise ValueError(
+            "the encoder has a LayerNorm between its audio and joint blocks (model.stack_norms), "
+            "which a plain timm Vision Transformer does not have"
+        )
     patch_embed = encoder.patch_embed["audio"]
     grid = tuple(audio_grid or encoder.pos_embed["audio"].grid)
     blocks = audio_block_stack(encoder)

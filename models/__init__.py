@@ -1,6 +1,6 @@
 """avmae.models: the AV-MAE model family (encoders, decoders, contrastive heads, classifiers)."""
 
-from .classifier import AVClassifier, LoadReport, build_classifier, load_pretrained
+from .classifier import AVClassifier, LoadReport, MBTClassifier, build_classifier, load_pretrained
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
 from .decoder import AVDecoder
 from .encoder import AVEncoder
@@ -25,6 +25,7 @@ __all__ = [
     "AudioPatchEmbed",
     "InfoNCEHead",
     "LoadReport",
+    "MBTClassifier",
     "MODALITIES",
     "MoCoV3Head",
     "SIZES",

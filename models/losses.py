@@ -52,13 +52,18 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches only.
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: str = "mean") -> torch.Tensor:
+    """Squared error over the masked patches only, averaged over the masked patches.
 
     pred, target: ``(B, N, P)``; mask: ``(B, N)``, 1 = masked. Each masked patch weighs the same;
     visible patches contribute nothing (not even to the gradient). No masked patch -> 0.
+    ``patch``: how a patch's ``P`` squared errors are reduced: ``mean`` (MAE; AV-MAE's
+    ``normalise_by_output_dimension``) or ``sum`` (AV-MAE without it).
     """
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if patch not in ("mean", "sum"):
+        raise ValueError(f"patch reduction must be 'mean' or 'sum', got {patch!r}")
+    squared = (pred.float() - target.float()).pow(2)
+    per_patch = squared.mean(dim=-1) if patch == "mean" else squared.sum(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 

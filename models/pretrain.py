@@ -76,6 +76,8 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         modalities=modalities,
         modality_embed=cfg.model.modality_embed,
         drop_path=cfg.model.drop_path,
+        pos_embed=cfg.model.pos_embed,
+        stack_norms=cfg.model.stack_norms,
     )
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return encoder
@@ -176,12 +178,12 @@ class AVMAE(nn.Module):
         if recon in ("joint", "both"):
             preds = self.decoder.reconstruct(latent, masks, grids)
             for m in inputs:
-                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask))
+                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask, self.cfg.patch_loss))
                 logs[f"mae_{m}"] = objectives[m][-1]
         if recon in ("inpaint", "both"):
             inpainted = {m: self.decoder.inpaint(m, latent, masks, grids) for m in inputs}
             for m in inputs:
-                objectives[m].append(masked_mse(inpainted[m], targets[m], masks[m].mask))
+                objectives[m].append(masked_mse(inpainted[m], targets[m], masks[m].mask, self.cfg.patch_loss))
                 logs[f"inpaint_{m}" if recon == "both" else f"mae_{m}"] = objectives[m][-1]
             preds = preds or inpainted
         weight = {"video": self.cfg.loss_weight_video, "audio": self.cfg.loss_weight_audio}
@@ -304,6 +306,7 @@ def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
         patch_dims={k: encoder.patch_embed[k].patch_dim for k in encoder.modalities},
         grids=model_grids(cfg),
         modality_embed=m.modality_embed,
+        pos_embed=m.pos_embed,
     )
 
 

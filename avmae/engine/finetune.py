@@ -81,16 +81,17 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
 def build_finetune_optimizer(
     model: nn.Module, train: TrainConfig, lr: float, layer_decay: float
 ) -> torch.optim.Optimizer:
-    """AdamW with timm's layer-wise lr decay (``lr_scale`` per group, applied by a timm scheduler)
-    and no weight decay on norms, biases and ``model.no_weight_decay()``."""
+    """``train.optimizer`` (AdamW or momentum SGD) with timm's layer-wise lr decay (``lr_scale``
+    per group, applied by a timm scheduler) and no weight decay on norms, biases and
+    ``model.no_weight_decay()``."""
+    from avmae.engine.optim import optimizer_arguments
+
     return create_optimizer_v2(
         model,
-        opt="adamw",
         lr=lr,
-        weight_decay=train.weight_decay,
-        betas=tuple(train.betas),
         layer_decay=layer_decay if layer_decay < 1.0 else None,
         filter_bias_and_bn=True,
+        **optimizer_arguments(train),
     )
 
 
@@ -101,7 +102,15 @@ def classification_loss(
 
     Args:
         logits: head -> ``(B, K)``; soft_targets: head -> ``(B, K)`` (mixed, smoothed).
+            Either may instead map head -> ``{modality: (B, K)}`` (``MBTClassifier`` in training,
+            per-modality mixup): each modality's logits then count as a head of their own.
     """
+    if any(isinstance(x, dict) for x in logits.values()):
+        return torch.stack([
+            classification_loss({h: per[m] for h, per in logits.items()},
+                                {h: t[m] if isinstance(t, dict) else t for h, t in soft_targets.items()}, multi_label)
+            for m in next(iter(logits.values()))
+        ]).mean()
     losses = []
     for head, x in logits.items():
         target = soft_targets[head].to(x.dtype)
@@ -187,7 +196,7 @@ def finetune(cfg: Config) -> dict:
     scheduler = build_scheduler(optimizer, train, num_steps, warmup_steps(train, steps_per_epoch))
     scheduler.step_update(0)
     alpha = mixup_alpha(cfg)
-    smoothing = 0.0 if multi_label else ft.label_smoothing
+    smoothing = ft.label_smoothing if ft.smooth_multi_label or not multi_label else 0.0
     mix_generator = torch.Generator().manual_seed(train.seed * 1000 + accelerator.process_index)
 
     accelerator.init_trackers("finetune")
@@ -210,7 +219,8 @@ def finetune(cfg: Config) -> dict:
             inputs = model_inputs(batch, ft.modalities)
             with accelerator.accumulate(model):
                 video, audio, soft = mix_batch(
-                    inputs.get("video"), inputs.get("audio"), batch["targets"], heads, alpha, smoothing, mix_generator
+                    inputs.get("video"), inputs.get("audio"), batch["targets"], heads, alpha, smoothing, mix_generator,
+                    per_modality=cfg.augment.mixup_per_modality,
                 )
                 mixed = {k: v for k, v in (("video", video), ("audio", audio)) if v is not None}
                 loss = classification_loss(model(**mixed), soft, multi_label)

@@ -25,21 +25,22 @@ def scaled_lr(train: TrainConfig, effective_batch: int) -> float:
     return train.base_lr * effective_batch / 256
 
 
+def optimizer_arguments(train: TrainConfig) -> dict:
+    """timm `create_optimizer_v2` arguments of `train.optimizer`: AdamW with `train.betas`, or SGD
+    with `train.momentum` (timm's "momentum", no Nesterov), both with `train.weight_decay`."""
+    if train.optimizer == "sgd":
+        return {"opt": "momentum", "momentum": train.momentum, "weight_decay": train.weight_decay}
+    return {"opt": "adamw", "betas": tuple(train.betas), "weight_decay": train.weight_decay}
+
+
 def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW over two groups: decayed weights, and undecayed 1-D params plus `model.no_weight_decay()`.
+    """`train.optimizer` over two groups: decayed weights, and undecayed 1-D params plus
+    `model.no_weight_decay()`.
 
     `fused` selects torch's fused CUDA kernel; the parameters must already sit on the GPU.
     """
     extra = {"fused": True} if fused else {}
-    return create_optimizer_v2(
-        model,
-        opt="adamw",
-        lr=lr,
-        weight_decay=train.weight_decay,
-        betas=tuple(train.betas),
-        filter_bias_and_bn=True,
-        **extra,
-    )
+    return create_optimizer_v2(model, lr=lr, filter_bias_and_bn=True, **optimizer_arguments(train), **extra)
 
 
 def warmup_steps(train: TrainConfig, steps_per_epoch: int) -> int:
