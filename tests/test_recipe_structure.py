@@ -137,3 +137,13 @@ def test_mbt_finetuning_model_has_the_published_size(name, variant, seconds, fus
     assert count(model) == mbt + layer_norm(width)
     assert len(model.encoder.modality_blocks["video"]) == len(model.encoder.modality_blocks["audio"]) == depth
     assert model.encoder.modality_blocks["audio"][0].attn.num_heads == heads
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for d in ("pretrain", "finetune", "probe", "ablation") for p in (CONFIGS / d).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_every_config_loads(path):
+    """Renamed files and new keys: every shipped config still resolves against the typed schema."""
+    cfg = load_config(path)
+    model_grids(cfg)  # and its geometry tiles into tokens

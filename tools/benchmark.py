@@ -5,8 +5,8 @@ its rows to docs/benchmarks.md.
         [--variants avmae reference compiled] [--steps N] [--warmup N] [--threads N] [--out FILE.json]
         [key.sub=value ...]
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
-        --config configs/pretrain/vitb_vggsound.yaml [key.sub=value ...]
-    python tools/benchmark.py data [--config configs/pretrain/vitb_vggsound.yaml]
+        --config configs/pretrain/ours_vitb_vggsound.yaml [key.sub=value ...]
+    python tools/benchmark.py data [--config configs/pretrain/ours_vitb_vggsound.yaml]
         [--decoders decord pyav] [--clips-per-video 1 4] [--items N] [--out FILE.json] [key.sub=value ...]
 
 train-step runs on CUDA when it is available, else on the CPU, in the config's
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(engine)
 
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
-    data.add_argument("--config", default="configs/pretrain/vitb_vggsound.yaml",
+    data.add_argument("--config", default="configs/pretrain/ours_vitb_vggsound.yaml",
                       help="YAML whose data and augment settings are timed")
     data.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS))
     data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")

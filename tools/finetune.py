@@ -2,7 +2,7 @@
 
     python tools/finetune.py --config configs/finetune/synthetic.yaml [key.sub=value ...]
     accelerate launch --config_file configs/accelerate/ddp.yaml tools/finetune.py \
-        --config configs/finetune/vggsound.yaml finetune.pretrained=runs/vitb_vggsound/export finetune.modalities=audio
+        --config configs/finetune/vggsound.yaml finetune.pretrained=runs/ours_vitb_vggsound/export finetune.modalities=audio
 
 ``finetune.pretrained`` is a folder written by ``tools/export.py`` (empty: random init);
 ``finetune.modalities`` is audio, video or audiovisual. The run writes the classifier
