@@ -257,3 +257,28 @@ def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_roo
     assert rows[0] == ["index", "name", "ap"] and len(rows) == 6 and rows[5] == ["4", "class 4", ""]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["label"]["excluded_classes"] == metrics["label"]["excluded_classes"]
+
+
+def test_mbt_recipe_options_finetune_from_a_mid_fusion_export(exported, clean_data, tmp_path):
+    """The MBT recipe's pieces together in one process: bottleneck fusion started from the demo's
+    mid-fusion export, momentum SGD with layer decay, gradient clipping, per-modality mixup; the
+    saved classifier reloads as an MBT classifier with the trained weights."""
+    from avmae.engine.finetune import finetune, load_finetuned
+    from avmae.models import MBTClassifier
+
+    out = tmp_path / "run"
+    overrides = [
+        *clean_data, *GEOMETRY, f"finetune.pretrained={exported}", f"train.output_dir={out}",
+        "train.max_steps=2", "train.warmup_epochs=0", "train.log_every=1", "finetune.eval_split=val", "finetune.fusion=bottleneck",
+        "finetune.fusion_layer=2", "finetune.bottlenecks=4", "train.optimizer=sgd", "train.momentum=0.9",
+        "train.weight_decay=0.0", "train.clip_grad=1.0", "train.base_lr=0.1", "augment.mixup=0.5",
+        "augment.mixup_per_modality=true", "finetune.label_smoothing=0.3",
+    ]  # fmt: skip
+    metrics = finetune(load_config(FINETUNE, overrides))
+    assert 0.0 <= metrics["label"]["top1"] <= 100.0
+    model, cfg = load_finetuned(out)
+    assert isinstance(model, MBTClassifier) and cfg.finetune.fusion == "bottleneck" and cfg.model.fusion == "mid"
+    # the joint block of the mid-fusion export became the top block of both stacks, then trained
+    # apart (the zero-initialised heads pass gradient to the encoder from the second step on)
+    video_top, audio_top = (model.encoder.modality_blocks[m][-1].attn.qkv.weight for m in ("video", "audio"))
+    assert not torch.equal(video_top, audio_top)
