@@ -242,7 +242,7 @@ def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     if not unused:
         return None
     names = "|".join(unused)
-    return re.compile(rf"^encoder\.(patch_embed|modality_embed|modality_blocks|norm)\.({names})(\.|$)")
+    return re.compile(rf"^encoder\.(patch_embed|modality_embed|modality_blocks|norm|stack_norm)\.({names})(\.|$)")
 
 
 def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor]) -> LoadReport:
