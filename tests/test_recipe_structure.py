@@ -140,7 +140,7 @@ def test_mbt_finetuning_model_has_the_published_size(name, variant, seconds, fus
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for d in ("pretrain", "finetune", "probe", "ablation") for p in (CONFIGS / d).glob("*.yaml")),
+    "path", sorted(p for d in ("pretrain", "finetune", "probe", "ablation", "objectives") for p in (CONFIGS / d).glob("*.yaml")),
     ids=lambda p: f"{p.parent.name}/{p.name}",
 )
 def test_every_config_loads(path):
