@@ -75,8 +75,12 @@ class AudioConfig:
 class DataConfig:
     """Which dataset, where its media live, and how it is loaded."""
 
-    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae
+    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae | shards
     root: str = "data/synthetic"  # media folder; relative paths in manifests resolve against it
+    # format shards (docs/data.md): root is a folder or an s3:// URL holding one shard folder per
+    # split, named by train/val/test; shards read from an object store are cached in shard_cache
+    # (None: the streaming library's default cache folder).
+    shard_cache: Optional[str] = None
     train: str = "train.csv"  # manifest files, relative to root unless absolute
     val: str = "val.csv"
     test: str = "test.csv"
@@ -107,7 +111,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice(
-            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae")
+            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae", "shards")
         )
         if self.clips_per_video < 1:
             raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
