@@ -201,3 +201,23 @@ def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, 
     # the two stored bad clips (no audio track; too short) were met, counted and replaced
     skipped = read_scalars(whole, "train/skipped_clips")
     assert sum(skipped.values()) >= 2 and read_scalars(killed, "train/skipped_clips") == skipped
+
+
+def test_benchmark_times_shards_against_mp4_in_one_run(tmp_path):
+    from avmae.benchmark import clips_spec, measure_data_pipeline, write_benchmark_clips
+    from avmae.benchmark.data_pipeline import measure_stored_forms
+
+    clips = tmp_path / "clips"
+    write_benchmark_clips(clips, clips_spec(num_clips=2, duration=2.5, fps=(25.0, 30.0), width=96, height=64))
+    cfg = load_config(DEMO, ["data.batch_size=2"])
+    record = measure_data_pipeline(cfg, clips, ("decord", "shards"), (1,), items=2, warmup=1, rounds=1)
+    settings = {s["decoder"]: s for s in record["settings"]}
+    assert set(settings) == {"decord", "shards"}
+    shards = settings["shards"]
+    assert shards["clips"] == 2 and shards["failures"] == 0 and shards["clips_per_cpu_s"] > 0
+    assert shards["speedup"]["decord"] == pytest.approx(shards["clips_per_cpu_s"] / settings["decord"]["clips_per_cpu_s"])
+    assert min(shards["stage_ms_per_clip"][k] for k in ("video_decode", "audio_decode", "fbank", "augment")) > 0
+    prepare = record["prepare"]
+    assert prepare["clips"] == 2 and prepare["clips_per_cpu_s"] > 0 and prepare["settings"]["short_side"] == 64
+    forms = measure_stored_forms(cfg, clips, gops=(4,), clips=1, reads=2)
+    assert set(forms["ms_per_clip_read"]) == {"jpeg", "h264_gop4"} and min(forms["bytes_per_video_second"].values()) > 0

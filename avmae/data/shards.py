@@ -141,7 +141,8 @@ def _write_shard(job: tuple) -> dict:
     out = Path(out)
     for stale in [*out.glob(f"chunk-{shard}-*.bin"), out / f"{shard}.index.json"]:
         stale.unlink(missing_ok=True)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the processes give the parallelism
     # one chunk per shard; the chunk size is a setting litdata checks to be equal in every index
     writer = BinaryWriter(str(out), chunk_size=shard_size + 1)
     writer._rank = shard  # litdata names the chunk and its index file by the writer's rank
@@ -160,6 +161,7 @@ def _write_shard(job: tuple) -> dict:
         index_file = out / f"{shard}.index.json"
         index = json.loads(index_file.read_text())
         index_file.unlink()  # kept in the marker: litdata's merge consumes the index files it finds
+    torch.set_num_threads(threads)
     chunks = [c["filename"] for c in index["chunks"]] if index else []
     marker = {"shard": shard, "chunks": chunks, "index": index, "records": entries, "bad": bad}
     path = _marker(out, shard)
