@@ -400,20 +400,16 @@ def _stored_frames(cfg: Config, path: Path) -> tuple[np.ndarray, float]:
 
 
 def _encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
-    from PIL import Image
+    import simplejpeg
 
-    out = []
-    for frame in frames:
-        buffer = io.BytesIO()
-        Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
-        out.append(buffer.getvalue())
-    return out
+    return [simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=quality, colorspace="RGB", colorsubsampling="420")
+            for f in frames]  # fmt: skip
 
 
 def _decode_jpeg(jpegs: list[bytes], first: int, count: int) -> np.ndarray:
-    from PIL import Image
+    import simplejpeg
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(j))) for j in jpegs[first : first + count]])
+    return np.stack([simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs[first : first + count]])
 
 
 def _encode_h264(frames: np.ndarray, fps: float, gop: int, crf: int) -> bytes:

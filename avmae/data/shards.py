@@ -3,7 +3,7 @@
 ``prepare_shards(cfg, split, out)`` (``tools/prepare_data.py``) reads the split's manifest of
 any format, decodes each record once and writes litdata chunks: the frames resized to the short
 side ``data.video.resize`` as JPEG images, kept at a rate high enough for the config's frame rate
-and speed range, the audio track as 16 kHz mono 24-bit FLAC, and the targets, id, source path and
+and speed range, the audio track as 16 kHz mono 16-bit PCM, and the targets, id, source path and
 duration. The layout is in docs/data.md.
 
 ``ShardDataset`` is an ``AVDataset`` whose two media reads (``_open_video``, ``_read_windows``)
@@ -19,7 +19,6 @@ takes its credentials and endpoint from the usual environment (``AWS_ACCESS_KEY_
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import math
@@ -29,9 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
-from PIL import Image
+import simplejpeg  # libjpeg-turbo, straight to and from numpy arrays
 
 from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig, VideoConfig
@@ -48,6 +46,7 @@ META_FILE = "meta.json"  # written last: its presence means the folder is comple
 RECORDS_FILE = "records.jsonl.gz"  # one line per sample, in global sample-index order
 REPORT_FILE = "report.txt"  # missing and undecodable source files, one per line
 SAMPLE_RATE = 16000
+PCM_SCALE = 32768.0  # audio is stored as 16-bit PCM: sample = round(x * 32768), clipped
 DEFAULT_SHARD_SIZE = 64  # clips per shard: one litdata chunk each (about 60 MB at 360p->256, 10 s)
 DEFAULT_JPEG_QUALITY = 90
 _FRAME_BATCH = 64  # source frames decoded and resized at a time while preparing
@@ -74,7 +73,7 @@ def frame_step(source_fps: float, needed_fps: float) -> int:
 
 
 def encode_record(record: ClipRecord, data_cfg: DataConfig, needed_fps: float, pad: float, quality: int) -> dict:
-    """Decode ``record`` once into a shard sample: JPEG frames, FLAC audio and an ``info`` dict.
+    """Decode ``record`` once into a shard sample: JPEG frames, 16-bit PCM audio and an ``info`` dict.
 
     A segment record (EPIC) keeps only its segment widened by ``pad`` seconds on each side (the
     longest clip span plus half the audio window), so its clips and audio windows read the same
@@ -98,9 +97,7 @@ def encode_record(record: ClipRecord, data_cfg: DataConfig, needed_fps: float, p
             if min(frames.shape[-2:]) > video_cfg.resize:
                 frames = resize_short_side(frames, video_cfg.resize)  # the evaluation transform's resize
             for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
-                buffer = io.BytesIO()
-                Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
-                jpegs.append(buffer.getvalue())
+                jpegs.append(simplejpeg.encode_jpeg(frame, quality=quality, colorspace="RGB", colorsubsampling="420"))
         height, width = int(frames.shape[-2]), int(frames.shape[-1])
         duration = reader.duration
     offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
@@ -109,9 +106,7 @@ def encode_record(record: ClipRecord, data_cfg: DataConfig, needed_fps: float, p
     try:
         audio_end = hi if record.start is not None else max(hi, audio_duration(audio_path))
         wave = read_audio(audio_path, audio_start, audio_end - audio_start, SAMPLE_RATE).numpy()
-        buffer = io.BytesIO()
-        soundfile.write(buffer, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_24")
-        audio = buffer.getvalue()
+        audio = np.clip(np.round(wave * PCM_SCALE), -PCM_SCALE, PCM_SCALE - 1).astype("<i2").tobytes()
     except NoAudioError:
         has_audio = False
     info = {
@@ -373,14 +368,12 @@ class ShardVideoReader(VideoReader):
     def _read(self, indices: np.ndarray) -> np.ndarray:
         stored = np.clip((indices - self._first) // self._step, 0, self._stored - 1)
         unique, inverse = np.unique(stored, return_inverse=True)
-        frames = []
         try:
-            for j in unique.tolist():
-                with Image.open(io.BytesIO(self._video[self._offsets[j] : self._offsets[j + 1]])) as image:
-                    frames.append(np.asarray(image.convert("RGB") if image.mode != "RGB" else image))
+            frames = [simplejpeg.decode_jpeg(self._video[self._offsets[j] : self._offsets[j + 1]], colorspace="RGB")
+                      for j in unique.tolist()]  # fmt: skip
         except (OSError, ValueError) as err:
             raise VideoDecodeError(f"{self.path}: a stored frame does not decode: {err}") from err
-        return np.stack(frames)[inverse]
+        return np.stack([frames[i] for i in inverse.tolist()])  # one copy
 
 
 class ShardDataset(AVDataset):
@@ -423,11 +416,10 @@ class ShardDataset(AVDataset):
         sample, info = self._sample(record_index)
         if not info["has_audio"]:
             raise NoAudioError(f"{info['source']}: the file has no audio stream (shard sample {sample['id']})")
-        try:
-            track, stored_rate = soundfile.read(io.BytesIO(bytes(sample["audio"])), dtype="float32")
-        except (soundfile.LibsndfileError, RuntimeError) as err:
-            raise AudioDecodeError(f"{info['source']}: the stored audio does not decode: {err}") from err
-        return [_window(track, stored_rate, info["audio_start"], start, seconds, rate) for start in starts]
+        if len(sample["audio"]) % 2:
+            raise AudioDecodeError(f"{info['source']}: the stored audio has an odd byte count (shard sample {sample['id']})")
+        track = np.frombuffer(sample["audio"], dtype="<i2").astype(np.float32) / PCM_SCALE
+        return [_window(track, SAMPLE_RATE, info["audio_start"], start, seconds, rate) for start in starts]
 
 
 def build_shard_dataset(cfg: Config, split: str, train: bool) -> ShardDataset:
