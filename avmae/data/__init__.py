@@ -8,6 +8,8 @@
 - ``collate``: ``collate_clips``, the batching of items holding several clips of one video.
 - ``sampler``: ``DistributedWeightedSampler``, ``balanced_weights`` (AudioSet balanced sampling).
 - ``synthetic``: the embedded synthetic audiovisual dataset.
+- ``shards``: ``prepare_shards`` (decode once into litdata chunks) and ``ShardDataset``, the
+  ``AVDataset`` that reads them (``data.format: shards``); docs/data.md.
 """
 
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
