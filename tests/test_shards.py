@@ -28,7 +28,7 @@ from conftest import write_manifests
 from test_engine_launch import DEMO, REPO, free_port, launch_command, losses, run
 
 from avmae.config import load_config
-from avmae.data import build_dataset
+from avmae.data import Manifest, balanced_weights, build_dataset, read_manifest
 from avmae.data.shards import REPORT_FILE
 from avmae.engine import read_scalars
 
@@ -94,6 +94,12 @@ def test_prepare_reports_bad_files_skips_them_and_resumes(prepared, capsys):
     dataset = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
     assert [dataset.store[i]["id"] for i in range(len(dataset))] == [r.id for r in dataset.records]
 
+    # AudioSet-style balanced sampling draws from the shard records' targets, which are the manifest's
+    source = read_manifest(load_config(DEMO, prepared["source"]).data, "train")
+    kept = [r for r in source.records if r.id in {d.id for d in dataset.records}]
+    assert [r.targets for r in kept] == [r.targets for r in dataset.records]
+    assert torch.equal(balanced_weights(Manifest(dataset.records, dataset.classes)), balanced_weights(Manifest(kept, source.classes)))
+
 
 def _pairs(overrides: list[str], root: Path, tmp_path: Path):
     """Shards of the session dataset for ``overrides``, and an mp4 dataset over the same records
@@ -138,6 +144,24 @@ def test_shard_items_mean_what_mp4_items_mean(prepared, tmp_path, augmented):
     if augmented:
         stored.set_epoch(1)
         assert (stored[0]["video"] - mp4[0]["video"]).abs().mean() > 5 * video_error
+
+
+def test_evaluation_views_in_order(prepared, tmp_path):
+    """Multi-view evaluation on shards: every record's test_clips x test_crops views, in order,
+    the same clips as from the mp4s."""
+    overrides = ["data.video.num_frames=4", "data.video.frame_rate=25", "data.audio.seconds=1.28",
+                 "data.test_clips=2", "data.test_crops=3", "data.audio.no_audio=silence"]  # fmt: skip
+    out = tmp_path / "shards"
+    prepare_data("--config", DEMO, "--split", "val", "--out", out / "val", f"data.root={prepared['root']}", *overrides)
+    stored = build_dataset(load_config(DEMO, ["data.format=shards", f"data.root={out}", "data.val=val", *overrides]),
+                           "val", train=False)  # fmt: skip
+    mp4 = build_dataset(load_config(DEMO, [f"data.root={prepared['root']}", f"train.output_dir={tmp_path}", *overrides]),
+                        "val", train=False)  # fmt: skip
+    assert [r.id for r in stored.records] == [r.id for r in mp4.records] and len(stored) == 6 * len(stored.records)
+    for item in (0, 1, 5, 7):
+        a, b = stored[item], mp4[item]
+        assert (a["index"], a["view"]) == (b["index"], b["view"]) == divmod(item, 6)
+        assert (a["video"] - b["video"]).abs().mean() < 0.08 and (a["audio"] - b["audio"]).abs().mean() < 0.02
 
 
 def test_object_store_reads_the_same_items(prepared, tmp_path, monkeypatch):
