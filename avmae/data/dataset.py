@@ -348,7 +348,7 @@ def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
             cfg.data.clips_per_video, cfg.model.contrastive,
         )
     if cfg.data.format == "shards":
-        from avmae.data.shards import build_shard_dataset  # the streaming library loads only when used
+        from avmae.data.shards import build_shard_dataset  # imported here: that module builds on this one
 
         return build_shard_dataset(cfg, split, train)
     manifest = read_manifest(cfg.data, split)
