@@ -19,7 +19,7 @@ The split into stages (ms per clip) comes from wrapping, for the timed items onl
 transforms) and ``other`` (the rest: seeding, layout, targets).
 
 The ``shards`` setting reads the same clips prepared once by ``avmae.data.shards.prepare_shards``
-(JPEG frames at the config's short side and needed frame rate, FLAC audio) through
+(JPEG frames at the config's short side and needed frame rate, 16-bit PCM audio) through
 ``ShardDataset``, the same item pipeline with another source; its ``_open_video`` includes
 fetching the stored sample. The preparation itself is timed when the shards are first written
 (``prepare``: clips per second and per CPU-second of one process). ``measure_stored_forms``
