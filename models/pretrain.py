@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from avmae.config import Config, ModelConfig
-from .masking import TokenMask, sample_mask, take_tokens
+from .masking import TokenMask, num_visible, sample_mask, take_tokens
 from .losses import masked_mse, normalize_patches
 
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
@@ -57,6 +57,33 @@ def model_grids(cfg: Config) -> dict[str, tuple[int, ...]]:
 def num_tokens(cfg: Config) -> dict[str, int]:
     """Tokens per clip and modality for the configured geometry (no model is built)."""
     return {m: math.prod(g) for m, g in model_grids(cfg).items()}
+
+
+def num_visible_tokens(cfg: Config) -> dict[str, int]:
+    """Visible (unmasked) tokens per clip and modality under the configured masking."""
+    m, grids = cfg.model, model_grids(cfg)
+    return {
+        "video": num_visible(m.video_masking, grids["video"], m.mask_ratio_video),
+        "audio": num_visible(m.audio_masking, grids["audio"], m.mask_ratio_audio),
+    }
+
+
+def example_inputs(cfg: Config, batch: int, device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random model inputs of the configured geometry: ``video (B, 3, T, H, W)``, ``audio (B, 1, T_a, F)``,
+    and ``video2``/``audio2`` (copies) when the contrastive pairs are two views. Seeded; empty on ``meta``."""
+    video, audio = cfg.data.video, cfg.data.audio
+    shapes = {
+        "video": (batch, 3, video.num_frames, video.size, video.size),
+        "audio": (batch, 1, audio.target_length, audio.num_mel_bins),
+    }
+    if torch.device(device).type == "meta":
+        inputs = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = {name: torch.randn(shape, generator=generator).to(device) for name, shape in shapes.items()}
+    if cfg.model.contrastive != "none" and cfg.model.contrastive_pairs == "views":
+        inputs |= {"video2": inputs["video"].clone(), "audio2": inputs["audio"].clone()}
+    return inputs
 
 
 def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEncoder:
