@@ -129,3 +129,43 @@ def test_the_cycle_finder_finds_a_cycle():
     # the check above would pass vacuously with a finder that never finds anything
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_every_third_party_import_of_the_library_is_declared():
+    import importlib.metadata
+    import re
+    import sys
+
+    declared = {re.split(r"[<>=!\[; ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in _pyproject()["project"]["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = set()
+    for path in _sources().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in ("avmae", "models", "__future__") or top in sys.stdlib_module_names:
+                    continue
+                if top in ("deepspeed", "transformers", "psutil"):  # optional, imported where used
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(top, [top])}
+                if not dists & declared:
+                    undeclared.add(f"{top} ({path.relative_to(REPO)})")
+    assert not undeclared, f"imported but not in pyproject's dependencies: {sorted(undeclared)}"
+
+
+def test_package_data_files_exist():
+    setuptools = _pyproject()["tool"]["setuptools"]
+    dirs = {pkg: REPO / Path(*pkg.split(".")) for pkg in setuptools["packages"]}
+    dirs.update({pkg: REPO / folder for pkg, folder in setuptools.get("package-dir", {}).items()})
+    missing = [str(dirs[pkg] / name) for pkg, names in setuptools["package-data"].items() for name in names
+               if not (dirs[pkg] / name).is_file()]  # fmt: skip
+    assert not missing, f"listed in package-data but absent: {missing}"
