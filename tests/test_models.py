@@ -470,8 +470,8 @@ def test_model_info_tool_prints_tokens_params_and_flops(capsys):
     spec.loader.exec_module(tool)
     assert tool.main(TINY) == 0
     text = capsys.readouterr().out
-    assert "32 tokens (8 visible at mask ratio 0.75)" in text
-    assert "32 tokens (16 visible at mask ratio 0.5)" in text
+    assert "32 tokens (8 visible, random masking at ratio 0.75)" in text
+    assert "32 tokens (16 visible, random masking at ratio 0.5)" in text
     encoder_params = sum(p.numel() for p in build_pretrain_model(tiny_cfg()).encoder.parameters())
     assert re.search(rf"params encoder\s+{encoder_params:,d} ", text)
     assert re.search(r"FLOPs per clip pretrain_step\s+[\d.]+M", text)
