@@ -35,6 +35,7 @@ from torch import nn
 
 from safetensors.torch import load_file
 
+from avmae.augment.mixup import mix_batch, mixup_alpha
 from avmae.config import Config, load_config, modality_set, replace, save_config
 from avmae.data import build_dataset, build_loader
 from avmae.engine.loop import Trainer, Update, build_accelerator, input_dtype
@@ -113,8 +114,6 @@ def finetune(cfg: Config) -> dict:
     ``train.output_dir/checkpoints``, exact resume by the same command, SIGTERM/SIGINT save, the
     NaN guard, TensorBoard. See the module docstring for what it writes.
     """
-    from avmae.augment.mixup import mix_batch, mixup_alpha
-
     cfg = prepare_config(cfg)
     ft, train = cfg.finetune, cfg.train
     accelerator = build_accelerator(cfg)
@@ -122,14 +121,13 @@ def finetune(cfg: Config) -> dict:
     # copies its weights to the others); drop path differs across processes
     set_seed(train.seed, device_specific=True)
     output_dir = Path(train.output_dir)
-    trainer = Trainer(cfg, accelerator, "finetune")
 
     train_set = build_dataset(cfg, "train", train=True)
     eval_set = build_dataset(cfg, ft.eval_split, train=False)
     heads = resolve_heads(cfg, train_set.classes)
     multi_label = train_set.multi_label
-    cfg = replace(cfg, finetune=replace(ft, heads=heads))  # what tools/eval.py rebuilds
-    trainer.cfg = cfg  # checkpoints carry the heads too
+    cfg = replace(cfg, finetune=replace(ft, heads=heads))  # what tools/eval.py rebuilds; checkpoints too
+    trainer = Trainer(cfg, accelerator, "finetune")
     model = build_model(cfg, heads, log=accelerator.print)
 
     def optimizer(model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
