@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmae.config import FUSIONS
+
 from .layers import (
     MODALITIES,
     AudioPatchEmbed,
@@ -32,7 +34,6 @@ from .layers import (
 )
 from .pos_embed import SinCosPosEmbed
 
-FUSIONS = ("early", "late", "shared", "mid")
 
 
 class AVEncoder(nn.Module):

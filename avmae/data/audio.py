@@ -6,7 +6,8 @@ window leaves the file. A video's own audio track is read with PyAV; wav/flac/og
 soundfile. A file without an audio stream raises ``NoAudioError``.
 
 ``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the
-reference features of REFERENCE.md normalised by the configured ``(x - norm_mean) / norm_std``.
+features of YuanGongND/cav-mae src/dataloader.py (torchaudio's Kaldi fbank, 128 mel bins, 10 ms
+hop, Hanning window, no dither, waveform mean removed) normalised by the configured ``(x - norm_mean) / norm_std``.
 """
 
 from __future__ import annotations

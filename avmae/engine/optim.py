@@ -25,10 +25,15 @@ def scaled_lr(train: TrainConfig, effective_batch: int) -> float:
     return train.base_lr * effective_batch / 256
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW over two groups: decayed weights, and undecayed 1-D params plus `model.no_weight_decay()`.
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, lr: float, fused: bool = False, layer_decay: float = 1.0
+) -> torch.optim.Optimizer:
+    """AdamW over decayed weights and undecayed 1-D params plus `model.no_weight_decay()`: the one
+    optimiser factory of pretraining and finetuning.
 
     `fused` selects torch's fused CUDA kernel; the parameters must already sit on the GPU.
+    `layer_decay` < 1 (finetuning) splits the groups further by depth through the model's
+    `group_matcher()`: timm stores an `lr_scale` per group, which the timm scheduler applies.
     """
     extra = {"fused": True} if fused else {}
     return create_optimizer_v2(
@@ -38,6 +43,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, fused
         weight_decay=train.weight_decay,
         betas=tuple(train.betas),
         filter_bias_and_bn=True,
+        layer_decay=layer_decay if layer_decay < 1.0 else None,
         **extra,
     )
 
