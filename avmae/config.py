@@ -17,6 +17,25 @@ import yaml
 from omegaconf import OmegaConf
 
 
+# The valid choices of the model's design space, listed here once; models/ imports them.
+FUSIONS = ("early", "late", "shared", "mid")
+DECODERS = ("separate", "shared", "joint", "same")
+VIDEO_MASKINGS = ("random", "tube")
+AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
+POS_EMBEDS = ("grid", "1d")
+PATCH_LOSSES = ("mean", "sum")
+# finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
+# encoder's order (video first)
+MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
+
+
+def modality_set(modalities: str) -> tuple[str, ...]:
+    """The modalities of a ``finetune.modalities`` value: ``audiovisual`` -> ``("video", "audio")``."""
+    if modalities not in MODALITY_SETS:
+        raise ValueError(f"modalities={modalities!r} is not one of {', '.join(MODALITY_SETS)}")
+    return MODALITY_SETS[modalities]
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -92,8 +111,12 @@ class AudioConfig:
 class DataConfig:
     """Which dataset, where its media live, and how it is loaded."""
 
-    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae
+    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae | shards
     root: str = "data/synthetic"  # media folder; relative paths in manifests resolve against it
+    # format shards (docs/data.md): root is a folder or an s3:// URL holding one shard folder per
+    # split, named by train/val/test; shards read from an object store are cached in shard_cache
+    # (None: the streaming library's default cache folder).
+    shard_cache: Optional[str] = None
     train: str = "train.csv"  # manifest files, relative to root unless absolute
     val: str = "val.csv"
     test: str = "test.csv"
@@ -124,7 +147,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice(
-            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae")
+            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae", "shards")
         )
         if self.clips_per_video < 1:
             raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
@@ -253,13 +276,13 @@ class ModelConfig:
     momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
 
     def __post_init__(self) -> None:
-        _check_choice("model.fusion", self.fusion, ("early", "late", "shared", "mid"))
-        _check_choice("model.decoder", self.decoder, ("separate", "shared", "joint", "same"))
-        _check_choice("model.pos_embed", self.pos_embed, ("grid", "1d"))
-        _check_choice("model.patch_loss", self.patch_loss, ("mean", "sum"))
+        _check_choice("model.fusion", self.fusion, FUSIONS)
+        _check_choice("model.decoder", self.decoder, DECODERS)
+        _check_choice("model.pos_embed", self.pos_embed, POS_EMBEDS)
+        _check_choice("model.patch_loss", self.patch_loss, PATCH_LOSSES)
         _check_choice("model.reconstruction", self.reconstruction, ("joint", "inpaint", "both"))
-        _check_choice("model.video_masking", self.video_masking, ("random", "tube"))
-        _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
+        _check_choice("model.video_masking", self.video_masking, VIDEO_MASKINGS)
+        _check_choice("model.audio_masking", self.audio_masking, AUDIO_MASKINGS)
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
 
@@ -331,7 +354,7 @@ class FinetuneConfig:
     probe_raw_audio_grid: tuple[int, int] = (8, 8)  # (time, freq) pooling of the raw fbank
 
     def __post_init__(self) -> None:
-        _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
+        _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.fusion", self.fusion, ("pool", "bottleneck"))
 

@@ -14,8 +14,18 @@ from .layers import (
     unpatchify_audio,
     unpatchify_video,
 )
-from .pretrain import AVMAE, build_decoder, build_encoder, build_pretrain_model, model_grids, num_tokens
+from .pretrain import (
+    AVMAE,
+    build_decoder,
+    build_encoder,
+    build_pretrain_model,
+    example_inputs,
+    model_grids,
+    num_tokens,
+    num_visible_tokens,
+)
 from .registry import SIZES, ViTSize, get_size
+from .state_dict import unwrap_name, unwrap_state_dict
 
 __all__ = [
     "AVClassifier",
@@ -37,12 +47,16 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "count_flops",
+    "example_inputs",
     "get_size",
     "load_pretrained",
     "model_grids",
     "num_tokens",
+    "num_visible_tokens",
     "patchify_audio",
     "patchify_video",
     "unpatchify_audio",
     "unpatchify_video",
+    "unwrap_name",
+    "unwrap_state_dict",
 ]

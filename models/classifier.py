@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from avmae.config import Config, replace
+from avmae.config import Config, modality_set, replace
 
 from .encoder import AVEncoder
 from .layers import MODALITIES, norm_layer
 from .pretrain import build_encoder
-
-_MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": MODALITIES}
+from .state_dict import unwrap_state_dict
 
 
 class AVClassifier(nn.Module):
@@ -179,9 +178,9 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTCl
     ft = cfg.finetune
     if ft.fusion == "bottleneck":
         separate = replace(cfg, model=replace(cfg.model, fusion="late", stack_norms=False))
-        encoder = build_encoder(separate, _MODALITY_SETS[ft.modalities])
+        encoder = build_encoder(separate, modality_set(ft.modalities))
         return MBTClassifier(encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks)
-    encoder = build_encoder(cfg, _MODALITY_SETS[ft.modalities])
+    encoder = build_encoder(cfg, modality_set(ft.modalities))
     return AVClassifier(encoder, heads)
 
 
@@ -229,14 +228,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _clean_key(key: str) -> str:
-    """Drop DataParallel/DDP's leading ``module.`` and torch.compile's ``_orig_mod.`` anywhere."""
-    parts = key.split(".")
-    while parts and parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(p for p in parts if p != "_orig_mod")
-
-
 def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     unused = [m for m in MODALITIES if m not in encoder.modalities]
     if not unused:
@@ -254,7 +245,7 @@ def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch
     """
     is_encoder = isinstance(model, AVEncoder)
     encoder = model if is_encoder else model.encoder
-    source = {_clean_key(k): v for k, v in state_dict.items()}
+    source = unwrap_state_dict(state_dict)
     # a bare encoder's state dict has no "encoder." prefix
     if not any(k.startswith("encoder.") for k in source):
         source = {f"encoder.{k}": v for k, v in source.items()}

@@ -21,12 +21,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmae.config import DECODERS
+
 from .masking import TokenMask, take_tokens
 
 from .layers import MODALITIES, init_weights, make_blocks, norm_layer, run_blocks
 from .pos_embed import SinCosPosEmbed
 
-DECODERS = ("separate", "shared", "joint", "same")
 
 
 class AVDecoder(nn.Module):

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmae.config import FUSIONS
+
 from .layers import (
     MODALITIES,
     AudioPatchEmbed,
@@ -37,7 +39,6 @@ from .layers import (
 )
 from .pos_embed import SinCosPosEmbed
 
-FUSIONS = ("early", "late", "shared", "mid")
 
 
 class AVEncoder(nn.Module):

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from avmae.config import PATCH_LOSSES
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -60,8 +62,8 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pat
     ``patch``: how a patch's ``P`` squared errors are reduced: ``mean`` (MAE; AV-MAE's
     ``normalise_by_output_dimension``) or ``sum`` (AV-MAE without it).
     """
-    if patch not in ("mean", "sum"):
-        raise ValueError(f"patch reduction must be 'mean' or 'sum', got {patch!r}")
+    if patch not in PATCH_LOSSES:
+        raise ValueError(f"patch reduction must be one of {', '.join(PATCH_LOSSES)}, got {patch!r}")
     squared = (pred.float() - target.float()).pow(2)
     per_patch = squared.mean(dim=-1) if patch == "mean" else squared.sum(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from avmae.config import POS_EMBEDS
+
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """``(M,)`` positions -> ``(M, dim)``: ``[sin(pos * omega), cos(pos * omega)]``."""
@@ -80,7 +82,6 @@ def sequence_sincos(dim: int, length: int, device=None) -> torch.Tensor:
 
 
 _BUILDERS = {"video": video_sincos, "audio": audio_sincos}
-KINDS = ("grid", "1d")
 
 
 class SinCosPosEmbed(nn.Module):
@@ -96,8 +97,8 @@ class SinCosPosEmbed(nn.Module):
         super().__init__()
         if modality not in _BUILDERS:
             raise ValueError(f"no positional embedding for modality {modality!r}")
-        if kind not in KINDS:
-            raise ValueError(f"positional embedding kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind not in POS_EMBEDS:
+            raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
         self.modality = modality
         self.dim = dim
         self.kind = kind

@@ -12,7 +12,8 @@ from torch import nn
 
 from avmae.augment.mixup import draw_lambda, mix_batch
 from avmae.config import load_config
-from avmae.engine.finetune import build_finetune_optimizer, classification_loss
+from avmae.engine.finetune import classification_loss
+from avmae.engine.optim import build_optimizer
 from avmae.models import MBTClassifier, build_classifier, build_pretrain_model, load_pretrained
 from avmae.models.losses import masked_mse
 from avmae.models.pos_embed import SinCosPosEmbed
@@ -153,7 +154,7 @@ def test_mbt_starts_from_a_mid_fusion_pretraining_with_joint_blocks_copied_into_
 def test_momentum_sgd_with_layer_decay_and_no_weight_decay():
     cfg = tiny("train.optimizer=sgd", "train.momentum=0.9", "train.weight_decay=0.0")
     model = mbt("finetune.fusion_layer=2")
-    optimizer = build_finetune_optimizer(model, cfg.train, lr=1.6, layer_decay=0.75)
+    optimizer = build_optimizer(model, cfg.train, lr=1.6, layer_decay=0.75)
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["momentum"] == 0.9 and not g["nesterov"] and g["weight_decay"] == 0.0 for g in optimizer.param_groups)
     scales = {p: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}

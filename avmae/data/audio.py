@@ -7,8 +7,9 @@ soundfile. A file without an audio stream raises ``NoAudioError``.
 
 ``place_windows`` decides where the windows of a clip sit (``AudioConfig.window``).
 
-``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the Kaldi
-fbank of CAV-MAE / AST / AudioMAE normalised by the configured ``(x - norm_mean) / norm_std``.
+``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the
+features of YuanGongND/cav-mae src/dataloader.py (torchaudio's Kaldi fbank, 128 mel bins, 10 ms
+hop, Hanning window, no dither, waveform mean removed) normalised by the configured ``(x - norm_mean) / norm_std``.
 """
 
 from __future__ import annotations
