@@ -8,6 +8,11 @@ A forward pass has two stages:
    (``early``: all ``depth`` blocks; ``mid``: the top ``fusion_layers`` blocks), then applies
    each modality's final LayerNorm.
 
+``stack_norms=True`` (mid fusion) builds the encoder as AV-MAE's ``separate_encoders_and_concat``
+does, from complete encoders: each modality's stack ends in its own LayerNorm before the joint
+blocks, and the joint stack ends in one LayerNorm shared by the modalities (instead of one final
+LayerNorm per modality after the joint blocks).
+
 ``isolate=True`` runs the joint stage per modality instead of over the concatenation: no token
 attends across modalities. CAV-MAE does this for its contrastive branch, whose audio and video
 embeddings would otherwise already have seen each other.
@@ -21,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmae.config import FUSIONS
+
 from .layers import (
     MODALITIES,
     AudioPatchEmbed,
@@ -32,7 +39,6 @@ from .layers import (
 )
 from .pos_embed import SinCosPosEmbed
 
-FUSIONS = ("early", "late", "shared", "mid")
 
 
 class AVEncoder(nn.Module):
@@ -49,6 +55,9 @@ class AVEncoder(nn.Module):
         modalities: which modalities this encoder has tokenizers and blocks for.
         modality_embed: add a learnable embedding per modality to its tokens.
         drop_path: stochastic depth rate, rising linearly with depth.
+        pos_embed: ``grid`` (separable sin-cos of the token grid) or ``1d`` (sin-cos of the token
+            sequence, AV-MAE's ``sinusoidal_1d``); see ``pos_embed.py``.
+        stack_norms: mid fusion only; see the module docstring.
     """
 
     def __init__(
@@ -67,12 +76,16 @@ class AVEncoder(nn.Module):
         modalities: tuple[str, ...] = MODALITIES,
         modality_embed: bool = True,
         drop_path: float = 0.0,
+        pos_embed: str = "grid",
+        stack_norms: bool = False,
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if fusion == "mid" and not 0 < fusion_layers < depth:
             raise ValueError(f"mid fusion needs 0 < fusion_layers < depth ({depth}), got {fusion_layers}")
+        if stack_norms and fusion != "mid":
+            raise ValueError(f"stack_norms applies to mid fusion, not {fusion!r}")
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
@@ -85,7 +98,7 @@ class AVEncoder(nn.Module):
         tokenizers = {"video": VideoPatchEmbed(embed_dim, patch_size, tubelet), "audio": AudioPatchEmbed(embed_dim, patch_size)}
         grids = {"video": video_grid, "audio": audio_grid}
         self.patch_embed = nn.ModuleDict({m: tokenizers[m] for m in self.modalities})
-        self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
+        self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         self.modality_embed = (
             nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, embed_dim)) for m in self.modalities})
             if modality_embed
@@ -101,7 +114,12 @@ class AVEncoder(nn.Module):
             else {}
         )
         self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:])
-        self.norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
+        self.stack_norms = stack_norms
+        if stack_norms:
+            self.stack_norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
+            self.norm = norm_layer(embed_dim)
+        else:
+            self.norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
 
         self.apply(init_weights)
         if self.modality_embed is not None:
@@ -135,7 +153,8 @@ class AVEncoder(nn.Module):
         if self.fusion == "shared":
             return {m: run_blocks(self.blocks, x, self.grad_checkpointing) for m, x in tokens.items()}
         if self.modality_blocks:
-            return {m: run_blocks(self.modality_blocks[m], x, self.grad_checkpointing) for m, x in tokens.items()}
+            out = {m: run_blocks(self.modality_blocks[m], x, self.grad_checkpointing) for m, x in tokens.items()}
+            return {m: self.stack_norm[m](x) for m, x in out.items()} if self.stack_norms else out
         return dict(tokens)
 
     def forward_joint_stage(self, tokens: dict[str, torch.Tensor], isolate: bool = False) -> dict[str, torch.Tensor]:
@@ -147,7 +166,7 @@ class AVEncoder(nn.Module):
                 names = list(tokens)
                 joint = run_blocks(self.blocks, torch.cat([tokens[m] for m in names], dim=1), self.grad_checkpointing)
                 tokens = dict(zip(names, joint.split([tokens[m].shape[1] for m in names], dim=1)))
-        return {m: self.norm[m](x) for m, x in tokens.items()}
+        return {m: (self.norm(x) if self.stack_norms else self.norm[m](x)) for m, x in tokens.items()}
 
     def forward_tokens(self, tokens: dict[str, torch.Tensor], isolate: bool = False) -> dict[str, torch.Tensor]:
         """Embedded tokens (all, or the visible subset) -> encoded tokens, same shapes."""
@@ -177,7 +196,7 @@ class AVEncoder(nn.Module):
         p = prefix.replace(".", r"\.")
         return dict(
             stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed)",
-            modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None)],
+            modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None), (rf"^{p}stack_norm\.", (99998,))],
             blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm\.", (99999,))],
         )
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from avmae.config import PATCH_LOSSES
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -52,27 +54,36 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches only.
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: str = "mean") -> torch.Tensor:
+    """Squared error over the masked patches only, averaged over the masked patches.
 
     pred, target: ``(B, N, P)``; mask: ``(B, N)``, 1 = masked. Each masked patch weighs the same;
     visible patches contribute nothing (not even to the gradient). No masked patch -> 0.
+    ``patch``: how a patch's ``P`` squared errors are reduced: ``mean`` (MAE; AV-MAE's
+    ``normalise_by_output_dimension``) or ``sum`` (AV-MAE without it).
     """
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if patch not in PATCH_LOSSES:
+        raise ValueError(f"patch reduction must be one of {', '.join(PATCH_LOSSES)}, got {patch!r}")
+    squared = (pred.float() - target.float()).pow(2)
+    per_patch = squared.mean(dim=-1) if patch == "mean" else squared.sum(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def masked_patch_mse(
-    pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, num_masked: int, norm_pix: bool
+    pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, num_masked: int, norm_pix: bool,
+    patch: str = "mean",
 ) -> torch.Tensor:
-    """``masked_mse(pred, target, mask)`` computed on the masked patches only.
+    """``masked_mse(pred, target, mask, patch)`` computed on the masked patches only.
 
     pred: ``(B, N, P)`` (any float dtype); patches: the raw ``(B, N, P)`` patches; mask ``(B, N)``,
     1 = masked, ``num_masked`` ones in every row (the masking policies keep a fixed count).
     The masked rows of both are gathered first, so the fp32 copy of the prediction and the
     ``norm_pix`` target (``normalize_patches``) are built at ``num_masked`` rows, not ``N``. With
-    every row holding the same count, the mean over masked patches is a plain mean.
+    every row holding the same count, the mean over masked patches is a plain mean; ``patch="sum"``
+    multiplies the per-value mean by ``P``, the sum of a patch's squared errors averaged.
     """
+    if patch not in PATCH_LOSSES:
+        raise ValueError(f"patch reduction must be one of {', '.join(PATCH_LOSSES)}, got {patch!r}")
     if num_masked == 0:
         return pred.sum() * 0.0
     ids = mask.argsort(dim=1, descending=True, stable=True)[:, :num_masked]
@@ -80,7 +91,8 @@ def masked_patch_mse(
     target = torch.gather(patches, 1, index).float()
     if norm_pix:
         target = normalize_patches(target)
-    return F.mse_loss(torch.gather(pred, 1, index).float(), target)
+    loss = F.mse_loss(torch.gather(pred, 1, index).float(), target)
+    return loss if patch == "mean" else loss * pred.shape[-1]
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

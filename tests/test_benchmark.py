@@ -103,7 +103,7 @@ def test_default_variants_follow_the_reference_model(demo_cfg):
     assert default_variants(bf16) == ["avmae", "reference_bf16", "reference_fp32"]
     with pytest.raises(ValueError, match="reference_bf16 variant runs under train.mixed_precision=bf16"):
         measure_train_step(demo_cfg, torch.device("cpu"), ["reference_bf16"])
-    late = load_config(REPO / "configs" / "pretrain" / "vitb_vggsound.yaml")
+    late = load_config(REPO / "configs" / "pretrain" / "ours_vitb_vggsound.yaml")
     assert default_variants(late) == ["avmae"]
     with pytest.raises(ValueError, match="model.fusion='late'"):
         measure_train_step(late, torch.device("cpu"), ["reference_fp32"])
@@ -237,7 +237,12 @@ def test_gpu_suite_plan_and_tiny_run(tmp_path):
     assert {"batch_128", "batch_256", "vitl", "cavmae_shaped", "engine_synthetic", "engine_loader", "max_autotune",
             "input_copy"} <= set(full)  # fmt: skip
     assert {"avmae_full_loss", "compiled", "compiled_cudagraphs"} <= set(full["levers"].argv)
-    assert "model.size=large" in full["vitl"].argv and "model.decoder_depth=8" in full["cavmae_shaped"].argv
+    assert "configs/pretrain/avmae_audioset_vitl.yaml" in full["vitl"].argv
+    assert "configs/pretrain/avmae_vggsound_vitb.yaml" in full["levers"].argv
+    assert "model.decoder_depth=8" in full["cavmae_shaped"].argv
+    for step in full.values():  # every config the plan names exists
+        configs = [step.argv[i + 1] for i, a in enumerate(step.argv) if a == "--config"]
+        assert all((REPO / c).is_file() for c in configs), (step.name, configs)
     assert "data.root=/shards" in full["engine_loader"].argv and full["engine_loader"].launch
     assert "engine_loader" not in {s.name for s in suite_steps(FULL, tmp_path)}
 

@@ -14,7 +14,8 @@ from test_augment import ALL_SPATIAL, config, generator, textured_clip
 from avmae.augment import apply_strength
 from avmae.augment.transforms import eval_video_transform, normalize, resize_short_side, spatial_crop
 from avmae.augment.video import VideoAugment, apply_spatial, draw_spatial_params, temporal_order
-from avmae.data.device import batch_to_device, normalize_inputs
+from avmae.data.device import normalize_inputs
+from avmae.engine.loop import batch_to_device
 
 
 def old_training_video(clip: torch.Tensor, aug, video_cfg, seed: int) -> torch.Tensor:
@@ -66,6 +67,9 @@ def test_batches_and_second_views_normalise_per_channel_and_floats_pass_through(
         torch.testing.assert_close(out[key], expected, atol=1e-6, rtol=0)
     assert out["audio"] is inputs["audio"] and out["index"] is inputs["index"]
     assert normalize_inputs({"video": out["video"]}, video_cfg)["video"] is out["video"]  # already normalised
-    moved = batch_to_device({"video": batch, "id": ["a", "b", "c"]}, "cpu", video_cfg)
+    moved = batch_to_device({"video": batch, "id": ["a", "b", "c"]}, torch.device("cpu"), video_cfg)
     torch.testing.assert_close(moved["video"], out["video"])
     assert moved["id"] == ["a", "b", "c"]
+    cast = batch_to_device({"video": batch}, torch.device("cpu"), video_cfg, torch.bfloat16)["video"]
+    assert cast.dtype == torch.bfloat16  # normalised first, then cast (DeepSpeed's input dtype)
+    torch.testing.assert_close(cast, out["video"].to(torch.bfloat16))

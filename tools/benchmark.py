@@ -6,9 +6,10 @@ its rows to docs/benchmarks.md.
         [--out FILE.json]
         [key.sub=value ...]
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
-        --config configs/pretrain/vitb_vggsound.yaml [key.sub=value ...]
-    python tools/benchmark.py data [--config configs/pretrain/vitb_vggsound.yaml]
-        [--decoders decord pyav] [--clips-per-video 1 4] [--items N] [--out FILE.json] [key.sub=value ...]
+        --config configs/pretrain/ours_vitb_vggsound.yaml [--data-source device|dataset] [key.sub=value ...]
+    python tools/benchmark.py data [--config configs/pretrain/ours_vitb_vggsound.yaml]
+        [--decoders decord pyav shards] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
+        [key.sub=value ...]
     python tools/benchmark.py profile --config CONFIG [--variant avmae] [--steps N] [key.sub=value ...]
     python tools/benchmark.py input-copy --config CONFIG [key.sub=value ...]
     python tools/benchmark.py gpu-suite --out DIR [--budget-s 480] [--tiny] [--engine-data key=value ...]
@@ -18,10 +19,11 @@ train.mixed_precision (bf16 or no). Variants default to avmae, plus the referenc
 config is one the reference implements (mid fusion, separate decoders, no contrastive head):
 reference_bf16 (same autocast, TF32 allowed) under bf16, and reference_fp32. data times the
 training items of the config's dataset settings on one worker and one thread, over 360p H.264
-clips it writes once into --clips-dir. engine runs the pretraining engine itself (accelerate,
-DDP or DeepSpeed, as launched) for train.max_steps on a random clip kept on the device, and reports
-its logged clips/s after the first logging window (see avmae.benchmark.engine); --data-source
-dataset feeds it the config's own training data instead. profile breaks one variant's step down
+clips it writes once into --clips-dir, and over the same clips prepared as shards. engine runs
+the pretraining engine itself (accelerate, DDP or DeepSpeed, as launched) for train.max_steps on
+a random clip kept on the device, and reports its logged clips/s after the first logging window
+(see avmae.benchmark.engine); --data-source dataset feeds it the config's own training data
+instead (mp4s, or shards with data.format=shards). profile breaks one variant's step down
 by kind of work (avmae.benchmark.profile); input-copy times one batch of frames to the device as
 float32 and as uint8. gpu-suite runs every GPU measurement, each in its own process, and writes
 the JSON records, suite.json and suite.md into DIR (avmae.benchmark.suite; --tiny: the micro
@@ -52,6 +54,7 @@ from avmae.benchmark import (
 from avmae.benchmark.engine import SOURCES
 from avmae.benchmark.input_copy import measure_input_copy
 from avmae.benchmark.profile import profile_train_step
+from avmae.benchmark.data_pipeline import SHARDS, measure_stored_forms
 from avmae.benchmark.report import format_row, header_lines
 from avmae.benchmark.suite import FULL, TINY, run_suite, suite_steps
 from avmae.config import load_config
@@ -112,9 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overrides naming the training data the engine_loader step reads (e.g. the shards)")
 
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
-    data.add_argument("--config", default="configs/pretrain/vitb_vggsound.yaml",
+    data.add_argument("--config", default="configs/pretrain/ours_vitb_vggsound.yaml",
                       help="YAML whose data and augment settings are timed")
-    data.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS))
+    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS], default=[*DECODERS, SHARDS],
+                      help="video decoders of the mp4 path, and shards (the clips prepared by prepare_data)")
+    data.add_argument("--stored-forms", action="store_true",
+                      help="also time reading one clip's frames stored as JPEG vs short-GOP H.264")
     data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")
     data.add_argument("--items", type=int, default=32, help="timed dataset items per setting")
     data.add_argument("--warmup", type=int, default=2, help="untimed items per setting first")
@@ -154,10 +160,13 @@ def run_data(args: argparse.Namespace) -> dict:
     clips_dir = Path(args.clips_dir) if args.clips_dir else default_clips_dir(spec)
     print(f"clips in {clips_dir} (written on first use)", flush=True)
     write_benchmark_clips(clips_dir, spec)
-    return measure_data_pipeline(
+    record = measure_data_pipeline(
         cfg, clips_dir, args.decoders, args.clips_per_video,
         items=args.items, warmup=args.warmup, rounds=args.rounds, threads=args.threads,
     )  # fmt: skip
+    if args.stored_forms:
+        record["stored_forms"] = measure_stored_forms(cfg, clips_dir)
+    return record
 
 
 def run_engine(args: argparse.Namespace) -> dict | None:

@@ -191,6 +191,8 @@ def check_reference_config(cfg: Config) -> None:
     wanted = {
         "fusion": "mid", "decoder": "separate", "reconstruction": "joint", "contrastive": "none",
         "drop_path": 0.0, "grad_checkpointing": False,
+        # the recipe options it does not implement either (their defaults are what it computes)
+        "pos_embed": "grid", "stack_norms": False, "patch_loss": "mean",
     }  # fmt: skip
     problems = [f"model.{k}={getattr(m, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(m, k) != v]
     if m.mae_weight <= 0:

@@ -11,9 +11,10 @@ Full settings (``FULL``, for one H100/H200, about 8 minutes): the fair reference
 mid fusion: avmae, the reference under bf16 autocast with TF32, the fp32 reference), profiles of
 the avmae and reference steps, the levers at the AV-MAE ViT-B geometry in one run (masked-only
 loss before/after, compiled, CUDA graphs), the batch to the device (float32 vs uint8), a batch
-sweep (64 / 128 / 256), ViT-L at the same geometry, the CAV-MAE-shaped row, the engine on
-synthetic input and, when ``--engine-data`` names a training set (e.g. the shard loader's
-``data.format`` and ``data.root``), the engine fed by it with 16 workers; last, max-autotune,
+sweep (64 / 128 / 256), ViT-L in AV-MAE's released AudioSet recipe, the CAV-MAE-shaped row, the
+engine on synthetic input and, when ``--engine-data`` names a training set (e.g. shards prepared
+by ``tools/prepare_data.py``: ``data.format=shards data.root=DIR data.train=train``), the engine
+fed by it with 16 workers; last, max-autotune,
 whose autotuning takes minutes. ``TINY`` runs the same steps on the micro model in seconds on a
 CPU (compiled variants left out), which is what the test suite does.
 """
@@ -45,8 +46,9 @@ CAVMAE_SHAPE = (
     "data.video.num_frames=1", "model.tubelet=1", "data.audio.seconds=10.24", "model.decoder=joint",
     "model.decoder_depth=8", "model.decoder_width=512", "model.decoder_heads=16",
 )  # fmt: skip
-VITB_AVMAE = "configs/pretrain/vitb_vggsound.yaml"  # AV-MAE's released VGGSound geometry
-VITB_MID = "configs/pretrain/vitb_audioset2m.yaml"  # mid fusion, separate decoders: what the reference implements
+VITB_AVMAE = "configs/pretrain/avmae_vggsound_vitb.yaml"  # AV-MAE's released VGGSound recipe, ViT-B
+VITL_AVMAE = "configs/pretrain/avmae_audioset_vitl.yaml"  # AV-MAE's released AudioSet recipe, ViT-L
+VITB_MID = "configs/pretrain/ours_vitb_audioset2m.yaml"  # mid fusion, separate decoders: what the reference implements
 
 
 @dataclass
@@ -63,7 +65,6 @@ class Settings:
     compiled: bool  # include compiled variants
     common: tuple[str, ...] = ()  # overrides for every step (TINY: the micro model)
     config: str | None = None  # one config for every step (TINY), else each step's own
-    large: tuple[str, ...] = ("model.size=large",)
     cavmae: tuple[str, ...] = ()  # with ``config``: the CAV-MAE objective on it
     threads: int | None = None
     gemm_size: int = 2048  # the measured-GEMM yardstick (unused where a data sheet applies)
@@ -73,7 +74,7 @@ FULL = Settings(steps=10, warmup=3, rounds=2, profile_steps=3, batches=(64, 128,
                 engine_log_every=10, compiled=True)  # fmt: skip
 TINY = Settings(steps=1, warmup=1, rounds=1, profile_steps=1, batches=(2, 4), engine_steps=4, engine_log_every=2,
                 compiled=False, common=("data.batch_size=2", "train.mixed_precision=bf16"),
-                config="configs/pretrain/demo.yaml", large=(), threads=1, gemm_size=256,
+                config="configs/pretrain/demo.yaml", threads=1, gemm_size=256,
                 cavmae=("model.decoder=joint", "model.contrastive=infonce", "model.contrastive_pairs=modalities",
                         "model.contrastive_weight=0.01"))  # fmt: skip
 
@@ -118,7 +119,7 @@ def suite_steps(settings: Settings, out_dir: Path, engine_data: list[str] | None
     for batch in s.batches[1:]:
         steps.append(train_step(f"batch_{batch}", VITB_AVMAE, ["avmae"], f"data.batch_size={batch}", timeout=90.0,
                                 steps=max(1, s.steps // 2)))  # fmt: skip
-    steps.append(train_step("vitl", VITB_AVMAE, ["avmae", *compiled[:1]], *s.large, timeout=240.0))
+    steps.append(train_step("vitl", VITL_AVMAE, ["avmae", *compiled[:1]], timeout=240.0))
     cavmae = [*s.cavmae] if s.config else [*CAVMAE_SHAPE]
     steps.append(train_step("cavmae_shaped", CAVMAE_CONFIG, ["avmae", *compiled[:1]], *cavmae, timeout=180.0))
     engine = ["engine", "--config", config(VITB_AVMAE)]

@@ -2,17 +2,15 @@
 
 Datasets deliver video as uint8 ``(B, C, T, H, W)`` (a quarter of the float32 bytes); loaders pin
 their batches (``data.pin_memory``) and the copy to the device is ``non_blocking``, so it overlaps
-the previous step's work. ``normalize_inputs`` is the one place where frames become the model's
-float input ``(x / 255 - mean) / std``: every caller of a model that takes video uses it
-(pretraining, finetuning, evaluation, probing, visualisation, the benchmarks).
+the previous step's work (the training loop's ``avmae.engine.loop.batch_to_device``).
+``normalize_inputs`` is the one place where frames become the model's float input
+``(x / 255 - mean) / std``: every caller of a model that takes video uses it (pretraining,
+finetuning, evaluation, probing, visualisation, the benchmarks).
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-import torch
-from accelerate.utils import send_to_device
 
 from avmae.augment.transforms import normalize_video
 from avmae.config import VideoConfig
@@ -28,8 +26,3 @@ def normalize_inputs(inputs: dict[str, Any], video_cfg: VideoConfig) -> dict[str
         for key, value in inputs.items()
     }
 
-
-def batch_to_device(batch: Any, device: torch.device | str, video_cfg: VideoConfig) -> Any:
-    """A (pinned) batch copied to ``device`` without blocking the host, its video normalised there."""
-    batch = send_to_device(batch, device, non_blocking=torch.device(device).type == "cuda")
-    return normalize_inputs(batch, video_cfg) if isinstance(batch, dict) else batch
