@@ -225,6 +225,16 @@ class ModelConfig:
     proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
     pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
     momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
+    # layouts of other MAE codebases, whose checkpoints convert onto them (docs/checkpoints.md)
+    pos_embed: str = "sincos"  # sincos (fixed) | learned (a stored table per modality)
+    pos_grid_video: tuple[int, int, int] = (0, 0, 0)  # learned table's (T', H', W'); 0s = the configured grid
+    pos_grid_audio: tuple[int, int] = (0, 0)  # learned table's (T', F'); 0s = the configured grid
+    cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
+    joint_norms: str = "shared"  # shared | per_modality (CAV-MAE's joint layer)
+    final_norm: bool = True  # False: no LayerNorm after the last block (finetuned MAE-family models)
+    # An export folder (e.g. tools/convert.py output) whose encoder weights start pretraining
+    # (CAV-MAE starts from ImageNet MAE); empty = random initialisation.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("early", "late", "shared", "mid"))
@@ -234,6 +244,8 @@ class ModelConfig:
         _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
+        _check_choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
+        _check_choice("model.joint_norms", self.joint_norms, ("shared", "per_modality"))
 
 
 @dataclass

@@ -113,7 +113,10 @@ def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     if not unused:
         return None
     names = "|".join(unused)
-    return re.compile(rf"^encoder\.(patch_embed|modality_embed|modality_blocks|norm)\.({names})(\.|$)")
+    return re.compile(
+        rf"^encoder\.(patch_embed|pos_embed|modality_embed|cls_token|modality_blocks|norm"
+        rf"|blocks\.\d+\.modality_norm[12])\.({names})(\.|$)"
+    )
 
 
 def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor]) -> LoadReport:

@@ -76,6 +76,11 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         modalities=modalities,
         modality_embed=cfg.model.modality_embed,
         drop_path=cfg.model.drop_path,
+        pos_embed=cfg.model.pos_embed,
+        pos_grids={"video": tuple(cfg.model.pos_grid_video), "audio": tuple(cfg.model.pos_grid_audio)},
+        cls_token=cfg.model.cls_token,
+        joint_norms=cfg.model.joint_norms,
+        final_norm=cfg.model.final_norm,
     )
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return encoder
