@@ -677,7 +677,14 @@ def _with_geometry(cfg: Config, num_frames: int | None, image_size: int | None, 
         video = replace(video, size=image_size, resize=max(video.resize, image_size))
     if audio_seconds:
         audio = replace(audio, seconds=audio_seconds)
-    return replace(cfg, data=replace(cfg.data, video=video, audio=audio))
+    cfg = replace(cfg, data=replace(cfg.data, video=video, audio=audio))
+    if cfg.model.pos_embed == "learned" and (num_frames or image_size or audio_seconds):
+        from avmae.models import model_grids
+
+        # the stored tables are resampled to the new geometry once, here (config.json says how)
+        grids = model_grids(cfg)
+        cfg = replace(cfg, model=replace(cfg.model, pos_grid_video=grids["video"], pos_grid_audio=grids["audio"]))
+    return cfg
 
 
 def convert(

@@ -124,7 +124,9 @@ def resample_table(table: torch.Tensor, old_grid: tuple[int, ...], new_grid: tup
     (t0, h0, w0), (t1, h1, w1) = old_grid, new_grid
     frames = table.reshape(t0, h0 * w0, dim)
     if (h0, w0) != (h1, w1):
-        frames = resample_abs_pos_embed(frames, [h1, w1], [h0, w0], num_prefix_tokens=0)
+        frames = torch.cat(
+            [resample_abs_pos_embed(f[None], [h1, w1], [h0, w0], num_prefix_tokens=0) for f in frames]
+        )
     if t0 != t1:
         seq = frames.permute(1, 2, 0)  # (H'W', D, T')
         if t0 == 1:
