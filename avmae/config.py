@@ -221,12 +221,15 @@ class ModelConfig:
     contrastive_masked: bool = True  # run the contrastive branch on the masked (visible) tokens
     temperature: float = 0.05
     learn_temperature: bool = False
+    # InfoNCE over modality pairs: both directions averaged, or only video -> audio (each video
+    # picks its audio: CAV-MAE's default, src/models/cav_mae.py bidirect_contrast=False)
+    contrastive_symmetric: bool = True
     proj_dim: int = 256  # SimSiam / MoCo v3 projector output
     proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
     pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
     momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
     # layouts of other MAE codebases, whose checkpoints convert onto them (docs/checkpoints.md)
-    pos_embed: str = "sincos"  # sincos (fixed) | learned (a stored table per modality)
+    learned_pos_embed: bool = False  # a stored (learned) positional table per modality instead of fixed sine-cosine
     pos_grid_video: tuple[int, int, int] = (0, 0, 0)  # learned table's (T', H', W'); 0s = the configured grid
     pos_grid_audio: tuple[int, int] = (0, 0)  # learned table's (T', F'); 0s = the configured grid
     cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
@@ -244,7 +247,6 @@ class ModelConfig:
         _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
-        _check_choice("model.pos_embed", self.pos_embed, ("sincos", "learned"))
         _check_choice("model.joint_norms", self.joint_norms, ("shared", "per_modality"))
 
 

@@ -25,7 +25,7 @@ Every source key is either mapped, or dropped on purpose with the reason recorde
 names it. Missing and mis-shaped keys are errors too.
 
 The converted encoder uses the avmae options that reproduce the source network exactly: a stored
-positional table (``model.pos_embed: learned``), class tokens where the source has one (their
+positional table (``model.learned_pos_embed``), class tokens where the source has one (their
 positional embedding folded in), CAV-MAE's per-modality joint norms, no final norm for finetuned
 sources (their ``fc_norm`` becomes the classifier head's LayerNorm).
 """
@@ -478,7 +478,7 @@ def default_config(source: Source) -> Config:
     cfg = Config()
     model = {
         "size": size_name(source.embed_dim, source.depth),
-        "pos_embed": "learned",
+        "learned_pos_embed": True,
         "cls_token": any(b.cls is not None for b in source.branches.values()),
         "modality_embed": any(b.modality_embed is not None for b in source.branches.values()),
         # finetuned MAE-family models norm the pooled token (fc_norm) instead; CAV-MAE keeps its norms
@@ -678,7 +678,7 @@ def _with_geometry(cfg: Config, num_frames: int | None, image_size: int | None, 
     if audio_seconds:
         audio = replace(audio, seconds=audio_seconds)
     cfg = replace(cfg, data=replace(cfg.data, video=video, audio=audio))
-    if cfg.model.pos_embed == "learned" and (num_frames or image_size or audio_seconds):
+    if cfg.model.learned_pos_embed and (num_frames or image_size or audio_seconds):
         from avmae.models import model_grids
 
         # the stored tables are resampled to the new geometry once, here (config.json says how)

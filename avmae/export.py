@@ -42,7 +42,7 @@ PARTS = ("model", "encoder", "audio", "video")
 # (masking, losses) or a finetuning choice (drop path).
 ARCHITECTURE_FIELDS = (
     "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed",
-    "pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm",
+    "learned_pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm",
 )
 # Preprocessing a model was trained on and must be fed with, whatever the clip geometry.
 AUDIO_PREPROCESSING = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "norm_mean", "norm_std")

@@ -18,7 +18,7 @@ visible tokens, ``forward_features`` all of them.
 Options for the layouts of other MAE codebases (their checkpoints convert onto these, see
 ``avmae.convert``):
 
-- ``pos_embed="learned"``: a stored positional table per modality (``LearnedPosEmbed``) instead of
+- ``learned_pos=True``: a stored positional table per modality (``LearnedPosEmbed``) instead of
   the fixed sine-cosine code;
 - ``cls_token=True``: a learned class token per modality, prepended before the blocks (its
   positional embedding folded in) and dropped from the outputs, as MAE / AudioMAE run it;
@@ -48,7 +48,6 @@ from .layers import (
 from .pos_embed import LearnedPosEmbed, SinCosPosEmbed
 
 FUSIONS = ("early", "late", "shared", "mid")
-POS_EMBEDS = ("sincos", "learned")
 JOINT_NORMS = ("shared", "per_modality")
 
 
@@ -86,7 +85,7 @@ class AVEncoder(nn.Module):
         modalities: which modalities this encoder has tokenizers and blocks for.
         modality_embed: add a learnable embedding per modality to its tokens.
         drop_path: stochastic depth rate, rising linearly with depth.
-        pos_embed: ``sincos`` (fixed) or ``learned`` (a stored table per modality).
+        learned_pos: a stored (learned) positional table per modality instead of the fixed code.
         pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).
         cls_token: a learned class token per modality (dropped from the outputs).
         joint_norms: ``shared`` or ``per_modality`` LayerNorms in the joint blocks (CAV-MAE).
@@ -109,15 +108,13 @@ class AVEncoder(nn.Module):
         modalities: tuple[str, ...] = MODALITIES,
         modality_embed: bool = True,
         drop_path: float = 0.0,
-        pos_embed: str = "sincos",
+        learned_pos: bool = False,
         pos_grids: dict[str, tuple[int, ...]] | None = None,
         cls_token: bool = False,
         joint_norms: str = "shared",
         final_norm: bool = True,
     ) -> None:
         super().__init__()
-        if pos_embed not in POS_EMBEDS:
-            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBEDS)}, got {pos_embed!r}")
         if joint_norms not in JOINT_NORMS:
             raise ValueError(f"joint_norms must be one of {', '.join(JOINT_NORMS)}, got {joint_norms!r}")
         if fusion not in FUSIONS:
@@ -136,7 +133,7 @@ class AVEncoder(nn.Module):
         tokenizers = {"video": VideoPatchEmbed(embed_dim, patch_size, tubelet), "audio": AudioPatchEmbed(embed_dim, patch_size)}
         grids = {"video": video_grid, "audio": audio_grid}
         self.patch_embed = nn.ModuleDict({m: tokenizers[m] for m in self.modalities})
-        if pos_embed == "learned":
+        if learned_pos:
             grids = {**grids, **{m: tuple(g) for m, g in (pos_grids or {}).items() if g and any(g)}}
             self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
         else:

@@ -12,7 +12,7 @@ the second half the row index, each as ``[sin(pos * omega), cos(pos * omega)]`` 
 
 Nothing here is learned or saved in checkpoints; a model built for another frame count or audio
 length simply computes the embedding for its own grid. The exception is ``LearnedPosEmbed``
-(``model.pos_embed: learned``), a stored table as converted checkpoints of other codebases carry
+(``model.learned_pos_embed``), a stored table as converted checkpoints of other codebases carry
 it, resampled to other grids by ``resample_table``.
 """
 

@@ -76,7 +76,7 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         modalities=modalities,
         modality_embed=cfg.model.modality_embed,
         drop_path=cfg.model.drop_path,
-        pos_embed=cfg.model.pos_embed,
+        learned_pos=cfg.model.learned_pos_embed,
         pos_grids={"video": tuple(cfg.model.pos_grid_video), "audio": tuple(cfg.model.pos_grid_audio)},
         cls_token=cfg.model.cls_token,
         joint_norms=cfg.model.joint_norms,
@@ -111,7 +111,7 @@ class AVMAE(nn.Module):
         names = ("video", "audio") if cfg.contrastive_pairs == "modalities" else ("clip",)
         dim = encoder.embed_dim
         if cfg.contrastive == "infonce":
-            return InfoNCEHead(cfg.temperature, cfg.learn_temperature)
+            return InfoNCEHead(cfg.temperature, cfg.learn_temperature, cfg.contrastive_symmetric)
         if cfg.contrastive == "simsiam":
             return SimSiamHead(names, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_dim)
         if cfg.contrastive == "mocov3":
@@ -315,5 +315,12 @@ def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
 def build_pretrain_model(cfg: Config) -> AVMAE:
     """The pretraining model described by ``cfg.model`` for the geometry of ``cfg.data``."""
     encoder = build_encoder(cfg)
+    if cfg.model.init_from:
+        # e.g. ImageNet MAE converted onto this architecture (tools/convert.py --config), as
+        # CAV-MAE starts; every encoder weight must come from it
+        from avmae.export import pretrained_encoder_weights
+        from .classifier import load_pretrained
+
+        load_pretrained(encoder, pretrained_encoder_weights(cfg.model.init_from))
     decoder = build_decoder(cfg, encoder) if cfg.model.mae_weight > 0 else None
     return AVMAE(cfg.model, encoder, decoder)

@@ -331,7 +331,7 @@ def test_converted_cavmae_finetunes_and_mae_probes(clean_data, tmp_path):
     ]  # fmt: skip
     metrics = finetune(load_config(FINETUNE, overrides))
     saved = load_config(tmp_path / "run" / "config.yaml")
-    assert saved.model.joint_norms == "per_modality" and saved.model.pos_embed == "learned"
+    assert saved.model.joint_norms == "per_modality" and saved.model.learned_pos_embed
     assert saved.data.audio.norm_mean == -5.081 and 0.0 <= metrics["label"]["top1"] <= 100.0
 
     mae = convert("mae", save(vit_checkpoint(3, (2, 2), finetuned=False), tmp_path / "mae.pth"), tmp_path / "mae")
