@@ -431,7 +431,13 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
         state["cls_token"] = encoder.cls_token["audio"]
         state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     for i, block in enumerate(blocks):
-        state.update({f"blocks.{i}.{k}": v for k, v in block.state_dict().items()})
+        weights = block.state_dict()
+        if hasattr(block, "modality_norm1"):  # a joint layer with per-modality norms: audio alone uses its own
+            weights = {k: v for k, v in weights.items() if not k.startswith(("modality_norm1.", "modality_norm2."))}
+            for n in ("1", "2"):
+                norm = getattr(block, f"modality_norm{n}")["audio"]
+                weights.update({f"norm{n}.weight": norm.weight, f"norm{n}.bias": norm.bias})
+        state.update({f"blocks.{i}.{k}": v for k, v in weights.items()})
     vit.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     return vit.eval(), kwargs
 

@@ -245,6 +245,11 @@ def test_cavmae_audio_branch_reordered_to_time_major(tmp_path):
         theirs = theirs.reshape(2, 8, 8, DIM).transpose(1, 2).reshape(2, 64, DIM)
         ours = encoder.forward_features(audio=fbank[:, None])["audio"]
     assert (theirs - ours).abs().max() < 1e-5
+    # the audio part alone, and the stock timm ViT written with it
+    audio_out = convert("cavmae", path, tmp_path / "audio", part="audio")
+    with torch.no_grad():
+        timm_tokens = avmae.export.load_timm_audio_vit(audio_out).forward_features(fbank[:, None])
+    assert (timm_tokens - ours).abs().max() < 1e-5
     # the joint sequence ends in the joint norm, a lone modality in its own
     with torch.no_grad():
         joint = encoder.forward_features(video=torch.randn(2, 3, 1, 32, 32), audio=fbank[:, None])
