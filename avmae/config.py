@@ -289,6 +289,9 @@ class FinetuneConfig:
     # export instead of this config's (a model must be fed as it was trained).
     inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
+    # The classifier's clip embedding: "modalities" averages each modality's mean token;
+    # "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
+    pool: str = "modalities"
     label_smoothing: float = 0.1  # single-label heads only
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
@@ -305,6 +308,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
+        _check_choice("finetune.pool", self.pool, ("modalities", "tokens"))
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
 
 

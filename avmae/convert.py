@@ -752,7 +752,8 @@ def write_classifier(source: Source, cfg: Config, encoder_weights: dict, modalit
     head = source.head
     num_classes = head["linear.weight"].shape[0]
     finetune_modalities = "audiovisual" if len(modalities) == 2 else modalities[0]
-    cfg = replace(cfg, finetune=replace(cfg.finetune, heads={"label": num_classes}, modalities=finetune_modalities))
+    pool = "tokens" if source.kind == "cavmae" else "modalities"  # CAVMAEFT averages all 708 tokens
+    cfg = replace(cfg, finetune=replace(cfg.finetune, heads={"label": num_classes}, modalities=finetune_modalities, pool=pool))
     model = build_classifier(cfg, {"label": num_classes})
     state = {f"encoder.{k}": v for k, v in encoder_weights.items()}
     state.update({
@@ -967,9 +968,12 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
                 peer = cav_mae.CAVMAEFT(label_dim=state["mlp_head.1.weight"].shape[0], **common).eval()
                 _load_peer(peer, state, kind)
                 audio_only, video_only = (_one_modality(Path(out_dir) / "classifier", m) for m in ("audio", "video"))
-                theirs = torch.cat([peer(a, v, "audioonly"), peer(a, v, "videoonly")], dim=1)
-                ours = torch.cat([audio_only(audio=ours_audio_in)["label"], video_only(video=v[:, :, None])["label"]], dim=1)
-                compared = "logits (audio-only and video-only modes)"
+                theirs = torch.cat([peer(a, v, "multimodal"), peer(a, v, "audioonly"), peer(a, v, "videoonly")], dim=1)
+                ours = torch.cat([
+                    classifier(video=v[:, :, None], audio=ours_audio_in)["label"],
+                    audio_only(audio=ours_audio_in)["label"], video_only(video=v[:, :, None])["label"],
+                ], dim=1)  # fmt: skip
+                compared = "logits (multimodal, audio-only and video-only modes)"
             else:
                 peer = cav_mae.CAVMAE(norm_pix_loss=True, **common, **{
                     k: v for k, v in decoder_dims().items()

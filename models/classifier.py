@@ -34,8 +34,13 @@ class AVClassifier(nn.Module):
     (an input for another modality is ignored, so a full batch can be passed as is).
     """
 
-    def __init__(self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0) -> None:
+    def __init__(self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0, pool: str = "modalities") -> None:
         super().__init__()
+        if pool not in ("modalities", "tokens"):
+            raise ValueError(f"pool must be modalities or tokens, got {pool!r}")
+        # modalities: each modality's mean token, averaged; tokens: the mean of all tokens
+        # (CAV-MAE's CAVMAEFT, src/models/cav_mae.py), so each modality weighs by its token count
+        self.pool = pool
         if not heads:
             raise ValueError("a classifier needs at least one head, e.g. {'label': 309}")
         self.encoder = encoder
@@ -56,6 +61,8 @@ class AVClassifier(nn.Module):
         if missing:
             raise ValueError(f"this classifier uses {'+'.join(self.modalities)} input; missing: {', '.join(missing)}")
         latent = self.encoder.forward_features(**{m: given[m] for m in self.modalities})
+        if self.pool == "tokens":
+            return torch.cat([latent[m] for m in self.modalities], dim=1).mean(dim=1)
         return torch.stack([latent[m].mean(dim=1) for m in self.modalities]).mean(dim=0)
 
     def forward(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -79,7 +86,7 @@ class AVClassifier(nn.Module):
 def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier:
     """Encoder of ``cfg.model`` for ``cfg.finetune.modalities`` at the geometry of ``cfg.data``."""
     encoder = build_encoder(cfg, _MODALITY_SETS[cfg.finetune.modalities])
-    return AVClassifier(encoder, heads)
+    return AVClassifier(encoder, heads, pool=cfg.finetune.pool)
 
 
 @dataclass

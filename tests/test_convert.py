@@ -361,3 +361,23 @@ def test_tools_convert_then_eval_a_finetuned_source(clean_data, tmp_path, capsys
     assert _tool("eval").main([str(out / "classifier"), *clean_data, *GEOMETRY, "--split", "val", "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["split"] == "val" and metrics["records_scored"] > 0
+
+
+def test_cavmae_finetuned_keeps_its_head_and_pools_all_tokens(tmp_path):
+    """CAVMAEFT's mlp_head becomes the classifier head; its multimodal mode averages all tokens
+    of the joint sequence, so the converted classifier pools over tokens, not modalities."""
+    from avmae.engine.finetune import load_finetuned
+
+    torch.manual_seed(5)
+    state = cavmae_checkpoint(finetuned=True, num_classes=3)
+    path = save(state, tmp_path / "cav-mae-ft.pth", wrap=None)
+    all_keys_accounted("cavmae", path, state)
+    out = convert("cavmae", path, tmp_path / "out")
+    classifier, cfg = load_finetuned(out / "classifier")
+    assert cfg.finetune.pool == "tokens" and cfg.finetune.modalities == "audiovisual" and cfg.finetune.heads == {"label": 3}
+    assert torch.equal(classifier.heads["label"][2].weight, state["module.mlp_head.1.weight"])
+    video, audio = torch.randn(2, 3, 1, 32, 32), torch.randn(2, 1, 128, 128)
+    with torch.no_grad():
+        tokens = classifier.encoder.forward_features(video=video, audio=audio)
+        pooled = torch.cat([tokens["video"], tokens["audio"]], dim=1).mean(dim=1)  # 4 + 64 tokens, equally
+        assert torch.allclose(classifier(video=video, audio=audio)["label"], classifier.heads["label"](pooled), atol=1e-6)
