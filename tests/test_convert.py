@@ -280,6 +280,10 @@ def test_videomae_roundtrip_with_its_sinusoid_table_and_qv_biases(tmp_path):
     assert table[3, 5] == pytest.approx(math.cos(3 / 10000 ** (4 / 6)), abs=1e-6)
 
 
+class Pickled:
+    """An arbitrary object: loading it would run pickle's object construction."""
+
+
 def test_bad_keys_are_all_named(tmp_path):
     state = vit_checkpoint(3, (2, 2), finetuned=False)
     state["blocks.9.attn.qkv.weight"] = torch.zeros(1)  # unexpected (and makes blocks non-contiguous)
@@ -293,6 +297,10 @@ def test_bad_keys_are_all_named(tmp_path):
     assert "missing keys: blocks.2.mlp.fc2.bias" in message
     assert "blocks.1.attn.proj.weight: (128, 129), expected (128, 128)" in message
     assert "unexpected keys: extra_thing" in message and "bad.pth" in message
+    # a pickled object beyond tensors is refused by torch.load(weights_only=True)
+    torch.save({"model": vit_checkpoint(3, (2, 2), finetuned=False), "extra": Pickled()}, tmp_path / "pickle.pth")
+    with pytest.raises(ConversionError, match=r"pickle.pth: not loadable with torch.load\(weights_only=True\)"):
+        read("mae", tmp_path / "pickle.pth")
     # not a tensor mapping, and not the source it claims to be
     torch.save({"model": {"w": [1, 2]}}, tmp_path / "list.pth")
     with pytest.raises(ConversionError, match="is a list, not a tensor"):
