@@ -32,7 +32,6 @@ sources (their ``fc_norm`` becomes the classifier head's LayerNorm).
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, field
@@ -400,10 +399,11 @@ def read_cavmae(keys: SourceKeys, num_mel_bins: int = 128) -> Source:
     shared, per_modality = [], {"a": [], "v": []}
     for i in range(joint):
         weights = {n: keys.take(f"blocks_u.{i}.{n}", shapes[n]) for n in BLOCK_KEYS if not n.startswith("norm")}
-        shared.append({**weights, **{f"{n}.{p}": keys.take(f"blocks_u.{i}.{n}.{p}", (dim,)) for n in ("norm1", "norm2") for p in ("weight", "bias")}})
-        for tag in ("a", "v"):
-            norms = {f"{n}.{p}": keys.take(f"blocks_u.{i}.{n}_{tag}.{p}", (dim,)) for n in ("norm1", "norm2") for p in ("weight", "bias")}
-            per_modality[tag].append({**weights, **norms})
+        for tag, stream in (("", shared), ("_a", per_modality["a"]), ("_v", per_modality["v"])):
+            norms = {
+                f"{n}.{p}": keys.take(f"blocks_u.{i}.{n}{tag}.{p}", (dim,)) for n in ("norm1", "norm2") for p in ("weight", "bias")
+            }
+            stream.append({**weights, **norms})
 
     # audio: CAV-MAE feeds the fbank as (128, T): tokens frequency-major, patches (freq, time)
     pos_a = keys.take("pos_embed_a", (1, audio_tokens, dim))
@@ -534,6 +534,8 @@ def _inflate(weight: torch.Tensor, tubelet: int, notes: dict) -> torch.Tensor:
 def _audio_from_video(video: Branch, notes: dict) -> Branch:
     """An audio branch started from an image network, as CAV-MAE starts its audio branch from
     ImageNet MAE (``src/adapt_vmae_weights.py``): the RGB patch kernel summed over channels."""
+    if video.patch_weight.shape[2] != 1:
+        raise ConversionError("an audio branch can start only from an image network (one-frame patches)")
     notes["audio_from_video"] = "audio branch initialised from the image network: patch kernel summed over RGB"
     return Branch(
         patch_weight=video.patch_weight[:, :, 0].sum(dim=1, keepdim=True),
@@ -554,14 +556,14 @@ def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> t
     at their initial value on purpose: modality embeddings and class tokens a source lacks, and
     audio positions when the source is an image network).
     """
-    from avmae.models import build_encoder, model_grids
+    from avmae.models import build_encoder
+    from avmae.models.pos_embed import RESAMPLE_METHOD, resample_table
 
     encoder = build_encoder(cfg, modalities)
     target = encoder.state_dict()
     out: dict[str, torch.Tensor] = {}
     notes: dict = {"initialised": [], "not_used": []}
     m_cfg = cfg.model
-    grids = model_grids(cfg)
     fusion = m_cfg.fusion
     depth = encoder.depth
     num_joint = len(encoder.blocks) if fusion in ("early", "mid") else 0
@@ -592,14 +594,11 @@ def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> t
             if m == "audio" and notes.get("audio_from_video"):
                 notes["initialised"].append(key + " (sine-cosine: the image network has no audio positions)")
             else:
-                from avmae.models.pos_embed import RESAMPLE_METHOD, resample_table
-
-                pos = b.pos
-                if m == "video" and len(source_grid) == 3 and tuple(source_grid) != tuple(table_grid):
-                    notes.setdefault("pos_embed_resized", {})[m] = {"from": list(source_grid), "to": list(table_grid), "method": RESAMPLE_METHOD[m]}
-                elif m == "audio" and tuple(source_grid) != tuple(table_grid):
-                    notes.setdefault("pos_embed_resized", {})[m] = {"from": list(source_grid), "to": list(table_grid), "method": RESAMPLE_METHOD[m]}
-                out[key] = resample_table(pos, source_grid, table_grid)
+                if tuple(source_grid) != tuple(table_grid):
+                    notes.setdefault("pos_embed_resized", {})[m] = {
+                        "from": list(source_grid), "to": list(table_grid), "method": RESAMPLE_METHOD[m],
+                    }  # fmt: skip
+                out[key] = resample_table(b.pos, source_grid, table_grid)
         else:
             notes["not_used"].append(f"{m} positional table (the target uses fixed sine-cosine positions)")
         if f"cls_token.{m}" in target:
@@ -629,7 +628,9 @@ def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> t
                 out.update({f"blocks.{i}.{k}": v for k, v in b.blocks[i].items()})
         if f"norm.{m}.weight" in target:
             if b.norm is None:
-                raise ConversionError(f"the finetuned {source.kind} source has no final norm; convert with model.final_norm=false")
+                raise ConversionError(
+                    f"the finetuned {source.kind} source has no final norm; convert with model.final_norm=false"
+                )
             out[f"norm.{m}.weight"], out[f"norm.{m}.bias"] = b.norm["weight"], b.norm["bias"]
         elif b.norm is not None:
             notes["not_used"].append(f"{m} final norm (the target has model.final_norm=false)")
@@ -650,7 +651,11 @@ def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> t
     initialised = {n.split(" ")[0] for n in notes["initialised"]}
     missing = sorted(set(target) - set(out) - initialised)
     extra = sorted(set(out) - set(target))
-    shapes = [f"{k}: {tuple(out[k].shape)} vs {tuple(target[k].shape)}" for k in out if k in target and out[k].shape != target[k].shape]
+    shapes = [
+        f"{k}: {tuple(out[k].shape)} vs {tuple(target[k].shape)}"
+        for k in out
+        if k in target and out[k].shape != target[k].shape
+    ]
     if missing or extra or shapes:
         raise ConversionError(
             f"the {source.kind} source does not fill the target encoder: "
@@ -708,7 +713,7 @@ def convert(
     which ``tools/eval.py`` runs directly.
     """
     from avmae.export import write_export
-    from avmae.models import build_classifier, build_encoder
+    from avmae.models import build_encoder
 
     source = read(kind, checkpoint)
     cfg = config if config is not None else default_config(source)
@@ -738,7 +743,8 @@ def convert(
             "order": "the source's label index order (e.g. AudioSet class_labels_indices.csv, the "
             "Kinetics class list): give tools/eval.py a label file in that order",
         }
-    out = write_export(encoder, cfg, part, out_dir, {"checkpoint": Path(checkpoint).name, "converted_from": kind}, {"conversion": conversion})
+    source_entry = {"checkpoint": Path(checkpoint).name, "converted_from": kind}
+    out = write_export(encoder, cfg, part, out_dir, source_entry, {"conversion": conversion})
     if source.head is not None:
         write_classifier(source, cfg, state, modalities, out / "classifier")
     return out
@@ -843,7 +849,9 @@ def _load_peer(model, state: dict, origin: str, allow_missing: str | None = None
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [k for k in missing if not (allow_missing and re.match(allow_missing, k))]
     if bad_missing or unexpected:
-        raise ConversionError(f"{origin}: the source model code rejects the checkpoint: missing {bad_missing}, unexpected {unexpected}")
+        raise ConversionError(
+            f"{origin}: the source model code rejects the checkpoint: missing {bad_missing}, unexpected {unexpected}"
+        )
 
 
 def _one_modality(classifier_dir: Path, modality: str):
