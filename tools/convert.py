@@ -3,12 +3,12 @@
     python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_vitb
     python tools/convert.py --from audiomae finetuned.pth runs/audiomae_as2m          # + classifier/
     python tools/convert.py --from cavmae cav-mae-scale++.pth runs/cavmae --check --source-repo ~/src/cav-mae
-    python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_for_cavmae \
-        --config configs/pretrain/cavmae_audioset.yaml     # an ImageNet-MAE start for pretraining
+    python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_in --config configs/pretrain/cavmae_audioset.yaml
 
 OUT receives ``model.safetensors`` and ``config.json`` (the source's architecture, input geometry and
 preprocessing, what was dropped and why), which ``avmae.from_pretrained``, ``finetune.pretrained``,
-``tools/linear_probe.py`` and ``model.init_from`` accept. A finetuned source also gets
+``tools/linear_probe.py`` and ``model.init_from`` accept (the last example: CAV-MAE's ImageNet-MAE
+start, converted onto its architecture). A finetuned source also gets
 ``OUT/classifier`` (its head and class order kept) for ``tools/eval.py``. ``--check`` compares the
 converted model's output with the source repository's own model on one input; it is skipped, with
 the reason, when that code is not importable (``--source-repo`` points at a checkout).
