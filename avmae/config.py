@@ -235,8 +235,9 @@ class ModelConfig:
     cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
     joint_norms: str = "shared"  # shared | per_modality (CAV-MAE's joint layer)
     final_norm: bool = True  # False: no LayerNorm after the last block (finetuned MAE-family models)
-    # An export folder (e.g. tools/convert.py output) whose encoder weights start pretraining
-    # (CAV-MAE starts from ImageNet MAE); empty = random initialisation.
+    # An export folder (e.g. tools/convert.py output) whose encoder weights start a pretraining
+    # run (CAV-MAE starts from ImageNet MAE); empty = random initialisation. Read by the
+    # pretraining engine at a fresh start only.
     init_from: str = ""
 
     def __post_init__(self) -> None:

@@ -312,15 +312,19 @@ def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
     )
 
 
+def init_encoder_from(model: AVMAE, path: str) -> None:
+    """Fill ``model.encoder`` from the export folder ``path`` (``model.init_from``), e.g. ImageNet
+    MAE converted onto this architecture (``tools/convert.py --config``), CAV-MAE's start. Every
+    encoder weight must come from it; the decoder and heads keep their initialisation."""
+    from avmae.export import pretrained_encoder_weights
+
+    from .classifier import load_pretrained
+
+    load_pretrained(model.encoder, pretrained_encoder_weights(path))
+
+
 def build_pretrain_model(cfg: Config) -> AVMAE:
     """The pretraining model described by ``cfg.model`` for the geometry of ``cfg.data``."""
     encoder = build_encoder(cfg)
-    if cfg.model.init_from:
-        # e.g. ImageNet MAE converted onto this architecture (tools/convert.py --config), as
-        # CAV-MAE starts; every encoder weight must come from it
-        from avmae.export import pretrained_encoder_weights
-        from .classifier import load_pretrained
-
-        load_pretrained(encoder, pretrained_encoder_weights(cfg.model.init_from))
     decoder = build_decoder(cfg, encoder) if cfg.model.mae_weight > 0 else None
     return AVMAE(cfg.model, encoder, decoder)

@@ -15,8 +15,11 @@ import pytest
 import torch
 from test_convert import save, vit_checkpoint
 
+from safetensors.torch import load_file
+
 from avmae.config import load_config
 from avmae.convert import convert
+from avmae.engine.pretrain import pretrain
 from avmae.models import build_pretrain_model, num_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +89,18 @@ def test_cavmae_loss_is_the_sum_of_both_mae_losses_plus_one_way_infonce():
     assert out["mask_audio"].sum(1).tolist() == [24] * 4  # 0.75 of 4 x 8 tokens
 
 
+class Clips(torch.utils.data.Dataset):
+    """Four items shaped like AVDataset's at the micro CAV-MAE geometry (1 frame of 32 px, 64 x 128 fbank)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(index)
+        return {"video": torch.randn(3, 1, 32, 32, generator=g), "audio": torch.randn(1, 64, 128, generator=g),
+                "failures": 0, "index": index}  # fmt: skip
+
+
 def test_imagenet_mae_start_through_init_from(tmp_path):
     """A MAE image checkpoint converted onto the CAV-MAE architecture (--config) starts pretraining:
     both modality stacks and the joint layer from its blocks, the audio patch kernel summed over
@@ -94,7 +109,14 @@ def test_imagenet_mae_start_through_init_from(tmp_path):
     state = vit_checkpoint(3, (2, 2), finetuned=False)
     cfg = load_config(PRETRAIN["vggsound"], _micro(["model.fusion_layers=1"]))
     out = convert("mae", save(state, tmp_path / "mae.pth"), tmp_path / "init", config=cfg)
-    model = build_pretrain_model(load_config(PRETRAIN["vggsound"], _micro([f"model.init_from={out}"])))
+    # one pretraining step at lr 0 through the engine, which applies model.init_from at a fresh start
+    run = load_config(PRETRAIN["vggsound"], _micro([
+        f"model.init_from={out}", f"train.output_dir={tmp_path / 'run'}", "train.base_lr=0.0", "train.max_steps=1",
+        "train.mixed_precision='no'", "data.batch_size=2", "data.num_workers=0", "train.log_every=1",
+    ]))  # fmt: skip
+    checkpoint = pretrain(run, dataset=Clips())
+    model = build_pretrain_model(run)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     enc = model.encoder
     assert torch.equal(enc.modality_blocks["audio"][2].mlp.fc1.weight, state["blocks.2.mlp.fc1.weight"])
     assert torch.equal(enc.modality_blocks["video"][0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])

@@ -227,6 +227,11 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
         model = build_pretrain_model(cfg)
+        if cfg.model.init_from and resume_from is None:  # a resumed run has its own weights
+            from avmae.models.pretrain import init_encoder_from
+
+            init_encoder_from(model, cfg.model.init_from)
+            accelerator.print(f"encoder initialised from {cfg.model.init_from}")
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # SimSiam's and MoCo v3's projector BatchNorms normalise over the global batch, as in their
         # papers (SyncBatchNorm has no CPU kernels: on gloo they stay per process)
