@@ -328,34 +328,44 @@ def test_safetensors_source_and_audio_length_resampling(tmp_path):
 @pytest.fixture(scope="module")
 def clean_data(synthetic_root, tmp_path_factory):
     rows = decodable_rows(synthetic_root)
+    rows = {split: split_rows[:4] for split, split_rows in rows.items()}  # few clips: decoding dominates
     return write_manifests(synthetic_root, tmp_path_factory.mktemp("convert_manifests"), rows)
 
 
-def test_converted_cavmae_finetunes_and_mae_probes(clean_data, tmp_path):
-    """A converted CAV-MAE encoder finetunes audiovisually a few steps at another geometry (4
-    frames, positions resampled on the fly); a converted MAE image encoder is linear-probed."""
-    from avmae.engine.finetune import finetune
+SOURCES = {  # source -> (checkpoint, modalities it fills, conversion geometry)
+    "mae": (lambda: vit_checkpoint(3, (2, 2), finetuned=False), "video", {}),
+    "audiomae": (lambda: vit_checkpoint(1, (8, 8), finetuned=False), "audio", {}),
+    "videomae": (lambda: videomae_checkpoint(finetuned=False), "video", {"num_frames": 4, "image_size": 32}),
+    "cavmae": (lambda: cavmae_checkpoint(finetuned=False), "audiovisual", {}),
+}
+
+
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_converted_models_finetune_and_probe(kind, clean_data, tmp_path):
+    """Each converted source finetunes a step and is linear-probed on real clips, at the test
+    geometry (4 frames of 32 px, 1.28 s): tables resampled on the fly where it differs."""
+    from avmae.engine.finetune import finetune, prepare_config
     from avmae.evaluation.probe import run_linear_probes
 
     torch.manual_seed(4)
-    out = convert("cavmae", save(cavmae_checkpoint(finetuned=False), tmp_path / "cav.pth", wrap=None), tmp_path / "cav")
-    overrides = clean_data + GEOMETRY + [
-        f"finetune.pretrained={out}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.log_every=1",
-    ]  # fmt: skip
-    metrics = finetune(load_config(FINETUNE, overrides))
+    make, modalities, geometry = SOURCES[kind]
+    out = convert(kind, save(make(), tmp_path / "source.pth"), tmp_path / "export", **geometry)
+    common = clean_data + GEOMETRY + [f"finetune.pretrained={out}", f"finetune.modalities={modalities}"]
+    run = [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1", "train.log_every=1"]
+    metrics = finetune(load_config(FINETUNE, common + run))
     saved = load_config(tmp_path / "run" / "config.yaml")
-    assert saved.model.joint_norms == "per_modality" and saved.model.learned_pos_embed
-    assert saved.data.audio.norm_mean == -5.081 and 0.0 <= metrics["label"]["top1"] <= 100.0
+    assert saved.model.learned_pos_embed and 0.0 <= metrics["label"]["top1"] <= 100.0
+    source_input = read_export(out)["input"]
+    if modalities != "video":  # the source's fbank normalisation is inherited
+        assert saved.data.audio.norm_mean == source_input["audio"]["norm_mean"] != -5.081 or kind == "cavmae"
+    if kind == "cavmae":
+        assert saved.model.joint_norms == "per_modality" and saved.data.audio.norm_mean == -5.081
 
-    mae = convert("mae", save(vit_checkpoint(3, (2, 2), finetuned=False), tmp_path / "mae.pth"), tmp_path / "mae")
-    probe = ["finetune.probe_weight_decays=[1.0]", "finetune.probe_max_iter=10", "finetune.modalities=video",
-             f"finetune.pretrained={mae}"]  # fmt: skip
-    from avmae.engine.finetune import prepare_config
-
-    cfg = prepare_config(load_config(FINETUNE, clean_data + GEOMETRY + probe))
-    assert tuple(cfg.data.video.mean) == (0.485, 0.456, 0.406) and cfg.model.tubelet == 1
-    (result,) = run_linear_probes(cfg, avmae.from_pretrained(mae), sources=("pretrained",))
-    assert result["dim"] == DIM and 0.0 <= result["test"]["label"]["top1"] <= 100.0
+    probe = ["finetune.probe_weight_decays=[1.0]", "finetune.probe_max_iter=10"]
+    cfg = prepare_config(load_config(FINETUNE, common + probe))
+    (result,) = run_linear_probes(cfg, avmae.from_pretrained(out), sources=("pretrained",))
+    assert result["dim"] == DIM * (2 if modalities == "audiovisual" else 1)
+    assert 0.0 <= result["test"]["label"]["top1"] <= 100.0
 
 
 def test_tools_convert_then_eval_a_finetuned_source(clean_data, tmp_path, capsys):
