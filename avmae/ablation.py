@@ -1,4 +1,5 @@
-"""The augmentation ablation of arXiv 2110.07082 on one pretraining recipe.
+"""The augmentation ablation of arXiv 2110.07082 on one pretraining recipe, and the objectives
+side by side.
 
 Every config of ``configs/ablation/`` is the demo pretraining recipe with one augmentation preset:
 sampling-based temporal augmentation only, the lossy coherency-keeping spatiotemporal transforms,
@@ -7,6 +8,10 @@ each, exports its encoder, linear-probes it, probes the random-init encoder and 
 (they do not depend on the augmentation), and returns one table::
 
     setting | strength | final reconstruction loss | probe top-1 val / test | pretraining minutes
+
+The configs of ``configs/objectives/`` are the same demo recipe with one pretraining objective
+each (MAE, MAE + InfoNCE, SimSiam, MoCo v3) and run through the same function; the table names
+each run's objective (``objective_name``) next to its augmentation setting.
 
 Each step is the library call a researcher would make by hand (``avmae.engine.pretrain``,
 ``avmae.export.export``, ``avmae.evaluation.probe.run_linear_probes``). An interrupted ablation
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 
-from avmae.config import AugmentConfig, Config, config_to_dict, load_config
+from avmae.config import AugmentConfig, Config, ModelConfig, config_to_dict, load_config
 
 LOSS_TAG = "train/loss"
 RUNS_DIR = "runs"  # under the ablation's output folder: one result file per run
@@ -47,6 +52,15 @@ def augmentation_setting(aug: AugmentConfig) -> str:
 
 
 SETTINGS = ("none", "sampling-only", "coherency-keeping", "coherency-breaking")
+CONTRASTIVE_NAMES = {"infonce": "InfoNCE", "simsiam": "SimSiam", "mocov3": "MoCo v3"}
+
+
+def objective_name(model: ModelConfig) -> str:
+    """The pretraining objective of ``model``: ``MAE``, ``MAE + InfoNCE``, ``SimSiam``, ..."""
+    parts = ["MAE"] if model.mae_weight > 0 else []
+    if model.contrastive != "none":
+        parts.append(CONTRASTIVE_NAMES[model.contrastive])
+    return " + ".join(parts)
 
 
 def ablation_configs(folder: str | Path) -> list[Path]:
@@ -148,6 +162,7 @@ def run_one(
         "name": name,
         "config": str(config),
         "setting": augmentation_setting(cfg.augment),
+        "objective": objective_name(cfg.model),
         "strength": cfg.augment.strength,
         "steps": step,
         "final_loss": loss,
@@ -241,13 +256,13 @@ def format_table(result: dict) -> str:
     """The ablation as a markdown table: one row per run, then the baselines."""
     records = result["records"]
     lines = [
-        "| setting | strength | final loss | val top-1 | test top-1 | pretrain min |",
+        "| objective, augmentation | strength | final loss | val top-1 | test top-1 | pretrain min |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["runs"]:
         minutes = _cell(r["pretrain_minutes"], 1) + (" (resumed)" if r["resumed_from"] else "")
         lines.append(
-            f"| {r['setting']} (`{r['name']}`) | {r['strength']:g} | {_cell(r['final_loss'], 3)} | "
+            f"| {r.get('objective', 'MAE')}, {r['setting']} (`{r['name']}`) | {r['strength']:g} | {_cell(r['final_loss'], 3)} | "
             f"{_cell(r['top1']['val'], 1)} | {_cell(r['top1']['test'], 1)} | {minutes} |"
         )
     for b in result["baselines"]:
@@ -256,6 +271,7 @@ def format_table(result: dict) -> str:
     lines.append(
         f"Linear probe top-1 % on audiovisual features ({records['train']} train / {records['val']} val / "
         f"{records['test']} test clips; one test clip is {100 / records['test']:.2f} points). Final loss: "
-        "the reconstruction loss averaged over the last logging window."
+        "the training loss (reconstruction, contrastive or both, as weighted in training) averaged over the "
+        "last logging window; it is not comparable across objectives."
     )
     return "\n".join(lines)

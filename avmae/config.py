@@ -17,6 +17,26 @@ import yaml
 from omegaconf import OmegaConf
 
 
+# The valid choices of the model's design space, listed here once; models/ imports them.
+FUSIONS = ("early", "late", "shared", "mid")
+DECODERS = ("separate", "shared", "joint", "same")
+VIDEO_MASKINGS = ("random", "tube")
+AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
+POS_EMBEDS = ("grid", "1d")
+PATCH_LOSSES = ("mean", "sum")
+JOINT_NORMS = ("shared", "per_modality")
+# finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
+# encoder's order (video first)
+MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
+
+
+def modality_set(modalities: str) -> tuple[str, ...]:
+    """The modalities of a ``finetune.modalities`` value: ``audiovisual`` -> ``("video", "audio")``."""
+    if modalities not in MODALITY_SETS:
+        raise ValueError(f"modalities={modalities!r} is not one of {', '.join(MODALITY_SETS)}")
+    return MODALITY_SETS[modalities]
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -49,10 +69,26 @@ class VideoConfig:
 
 @dataclass
 class AudioConfig:
-    """Kaldi fbank exactly as CAV-MAE / AST / AudioMAE compute it; (x - norm_mean) / norm_std."""
+    """The audio window and its Kaldi fbank; (x - norm_mean) / norm_std.
+
+    The fbank call (waveform mean removed; torchaudio's Kaldi fbank, 25 ms Hanning window, 10 ms
+    shift, 128 mel bins, no dither; zero frames appended up to ``target_length``) is CAV-MAE's,
+    AST's and AudioMAE's (YuanGongND/cav-mae src/dataloader.py, facebookresearch/AudioMAE
+    dataset.py). What differs from each of them is where the window sits: see ``window``.
+    AV-MAE (google-research/scenic, projects/av_mae) computes its own log-mel spectrogram with
+    its own statistics; this toolkit feeds the Kaldi fbank to its AV-MAE recipes too.
+    """
 
     sample_rate: int = 16000
-    seconds: float = 10.24  # audio window, centred on the video clip's centre
+    seconds: float = 10.24  # audio window length
+    # Where the window sits relative to the video clip:
+    # - "inside": centred on the clip's centre, then shifted to lie inside the file (never past
+    #   either end); a file shorter than the window is read whole and its fbank padded with zero
+    #   frames after the real ones (CAV-MAE / AudioMAE). For 10 s clips this is the whole clip.
+    # - "centred": always centred on the clip's centre, zero samples where it leaves the file;
+    #   keeps sound and picture aligned, right for long videos (EPIC-KITCHENS) whose clips are
+    #   short segments far from the file's ends.
+    window: str = "inside"
     num_mel_bins: int = 128
     frame_shift_ms: float = 10.0
     frame_length_ms: float = 25.0
@@ -64,6 +100,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
+        _check_choice("audio.window", self.window, ("inside", "centred"))
 
     @property
     def target_length(self) -> int:
@@ -75,8 +112,12 @@ class AudioConfig:
 class DataConfig:
     """Which dataset, where its media live, and how it is loaded."""
 
-    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae
+    format: str = "synthetic"  # synthetic | vggsound | audioset | epic | ave | cavmae | shards
     root: str = "data/synthetic"  # media folder; relative paths in manifests resolve against it
+    # format shards (docs/data.md): root is a folder or an s3:// URL holding one shard folder per
+    # split, named by train/val/test; shards read from an object store are cached in shard_cache
+    # (None: the streaming library's default cache folder).
+    shard_cache: Optional[str] = None
     train: str = "train.csv"  # manifest files, relative to root unless absolute
     val: str = "val.csv"
     test: str = "test.csv"
@@ -107,7 +148,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice(
-            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae")
+            "data.format", self.format, ("synthetic", "vggsound", "audioset", "epic", "ave", "cavmae", "shards")
         )
         if self.clips_per_video < 1:
             raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
@@ -156,6 +197,7 @@ class AugmentConfig:
     num_freq_masks: int = 2
     num_time_masks: int = 2
     mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
+    mixup_per_modality: bool = False  # one lam per modality (AV-MAE's mixmod); avmae/augment/mixup.py
 
     def __post_init__(self) -> None:
         probabilities = (
@@ -197,12 +239,18 @@ class ModelConfig:
     tubelet: int = 2  # frames per video token
     fusion: str = "mid"  # early | late | shared | mid
     fusion_layers: int = 1  # joint layers at the top of a mid-fusion encoder
-    decoder: str = "separate"  # separate | shared | joint
+    decoder: str = "separate"  # separate | shared | joint | same (models/decoder.py)
     decoder_width: int = 384
     decoder_depth: int = 4
     decoder_heads: int = 8
     reconstruction: str = "joint"  # joint | inpaint | both
     modality_embed: bool = True
+    # sin-cos positions of encoder and decoder: grid (separable over the token grid) | 1d (over the
+    # token sequence, AV-MAE's sinusoidal_1d)
+    pos_embed: str = "grid"
+    # mid fusion built from complete encoders (AV-MAE's separate_encoders_and_concat): a LayerNorm
+    # closes each modality's stack, one shared LayerNorm the joint stack (models/encoder.py)
+    stack_norms: bool = False
     drop_path: float = 0.0
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
     # masking
@@ -211,6 +259,8 @@ class ModelConfig:
     video_masking: str = "random"  # random | tube
     audio_masking: str = "random"  # random | time | freq | time_freq
     norm_pix_loss: bool = True
+    # a masked patch's squared errors: mean (MAE; AV-MAE's normalise_by_output_dimension) | sum
+    patch_loss: str = "mean"
     loss_weight_video: float = 0.5
     loss_weight_audio: float = 0.5
     mae_weight: float = 1.0  # 0 turns the reconstruction branch off
@@ -241,14 +291,16 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("model.fusion", self.fusion, ("early", "late", "shared", "mid"))
-        _check_choice("model.decoder", self.decoder, ("separate", "shared", "joint"))
+        _check_choice("model.fusion", self.fusion, FUSIONS)
+        _check_choice("model.decoder", self.decoder, DECODERS)
+        _check_choice("model.pos_embed", self.pos_embed, POS_EMBEDS)
+        _check_choice("model.patch_loss", self.patch_loss, PATCH_LOSSES)
         _check_choice("model.reconstruction", self.reconstruction, ("joint", "inpaint", "both"))
-        _check_choice("model.video_masking", self.video_masking, ("random", "tube"))
-        _check_choice("model.audio_masking", self.audio_masking, ("random", "time", "freq", "time_freq"))
+        _check_choice("model.video_masking", self.video_masking, VIDEO_MASKINGS)
+        _check_choice("model.audio_masking", self.audio_masking, AUDIO_MASKINGS)
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
-        _check_choice("model.joint_norms", self.joint_norms, ("shared", "per_modality"))
+        _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
 
 
 @dataclass
@@ -263,7 +315,9 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: float = 0.0  # linear warmup, stepped per update; fractions allowed
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: str = "adamw"  # adamw | sgd (SGD with momentum, no Nesterov)
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    momentum: float = 0.9  # sgd
     clip_grad: float = 0.0  # 0 disables
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -275,6 +329,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
 
 
 @dataclass
@@ -290,10 +345,20 @@ class FinetuneConfig:
     # export instead of this config's (a model must be fed as it was trained).
     inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
-    # The classifier's clip embedding: "modalities" averages each modality's mean token;
-    # "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
+    label_smoothing: float = 0.1
+    # Smooth multi-label targets too, as single-label ones: y (1 - s) + s / K (AV-MAE's AudioSet
+    # finetuning); False leaves multi-hot targets unsmoothed.
+    smooth_multi_label: bool = False
+    # pool: mean-pooled tokens of the encoder as pretrained (AVClassifier); bottleneck: MBT, one
+    # stack per modality exchanging through bottleneck tokens from layer fusion_layer on
+    # (models/classifier.py, MBTClassifier)
+    fusion: str = "pool"
+    fusion_layer: int = 8
+    bottlenecks: int = 4
+    test_with_bottlenecks: bool = True
+    # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
+    # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
     pool: str = "modalities"
-    label_smoothing: float = 0.1  # single-label heads only
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
@@ -308,9 +373,10 @@ class FinetuneConfig:
     probe_raw_audio_grid: tuple[int, int] = (8, 8)  # (time, freq) pooling of the raw fbank
 
     def __post_init__(self) -> None:
-        _check_choice("finetune.modalities", self.modalities, ("audio", "video", "audiovisual"))
+        _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
         _check_choice("finetune.pool", self.pool, ("modalities", "tokens"))
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
+        _check_choice("finetune.fusion", self.fusion, ("pool", "bottleneck"))
 
 
 @dataclass

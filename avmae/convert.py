@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 from avmae.config import Config, config_from_dict, config_to_dict, replace
+from avmae.models import unwrap_state_dict
 
 SOURCES = ("mae", "audiomae", "videomae", "cavmae")
 
@@ -83,8 +84,9 @@ class ConversionError(ValueError):
 
 def read_source(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` read with
-    ``torch.load(weights_only=True)``; ``model`` / ``state_dict`` / ``module`` wrappers and
-    ``module.`` prefixes (DataParallel, DDP) are removed."""
+    ``torch.load(weights_only=True)``; ``model`` / ``state_dict`` / ``module`` wrappers are
+    opened and wrapper prefixes (``module.`` of DataParallel / DDP) removed by
+    ``avmae.models.unwrap_state_dict``."""
     import argparse as _argparse
 
     path = Path(path)
@@ -114,14 +116,13 @@ def read_source(path: str | Path) -> dict[str, torch.Tensor]:
         state = next(state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict))
     if not isinstance(state, dict) or not state:
         raise ConversionError(f"{path}: expected a mapping of parameter names to tensors")
-    tensors = {}
     for name, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-        while name.startswith("module."):
-            name = name[len("module."):]
-        tensors[name] = value
-    return tensors
+    try:
+        return unwrap_state_dict(state)
+    except ValueError as err:
+        raise ConversionError(f"{path}: {err}") from err
 
 
 class SourceKeys:

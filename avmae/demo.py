@@ -168,5 +168,5 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lines.append(f"next: look at {summary['picture']}, then pretrain on real video, for example")
     lines.append("  accelerate launch --config_file configs/accelerate/ddp.yaml tools/pretrain.py \\")
-    lines.append("      --config configs/pretrain/vitb_vggsound.yaml data.root=/path/to/vggsound")
+    lines.append("      --config configs/pretrain/ours_vitb_vggsound.yaml data.root=/path/to/vggsound")
     return "\n".join(lines)

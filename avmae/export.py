@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -30,9 +31,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from avmae.config import Config, config_from_dict, config_to_dict, replace
-from avmae.engine.checkpoint import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE
+from avmae.models.state_dict import unwrap_state_dict
 
 log = logging.getLogger(__name__)
+
+# The files of a training checkpoint that an export reads (the engine writes them; the final
+# folder of a finetuning run holds the first two as well).
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+TRAINER_STATE_FILE = "trainer_state.json"
 
 EXPORT_CONFIG = "config.json"
 TIMM_WEIGHTS = "timm_vit.safetensors"
@@ -41,27 +48,38 @@ PARTS = ("model", "encoder", "audio", "video")
 # The model fields that define the encoder's weights; the rest of `model` is pretraining-only
 # (masking, losses) or a finetuning choice (drop path).
 ARCHITECTURE_FIELDS = (
-    "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed",
+    "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed", "pos_embed", "stack_norms",
     "learned_pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm",
 )
 # Preprocessing a model was trained on and must be fed with, whatever the clip geometry.
 AUDIO_PREPROCESSING = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "norm_mean", "norm_std")
 VIDEO_PREPROCESSING = ("mean", "std")
-# Wrappers' prefixes (DDP / DataParallel, torch.compile) that checkpoints from elsewhere carry.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ---------------------------------------------------------------------------------------------
-# reading weights and configs safely
+# writing and reading weights and configs safely
 
 
-def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, tensor in state_dict.items():
-        while name.startswith(_WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        out[name.replace("._orig_mod.", ".")] = tensor
-    return out
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
+    """``safetensors.torch.save_file``, with the file's mode following the umask as ``torch.save``'s
+    and every other file's does (safetensors itself creates it readable by its owner only, which
+    hides exports and checkpoints from colleagues on a shared cluster)."""
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+    return path
+
+
+def plain_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Wrapper prefixes removed (``avmae.models.unwrap_state_dict``); contiguous CPU copies
+    (safetensors refuses shared storage)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap_state_dict(state_dict).items()}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -85,7 +103,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .pt, .pth, .bin)")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: expected a mapping of names to tensors")
-    return _strip_wrappers(state)
+    return unwrap_state_dict(state)
 
 
 def read_config(path: str | Path) -> Config:
@@ -238,7 +256,7 @@ def write_export(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt", "avmae_part": part})
+    write_safetensors(weights, out_dir / WEIGHTS_FILE, metadata={"format": "pt", "avmae_part": part})
     description = {
         "format": "avmae",
         "format_version": FORMAT_VERSION,
@@ -252,7 +270,7 @@ def write_export(
     if part == "audio":
         vit, kwargs = timm_audio_vit(module)
         timm_weights = {k: v.contiguous() for k, v in vit.state_dict().items()}
-        save_file(timm_weights, str(out_dir / TIMM_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(timm_weights, out_dir / TIMM_WEIGHTS, metadata={"format": "pt"})
         description["timm"] = {
             "class": "timm.models.vision_transformer.VisionTransformer",
             "kwargs": kwargs,
@@ -396,6 +414,11 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
 
     if "audio" not in encoder.modalities:
         raise ValueError(f"the encoder has no audio branch (modalities {encoder.modalities})")
+    if encoder.stack_norms:
+        raise ValueError(
+            "the encoder has a LayerNorm between its audio and joint blocks (model.stack_norms), "
+            "which a plain timm Vision Transformer does not have"
+        )
     patch_embed = encoder.patch_embed["audio"]
     grid = tuple(audio_grid or encoder.pos_embed["audio"].grid)
     blocks = audio_block_stack(encoder)

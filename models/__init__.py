@@ -1,6 +1,6 @@
 """avmae.models: the AV-MAE model family (encoders, decoders, contrastive heads, classifiers)."""
 
-from .classifier import AVClassifier, LoadReport, build_classifier, load_pretrained
+from .classifier import AVClassifier, LoadReport, MBTClassifier, build_classifier, load_pretrained
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
 from .decoder import AVDecoder
 from .encoder import AVEncoder
@@ -14,8 +14,18 @@ from .layers import (
     unpatchify_audio,
     unpatchify_video,
 )
-from .pretrain import AVMAE, build_decoder, build_encoder, build_pretrain_model, model_grids, num_tokens
+from .pretrain import (
+    AVMAE,
+    build_decoder,
+    build_encoder,
+    build_pretrain_model,
+    example_inputs,
+    model_grids,
+    num_tokens,
+    num_visible_tokens,
+)
 from .registry import SIZES, ViTSize, get_size
+from .state_dict import unwrap_name, unwrap_state_dict
 
 __all__ = [
     "AVClassifier",
@@ -25,6 +35,7 @@ __all__ = [
     "AudioPatchEmbed",
     "InfoNCEHead",
     "LoadReport",
+    "MBTClassifier",
     "MODALITIES",
     "MoCoV3Head",
     "SIZES",
@@ -36,12 +47,16 @@ __all__ = [
     "build_encoder",
     "build_pretrain_model",
     "count_flops",
+    "example_inputs",
     "get_size",
     "load_pretrained",
     "model_grids",
     "num_tokens",
+    "num_visible_tokens",
     "patchify_audio",
     "patchify_video",
     "unpatchify_audio",
     "unpatchify_video",
+    "unwrap_name",
+    "unwrap_state_dict",
 ]

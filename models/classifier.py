@@ -4,10 +4,18 @@
 (``finetune.modalities``: audio | video | audiovisual), and applies per head a LayerNorm and a
 Linear layer (two heads for EPIC-KITCHENS verb / noun).
 
+``MBTClassifier`` is AV-MAE's finetuning model, MBT (attention bottlenecks, arXiv 2107.00135;
+google-research/scenic ``projects/av_mae/mbt.py``): a separate block stack per modality, and from
+layer ``fusion_layer`` on each modality's block also runs over a few shared bottleneck tokens,
+whose outputs are averaged over the modalities; each modality's tokens are mean-pooled and
+scored by one linear head shared by the modalities. Training returns each modality's logits (one
+loss each, against its own mixed targets); evaluation returns their mean.
+
 ``load_pretrained`` fills an ``AVClassifier`` or a bare ``AVEncoder`` from a pretraining state
 dict and states exactly which keys it did not use or did not find; anything beyond the expected
 (new heads missing; decoder, contrastive head and unused-modality keys unexpected) is an error.
-Positional embeddings are not in state dicts: they are recomputed for the new geometry.
+Fixed positional embeddings are not in state dicts: they are recomputed for the new geometry
+(stored tables, ``model.learned_pos_embed``, load like other weights and are resampled).
 """
 
 from __future__ import annotations
@@ -18,13 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from avmae.config import Config
+from avmae.config import Config, modality_set, replace
 
 from .encoder import AVEncoder
 from .layers import MODALITIES, norm_layer
 from .pretrain import build_encoder
-
-_MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": MODALITIES}
+from .state_dict import unwrap_state_dict
 
 
 class AVClassifier(nn.Module):
@@ -83,10 +90,137 @@ class AVClassifier(nn.Module):
         self.encoder.set_grad_checkpointing(enable)
 
 
-def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier:
-    """Encoder of ``cfg.model`` for ``cfg.finetune.modalities`` at the geometry of ``cfg.data``."""
-    encoder = build_encoder(cfg, _MODALITY_SETS[cfg.finetune.modalities])
-    return AVClassifier(encoder, heads, pool=cfg.finetune.pool)
+class MBTClassifier(nn.Module):
+    """Bottleneck fusion + mean-pooling heads. ``forward(video=None, audio=None)`` ->
+    ``{head: logits (B, K)}`` in evaluation, ``{head: {modality: logits (B, K)}}`` in training.
+
+    Args:
+        encoder: an ``AVEncoder`` with ``late`` fusion (one block stack per modality).
+        heads: head name -> number of classes.
+        fusion_layer: index of the first block whose stacks exchange information through the
+            bottleneck tokens (0 = from the start; ``depth`` = never).
+        num_bottlenecks: bottleneck tokens.
+        test_with_bottlenecks: keep the bottlenecks in evaluation (False: the stacks run apart).
+    """
+
+    def __init__(
+        self,
+        encoder: AVEncoder,
+        heads: dict[str, int],
+        fusion_layer: int,
+        num_bottlenecks: int = 4,
+        test_with_bottlenecks: bool = True,
+    ) -> None:
+        super().__init__()
+        if encoder.fusion != "late":
+            raise ValueError(f"MBT needs an encoder with one block stack per modality (late fusion), got {encoder.fusion!r}")
+        if not 0 <= fusion_layer <= encoder.depth:
+            raise ValueError(f"fusion_layer must be in [0, {encoder.depth}], got {fusion_layer}")
+        if not heads:
+            raise ValueError("a classifier needs at least one head, e.g. {'label': 309}")
+        self.encoder = encoder
+        self.modalities = encoder.modalities
+        self.fusion_layer = fusion_layer
+        self.test_with_bottlenecks = test_with_bottlenecks
+        dim = encoder.embed_dim
+        self.bottleneck = nn.Parameter(torch.zeros(1, num_bottlenecks, dim))
+        nn.init.normal_(self.bottleneck, std=0.02)
+        self.heads = nn.ModuleDict({name: nn.Linear(dim, k) for name, k in heads.items()})
+        for head in self.heads.values():  # zero-initialised, as MBT's output projection
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward_tokens(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encoded tokens ``{modality: (B, N_m, D)}`` after the final norms (bottlenecks dropped)."""
+        given = {"video": video, "audio": audio}
+        missing = [m for m in self.modalities if given[m] is None]
+        if missing:
+            raise ValueError(f"this classifier uses {'+'.join(self.modalities)} input; missing: {', '.join(missing)}")
+        tokens = self.encoder.embed({m: given[m] for m in self.modalities})
+        fuse = len(tokens) > 1 and (self.training or self.test_with_bottlenecks)
+        batch = next(iter(tokens.values())).shape[0]
+        bottleneck = self.bottleneck.expand(batch, -1, -1).to(next(iter(tokens.values())).dtype)
+        count = bottleneck.shape[1]
+        for i in range(self.encoder.depth):
+            blocks = {m: self.encoder.modality_blocks[m][i] for m in tokens}
+            if not fuse or i < self.fusion_layer:
+                tokens = {m: blocks[m](x) for m, x in tokens.items()}
+                continue
+            outputs = {m: blocks[m](torch.cat([x, bottleneck], dim=1)) for m, x in tokens.items()}
+            tokens = {m: out[:, :-count] for m, out in outputs.items()}
+            bottleneck = torch.stack([out[:, -count:] for out in outputs.values()]).mean(dim=0)
+        return {m: self.encoder.norm[m](x) for m, x in tokens.items()}
+
+    def forward_features(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled clip embedding ``(B, D)``: the mean over modalities of mean-pooled tokens."""
+        latent = self.forward_tokens(video=video, audio=audio)
+        return torch.stack([x.mean(dim=1) for x in latent.values()]).mean(dim=0)
+
+    def forward(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> dict:
+        pooled = {m: x.mean(dim=1) for m, x in self.forward_tokens(video=video, audio=audio).items()}
+        logits = {name: {m: head(x) for m, x in pooled.items()} for name, head in self.heads.items()}
+        if self.training:
+            return logits
+        return {name: torch.stack(list(per.values())).mean(dim=0) for name, per in logits.items()}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"bottleneck"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm layer groups: as the encoder's; the bottleneck and heads last (unmatched)."""
+        return self.encoder.group_matcher(coarse, prefix="encoder.")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            raise ValueError("MBTClassifier runs its blocks one by one and has no gradient checkpointing")
+
+
+def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTClassifier:
+    """Encoder of ``cfg.model`` for ``cfg.finetune.modalities`` at the geometry of ``cfg.data``;
+    ``finetune.fusion: bottleneck`` gives an ``MBTClassifier`` (its encoder has one stack per
+    modality whatever ``model.fusion`` says; ``load_pretrained`` copies joint pretrained blocks
+    into every stack)."""
+    ft = cfg.finetune
+    if ft.fusion == "bottleneck":
+        if cfg.model.cls_token or cfg.model.joint_norms != "shared":
+            raise ValueError(
+                "finetune.fusion=bottleneck (MBT) needs an encoder without class tokens and with shared joint "
+                f"norms; model.cls_token={cfg.model.cls_token}, model.joint_norms={cfg.model.joint_norms!r}"
+            )
+        separate = replace(cfg, model=replace(cfg.model, fusion="late", stack_norms=False))
+        encoder = build_encoder(separate, modality_set(ft.modalities))
+        return MBTClassifier(encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks)
+    encoder = build_encoder(cfg, modality_set(ft.modalities))
+    return AVClassifier(encoder, heads, pool=ft.pool)
+
+
+def separate_stacks(state_dict: dict[str, torch.Tensor], modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """An encoder state dict (keys ``encoder.*``) with one block stack per modality, from any fusion.
+
+    Joint block ``j`` (``encoder.blocks.j``, after ``n`` per-modality blocks) is copied into every
+    modality's stack as block ``n + j``; a final LayerNorm shared by the modalities becomes each
+    modality's; the norms between per-modality and joint blocks (``stack_norm``) are dropped. This
+    is how AV-MAE starts MBT from a ``separate_encoders_and_concat`` model (scenic
+    ``projects/av_mae/mbt.py``, ``initialise_from_mid_fusion``).
+    """
+    indices = [int(k.split(".")[3]) for k in state_dict if k.startswith("encoder.modality_blocks.")]
+    first_joint = max(indices) + 1 if indices else 0
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if key.startswith("encoder.blocks."):
+            rest = ".".join(parts[3:])
+            for m in modalities:
+                out[f"encoder.modality_blocks.{m}.{first_joint + int(parts[2])}.{rest}"] = value
+        elif key.startswith("encoder.norm.") and parts[2] not in MODALITIES:
+            for m in modalities:
+                out[f"encoder.norm.{m}.{parts[2]}"] = value
+        elif not key.startswith("encoder.stack_norm."):
+            out[key] = value
+    return out
 
 
 @dataclass
@@ -107,21 +241,13 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _clean_key(key: str) -> str:
-    """Drop DataParallel/DDP's leading ``module.`` and torch.compile's ``_orig_mod.`` anywhere."""
-    parts = key.split(".")
-    while parts and parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(p for p in parts if p != "_orig_mod")
-
-
 def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     unused = [m for m in MODALITIES if m not in encoder.modalities]
     if not unused:
         return None
     names = "|".join(unused)
     return re.compile(
-        rf"^encoder\.(patch_embed|pos_embed|modality_embed|cls_token|modality_blocks|norm"
+        rf"^encoder\.(patch_embed|pos_embed|modality_embed|cls_token|modality_blocks|norm|stack_norm"
         rf"|blocks\.\d+\.modality_norm[12])\.({names})(\.|$)"
     )
 
@@ -135,17 +261,19 @@ def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch
     """
     is_encoder = isinstance(model, AVEncoder)
     encoder = model if is_encoder else model.encoder
-    source = {_clean_key(k): v for k, v in state_dict.items()}
+    source = unwrap_state_dict(state_dict)
     # a bare encoder's state dict has no "encoder." prefix
     if not any(k.startswith("encoder.") for k in source):
         source = {f"encoder.{k}": v for k, v in source.items()}
+    if isinstance(model, MBTClassifier):
+        source = separate_stacks(source, MODALITIES)
     target = {("encoder." + k if is_encoder else k): v for k, v in model.state_dict().items()}
 
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
     unused_modality = _unused_modality_pattern(encoder)
     allowed_unexpected = re.compile(r"^(decoder|contrastive)\.")
-    bad_missing = [k for k in missing if not k.startswith("heads.")]
+    bad_missing = [k for k in missing if not k.startswith(("heads.", "bottleneck"))]
     bad_unexpected = [
         k for k in unexpected
         if not allowed_unexpected.match(k) and not (unused_modality and unused_modality.match(k))

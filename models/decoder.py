@@ -4,6 +4,8 @@ Weight sharing (``kind``):
 - ``separate``: each modality has its own embedding, mask token, blocks and norm;
 - ``shared``: one embedding, mask token, block stack and norm, run per modality; the decoder's
   modality embeddings tell the modalities apart;
+- ``same``: AV-MAE's ``same_decoder``: each modality has its own embedding (projection from the
+  encoder width) and mask token, and one block stack and norm run per modality;
 - ``joint``: the shared modules run once over both modalities' tokens concatenated.
 The prediction heads (width -> patch dimension) are always per modality.
 
@@ -19,22 +21,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from avmae.config import DECODERS
+
 from .masking import TokenMask, take_tokens
 
 from .layers import MODALITIES, init_weights, make_blocks, norm_layer, run_blocks
 from .pos_embed import SinCosPosEmbed
 
-DECODERS = ("separate", "shared", "joint")
 
 
 class AVDecoder(nn.Module):
     """Args:
-    kind: separate | shared | joint.
+    kind: separate | shared | joint | same.
     encoder_dim: width of the encoded tokens.
     width, depth, num_heads, mlp_ratio: decoder transformer size.
     patch_dims: patch dimension per modality (the prediction targets).
     grids: token grid per modality of the configured geometry (pre-computes positions).
     modality_embed: learnable decoder modality embeddings.
+    pos_embed: ``grid`` or ``1d`` sin-cos positions (``pos_embed.SinCosPosEmbed``).
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class AVDecoder(nn.Module):
         patch_dims: dict[str, int],
         grids: dict[str, tuple[int, ...]],
         modality_embed: bool = True,
+        pos_embed: str = "grid",
     ) -> None:
         super().__init__()
         if kind not in DECODERS:
@@ -57,14 +62,14 @@ class AVDecoder(nn.Module):
         self.modalities = tuple(m for m in MODALITIES if m in patch_dims)
         self.grad_checkpointing = False
 
-        def one_or_each(make):
-            return nn.ModuleDict({m: make() for m in self.modalities}) if kind == "separate" else make()
+        def one_or_each(make, each=("separate",)):
+            return nn.ModuleDict({m: make() for m in self.modalities}) if kind in each else make()
 
-        self.embed = one_or_each(lambda: nn.Linear(encoder_dim, width))
+        self.embed = one_or_each(lambda: nn.Linear(encoder_dim, width), each=("separate", "same"))
         self.blocks = one_or_each(lambda: make_blocks(depth, width, num_heads, mlp_ratio))
         self.norm = one_or_each(lambda: norm_layer(width))
         self.pred = nn.ModuleDict({m: nn.Linear(width, patch_dims[m]) for m in self.modalities})
-        if kind == "separate":
+        if kind in ("separate", "same"):
             self.mask_token = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, width)) for m in self.modalities})
         else:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -73,7 +78,7 @@ class AVDecoder(nn.Module):
             if modality_embed
             else None
         )
-        self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, width, grids[m]) for m in self.modalities})
+        self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, width, grids[m], pos_embed) for m in self.modalities})
 
         self.apply(init_weights)
         for param in self.parameters():

@@ -8,6 +8,11 @@ A forward pass has two stages:
    (``early``: all ``depth`` blocks; ``mid``: the top ``fusion_layers`` blocks), then applies
    each modality's final LayerNorm.
 
+``stack_norms=True`` (mid fusion) builds the encoder as AV-MAE's ``separate_encoders_and_concat``
+does, from complete encoders: each modality's stack ends in its own LayerNorm before the joint
+blocks, and the joint stack ends in one LayerNorm shared by the modalities (instead of one final
+LayerNorm per modality after the joint blocks).
+
 ``isolate=True`` runs the joint stage per modality instead of over the concatenation: no token
 attends across modalities. CAV-MAE does this for its contrastive branch, whose audio and video
 embeddings would otherwise already have seen each other.
@@ -36,6 +41,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from avmae.config import FUSIONS, JOINT_NORMS
+
 from .layers import (
     MODALITIES,
     AudioPatchEmbed,
@@ -46,10 +53,6 @@ from .layers import (
     run_blocks,
 )
 from .pos_embed import LearnedPosEmbed, SinCosPosEmbed
-
-FUSIONS = ("early", "late", "shared", "mid")
-JOINT_NORMS = ("shared", "per_modality")
-
 
 class ModalityNormBlock(Block):
     """A timm ViT block with extra LayerNorms per modality (CAV-MAE's joint layer).
@@ -85,11 +88,15 @@ class AVEncoder(nn.Module):
         modalities: which modalities this encoder has tokenizers and blocks for.
         modality_embed: add a learnable embedding per modality to its tokens.
         drop_path: stochastic depth rate, rising linearly with depth.
-        learned_pos: a stored (learned) positional table per modality instead of the fixed code.
+        pos_embed: ``grid`` (separable sin-cos of the token grid) or ``1d`` (sin-cos of the token
+            sequence, AV-MAE's ``sinusoidal_1d``); see ``pos_embed.py``.
+        stack_norms: mid fusion only; see the module docstring.
+        learned_pos: a stored (learned) positional table per modality instead of the fixed code
+            (``pos_embed`` is then unused).
         pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).
         cls_token: a learned class token per modality (dropped from the outputs).
         joint_norms: ``shared`` or ``per_modality`` LayerNorms in the joint blocks (CAV-MAE).
-        final_norm: a LayerNorm per modality after the last block.
+        final_norm: a LayerNorm after the last block (per modality; one shared with ``stack_norms``).
     """
 
     def __init__(
@@ -108,6 +115,8 @@ class AVEncoder(nn.Module):
         modalities: tuple[str, ...] = MODALITIES,
         modality_embed: bool = True,
         drop_path: float = 0.0,
+        pos_embed: str = "grid",
+        stack_norms: bool = False,
         learned_pos: bool = False,
         pos_grids: dict[str, tuple[int, ...]] | None = None,
         cls_token: bool = False,
@@ -117,10 +126,14 @@ class AVEncoder(nn.Module):
         super().__init__()
         if joint_norms not in JOINT_NORMS:
             raise ValueError(f"joint_norms must be one of {', '.join(JOINT_NORMS)}, got {joint_norms!r}")
+        if stack_norms and joint_norms == "per_modality":
+            raise ValueError("stack_norms (AV-MAE's final norms) and joint_norms=per_modality (CAV-MAE's) exclude each other")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if fusion == "mid" and not 0 < fusion_layers < depth:
             raise ValueError(f"mid fusion needs 0 < fusion_layers < depth ({depth}), got {fusion_layers}")
+        if stack_norms and fusion != "mid":
+            raise ValueError(f"stack_norms applies to mid fusion, not {fusion!r}")
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
@@ -137,7 +150,7 @@ class AVEncoder(nn.Module):
             grids = {**grids, **{m: tuple(g) for m, g in (pos_grids or {}).items() if g and any(g)}}
             self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
         else:
-            self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
+            self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         self.cls_token = (
             nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, embed_dim)) for m in self.modalities})
             if cls_token
@@ -168,7 +181,16 @@ class AVEncoder(nn.Module):
                 raise ValueError(f"joint_norms=per_modality needs early or mid fusion, got {fusion!r}")
             self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:])
             self.joint_norm = None
-        self.norm = nn.ModuleDict({m: norm_layer(embed_dim) if final_norm else nn.Identity() for m in self.modalities})
+
+        def final() -> nn.Module:  # final_norm=False: no LayerNorm after the last block
+            return norm_layer(embed_dim) if final_norm else nn.Identity()
+
+        self.stack_norms = stack_norms
+        if stack_norms:
+            self.stack_norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
+            self.norm = final()
+        else:
+            self.norm = nn.ModuleDict({m: final() for m in self.modalities})
 
         self.apply(init_weights)
         for params in (self.modality_embed, self.cls_token):
@@ -208,7 +230,8 @@ class AVEncoder(nn.Module):
         if self.fusion == "shared":
             return {m: run_blocks(self.blocks, x, self.grad_checkpointing) for m, x in tokens.items()}
         if self.modality_blocks:
-            return {m: run_blocks(self.modality_blocks[m], x, self.grad_checkpointing) for m, x in tokens.items()}
+            out = {m: run_blocks(self.modality_blocks[m], x, self.grad_checkpointing) for m, x in tokens.items()}
+            return {m: self.stack_norm[m](x) for m, x in out.items()} if self.stack_norms else out
         return dict(tokens)
 
     def _run_joint(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
@@ -233,7 +256,7 @@ class AVEncoder(nn.Module):
                 tokens = dict(zip(names, joint.split([tokens[m].shape[1] for m in names], dim=1)))
                 normed = tokens if self.joint_norm is not None else None
         if normed is None:
-            normed = {m: self.norm[m](x) for m, x in tokens.items()}
+            normed = {m: (self.norm(x) if self.stack_norms else self.norm[m](x)) for m, x in tokens.items()}
         if self.cls_token is not None:
             normed = {m: x[:, 1:] for m, x in normed.items()}
         return normed
@@ -268,7 +291,7 @@ class AVEncoder(nn.Module):
         p = prefix.replace(".", r"\.")
         return dict(
             stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed|cls_token)",
-            modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None)],
+            modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None), (rf"^{p}stack_norm\.", (99998,))],
             blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}(?:norm|joint_norm)\.", (99999,))],
         )
 

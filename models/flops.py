@@ -60,17 +60,6 @@ def count_flops(
     return int(counter.get_total_flops())
 
 
-def _example_inputs(cfg, batch: int, device) -> dict[str, torch.Tensor]:
-    video, audio = cfg.data.video, cfg.data.audio
-    inputs = {
-        "video": torch.randn(batch, 3, video.num_frames, video.size, video.size, device=device),
-        "audio": torch.randn(batch, 1, audio.target_length, audio.num_mel_bins, device=device),
-    }
-    if cfg.model.contrastive != "none" and cfg.model.contrastive_pairs == "views":
-        inputs |= {"video2": inputs["video"].clone(), "audio2": inputs["audio"].clone()}
-    return inputs
-
-
 def describe_model(cfg, batch: int = 2, device: str = "meta") -> dict:
     """Token counts, parameter counts and FLOPs per clip of the pretraining model of ``cfg``.
 
@@ -78,11 +67,11 @@ def describe_model(cfg, batch: int = 2, device: str = "meta") -> dict:
     any size is described in seconds. FLOPs are per clip (the batch only has to exceed 1 for the
     batch norms of the contrastive heads).
     """
-    from .pretrain import build_pretrain_model, num_tokens
+    from .pretrain import build_pretrain_model, example_inputs, num_tokens, num_visible_tokens
 
     with torch.device(device):
         model = build_pretrain_model(cfg)
-        inputs = _example_inputs(cfg, batch, device)
+    inputs = example_inputs(cfg, batch, device)
     model.train()
 
     def params(module: nn.Module | None, trainable: bool = False) -> int:
@@ -93,13 +82,10 @@ def describe_model(cfg, batch: int = 2, device: str = "meta") -> dict:
     encoder_flops = count_flops(model.encoder, inputs["video"], inputs["audio"])
     pretrain_flops = count_flops(model, **inputs)
     step_flops = count_flops(model, backward=True, **inputs)
-    tokens = num_tokens(cfg)
-    masked_video = int(tokens["video"] * (1 - cfg.model.mask_ratio_video))
-    masked_audio = int(tokens["audio"] * (1 - cfg.model.mask_ratio_audio))
     return {
         "size": cfg.model.size,
-        "tokens": tokens,
-        "visible_tokens_random_masking": {"video": masked_video, "audio": masked_audio},
+        "tokens": num_tokens(cfg),
+        "visible_tokens": num_visible_tokens(cfg),
         "params": {
             "encoder": params(model.encoder),
             "decoder": params(model.decoder),

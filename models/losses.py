@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from avmae.config import PATCH_LOSSES
+
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -52,13 +54,18 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked patches only.
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, patch: str = "mean") -> torch.Tensor:
+    """Squared error over the masked patches only, averaged over the masked patches.
 
     pred, target: ``(B, N, P)``; mask: ``(B, N)``, 1 = masked. Each masked patch weighs the same;
     visible patches contribute nothing (not even to the gradient). No masked patch -> 0.
+    ``patch``: how a patch's ``P`` squared errors are reduced: ``mean`` (MAE; AV-MAE's
+    ``normalise_by_output_dimension``) or ``sum`` (AV-MAE without it).
     """
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if patch not in PATCH_LOSSES:
+        raise ValueError(f"patch reduction must be one of {', '.join(PATCH_LOSSES)}, got {patch!r}")
+    squared = (pred.float() - target.float()).pow(2)
+    per_patch = squared.mean(dim=-1) if patch == "mean" else squared.sum(dim=-1)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
 

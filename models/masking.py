@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-POLICIES = ("random", "tube", "time", "freq", "time_freq")
+from avmae.config import AUDIO_MASKINGS, VIDEO_MASKINGS
+
+POLICIES = tuple(dict.fromkeys(VIDEO_MASKINGS + AUDIO_MASKINGS))  # random, tube, time, freq, time_freq
 
 
 @dataclass
@@ -138,6 +140,21 @@ def sample_mask(
         if len(grid) != 2:
             raise ValueError(f"{policy} masking needs an audio grid (T', F'), got {grid}")
         return audio_structured_masking(batch, grid, ratio, policy, generator, device)
+    raise ValueError(f"masking policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+
+
+def num_visible(policy: str, grid: tuple[int, ...], ratio: float) -> int:
+    """Visible tokens per sample that ``sample_mask(policy, ..., grid, ratio)`` keeps: the one
+    formula (``int(units * (1 - ratio))`` over the units the policy masks) that masking, FLOP
+    counts and benchmarks share."""
+    if policy == "random":
+        return _num_keep(math.prod(grid), ratio, "token")
+    if policy == "tube":
+        return _num_keep(grid[1] * grid[2], ratio, "spatial position") * grid[0]
+    if policy in ("time", "freq", "time_freq"):
+        row_ratio = {"time": ratio, "freq": 0.0, "time_freq": 1.0 - math.sqrt(1.0 - ratio)}[policy]
+        col_ratio = {"time": 0.0, "freq": ratio, "time_freq": row_ratio}[policy]
+        return _num_keep(grid[0], row_ratio, "time step") * _num_keep(grid[1], col_ratio, "frequency band")
     raise ValueError(f"masking policy must be one of {', '.join(POLICIES)}, got {policy!r}")
 
 

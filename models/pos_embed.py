@@ -10,6 +10,12 @@ the second half the row index, each as ``[sin(pos * omega), cos(pos * omega)]`` 
   with the 2-D spatial code on ``D_s = 4 * (D // 6)`` channels (``D_t = D - D_s``), so every
   token carries its time step and its spatial position on separate channels.
 
+``kind="1d"`` instead numbers the tokens of a modality ``0 .. N - 1`` in token order and gives
+token ``n`` the channels ``[sin(n w_0), cos(n w_0), sin(n w_1), cos(n w_1), ...]`` (sine and
+cosine interleaved) with ``w_k = 1 / 10000 ** (2k / D)``: AV-MAE's ``sinusoidal_1d`` for every
+modality, in encoder and decoder (google-research/scenic, ``model_lib/layers/attention_layers.py``,
+``sinusoidal_init``).
+
 Nothing here is learned or saved in checkpoints; a model built for another frame count or audio
 length simply computes the embedding for its own grid. The exception is ``LearnedPosEmbed``
 (``model.learned_pos_embed``), a stored table as converted checkpoints of other codebases carry
@@ -22,6 +28,8 @@ import math
 
 import torch
 from torch import nn
+
+from avmae.config import POS_EMBEDS
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -65,34 +73,53 @@ def video_sincos(dim: int, grid: tuple[int, int, int], device=None) -> torch.Ten
     return torch.cat([temporal, spatial], dim=1)
 
 
+def sequence_sincos(dim: int, length: int, device=None) -> torch.Tensor:
+    """``(length, dim)``: the 1-D code of positions ``0 .. length - 1``, sine and cosine
+    interleaved on even / odd channels (AV-MAE's ``sinusoidal_1d``)."""
+    if dim % 2:
+        raise ValueError(f"1-D sin-cos embedding needs an even width, got {dim}")
+    code = sincos_1d(dim, torch.arange(length, device=device))  # [sin ..., cos ...]
+    half = dim // 2
+    return torch.stack([code[:, :half], code[:, half:]], dim=2).reshape(length, dim)
+
+
 _BUILDERS = {"video": video_sincos, "audio": audio_sincos}
 
 
 class SinCosPosEmbed(nn.Module):
     """The fixed embedding of one modality at one width.
 
-    Holds the embedding of the configured grid as a non-persistent buffer (moved with the model,
-    never saved); any other grid is computed on the fly, so inputs of another length just work.
+    ``kind``: ``"grid"`` (the separable grid code above) or ``"1d"`` (the 1-D code of the token
+    sequence). Holds the embedding of the configured grid as a non-persistent buffer (moved with
+    the model, never saved); any other grid is computed on the fly, so inputs of another length
+    just work.
     """
 
-    def __init__(self, modality: str, dim: int, grid: tuple[int, ...]) -> None:
+    def __init__(self, modality: str, dim: int, grid: tuple[int, ...], kind: str = "grid") -> None:
         super().__init__()
         if modality not in _BUILDERS:
             raise ValueError(f"no positional embedding for modality {modality!r}")
+        if kind not in POS_EMBEDS:
+            raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
         self.modality = modality
         self.dim = dim
+        self.kind = kind
         self.grid = tuple(grid)
-        self.register_buffer("pos_embed", _BUILDERS[modality](dim, self.grid)[None], persistent=False)
+        self.register_buffer("pos_embed", self._build(self.grid)[None], persistent=False)
+
+    def _build(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
+        if self.kind == "1d":
+            return sequence_sincos(self.dim, math.prod(grid), device)
+        return _BUILDERS[self.modality](self.dim, grid, device)
 
     def forward(self, grid: tuple[int, ...]) -> torch.Tensor:
         """``(1, N, dim)`` for the given token grid."""
         if tuple(grid) == self.grid:
             return self.pos_embed
-        built = _BUILDERS[self.modality](self.dim, tuple(grid), device=self.pos_embed.device)
-        return built[None].to(self.pos_embed.dtype)
+        return self._build(tuple(grid), device=self.pos_embed.device)[None].to(self.pos_embed.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.modality}, dim={self.dim}, grid={self.grid}"
+        return f"{self.modality}, {self.kind}, dim={self.dim}, grid={self.grid}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from avmae.config import Config, ModelConfig
-from .masking import TokenMask, sample_mask, take_tokens
+from .masking import TokenMask, num_visible, sample_mask, take_tokens
 from .losses import masked_mse, normalize_patches
 
 from .contrastive import InfoNCEHead, MoCoV3Head, SimSiamHead
@@ -59,6 +59,33 @@ def num_tokens(cfg: Config) -> dict[str, int]:
     return {m: math.prod(g) for m, g in model_grids(cfg).items()}
 
 
+def num_visible_tokens(cfg: Config) -> dict[str, int]:
+    """Visible (unmasked) tokens per clip and modality under the configured masking."""
+    m, grids = cfg.model, model_grids(cfg)
+    return {
+        "video": num_visible(m.video_masking, grids["video"], m.mask_ratio_video),
+        "audio": num_visible(m.audio_masking, grids["audio"], m.mask_ratio_audio),
+    }
+
+
+def example_inputs(cfg: Config, batch: int, device: torch.device | str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random model inputs of the configured geometry: ``video (B, 3, T, H, W)``, ``audio (B, 1, T_a, F)``,
+    and ``video2``/``audio2`` (copies) when the contrastive pairs are two views. Seeded; empty on ``meta``."""
+    video, audio = cfg.data.video, cfg.data.audio
+    shapes = {
+        "video": (batch, 3, video.num_frames, video.size, video.size),
+        "audio": (batch, 1, audio.target_length, audio.num_mel_bins),
+    }
+    if torch.device(device).type == "meta":
+        inputs = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        inputs = {name: torch.randn(shape, generator=generator).to(device) for name, shape in shapes.items()}
+    if cfg.model.contrastive != "none" and cfg.model.contrastive_pairs == "views":
+        inputs |= {"video2": inputs["video"].clone(), "audio2": inputs["audio"].clone()}
+    return inputs
+
+
 def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEncoder:
     size = get_size(cfg.model.size)
     grids = model_grids(cfg)
@@ -76,6 +103,8 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         modalities=modalities,
         modality_embed=cfg.model.modality_embed,
         drop_path=cfg.model.drop_path,
+        pos_embed=cfg.model.pos_embed,
+        stack_norms=cfg.model.stack_norms,
         learned_pos=cfg.model.learned_pos_embed,
         pos_grids={"video": tuple(cfg.model.pos_grid_video), "audio": tuple(cfg.model.pos_grid_audio)},
         cls_token=cfg.model.cls_token,
@@ -169,34 +198,82 @@ class AVMAE(nn.Module):
             return pooled["video"], pooled["audio"]
         return (torch.stack(list(pooled.values())).mean(dim=0),)
 
-    # ---- branches -----------------------------------------------------------------------------
+    # ---- the MAE branch, top to bottom: encoder, decoder, loss ---------------------------------
+
+    def forward_encoder(
+        self, inputs: dict[str, torch.Tensor], masks: dict[str, TokenMask] | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Embed, keep the visible tokens, encode.
+
+        Args:
+            inputs: ``video (B, C, T, H, W)``, ``audio (B, 1, T_a, F)``.
+            masks: per modality, ``ids_keep (B, N_keep_m)``; None keeps every token.
+
+        Returns:
+            ``(hidden, latent)``: the per-modality stage's output and the encoder's output, both
+            ``{m: (B, N_keep_m, D)}`` (the first is reused by the contrastive branch).
+        """
+        hidden = self.encoder.forward_modality_stage(self._visible(self.encoder.embed(inputs), masks))
+        return hidden, self.encoder.forward_joint_stage(hidden, isolate=False)
+
+    def forward_decoder(
+        self, latent: dict[str, torch.Tensor], masks: dict[str, TokenMask], grids: dict[str, tuple[int, ...]]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Predict every patch from the encoded visible tokens ``{m: (B, N_keep_m, D)}``.
+
+        Returns ``{"joint": {m: (B, N_m, patch_dim_m)}}`` (each decoder sees its own modality's
+        tokens and mask tokens; ``joint`` decoders see both) and/or ``{"inpaint": ...}`` (each
+        modality predicted from the other one's tokens alone), as ``model.reconstruction`` says.
+        """
+        recon, predictions = self.cfg.reconstruction, {}
+        if recon in ("joint", "both"):
+            predictions["joint"] = self.decoder.reconstruct(latent, masks, grids)
+        if recon in ("inpaint", "both"):
+            predictions["inpaint"] = {m: self.decoder.inpaint(m, latent, masks, grids) for m in latent}
+        return predictions
+
+    def forward_loss(
+        self,
+        predictions: dict[str, dict[str, torch.Tensor]],
+        targets: dict[str, torch.Tensor],
+        masks: dict[str, TokenMask],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE on the masked patches (a patch's errors reduced by ``patch_loss``: mean or sum),
+        averaged over the reconstruction objectives of each modality,
+        then weighted by modality (``loss_weight_video``, ``loss_weight_audio``).
+
+        Args:
+            predictions: ``forward_decoder``'s output; targets: ``{m: (B, N_m, patch_dim_m)}``
+                (per-patch normalised when ``norm_pix_loss``); masks: ``mask (B, N_m)``, 1 = masked.
+
+        Returns:
+            the scalar loss and its per-objective parts (``mae_video``, ``mae_audio`` and, with
+            ``reconstruction: both``, ``inpaint_video``, ``inpaint_audio``).
+        """
+        objectives: dict[str, list[torch.Tensor]] = {m: [] for m in targets}
+        logs = {}
+        for kind, preds in predictions.items():
+            for m in targets:
+                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask, self.cfg.patch_loss))
+                name = f"inpaint_{m}" if kind == "inpaint" and len(predictions) > 1 else f"mae_{m}"
+                logs[name] = objectives[m][-1]
+        weight = {"video": self.cfg.loss_weight_video, "audio": self.cfg.loss_weight_audio}
+        loss = sum(weight[m] * torch.stack(objectives[m]).mean() for m in targets)
+        return loss, logs
 
     def _mae_branch(self, inputs, masks, latent) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
-        grids = self.grids(inputs)
         targets = self.targets(inputs)
-        recon = self.cfg.reconstruction
-        preds = {}
-        objectives: dict[str, list[torch.Tensor]] = {m: [] for m in inputs}
-        logs = {}
-        if recon in ("joint", "both"):
-            preds = self.decoder.reconstruct(latent, masks, grids)
-            for m in inputs:
-                objectives[m].append(masked_mse(preds[m], targets[m], masks[m].mask))
-                logs[f"mae_{m}"] = objectives[m][-1]
-        if recon in ("inpaint", "both"):
-            inpainted = {m: self.decoder.inpaint(m, latent, masks, grids) for m in inputs}
-            for m in inputs:
-                objectives[m].append(masked_mse(inpainted[m], targets[m], masks[m].mask))
-                logs[f"inpaint_{m}" if recon == "both" else f"mae_{m}"] = objectives[m][-1]
-            preds = preds or inpainted
-        weight = {"video": self.cfg.loss_weight_video, "audio": self.cfg.loss_weight_audio}
-        loss = sum(weight[m] * torch.stack(objectives[m]).mean() for m in inputs)
+        predictions = self.forward_decoder(latent, masks, self.grids(inputs))
+        loss, logs = self.forward_loss(predictions, targets, masks)
+        preds = predictions.get("joint") or predictions["inpaint"]  # what the pictures show
         outputs = {}
         for m in inputs:
             outputs[f"pred_{m}"] = preds[m]
             outputs[f"target_{m}"] = targets[m]
             outputs[f"mask_{m}"] = masks[m].mask
         return loss, logs, outputs
+
+    # ---- the contrastive branch -----------------------------------------------------------------
 
     def _contrastive_branch(self, inputs, inputs2, masks, mae_pass, generator) -> torch.Tensor:
         """``mae_pass``: (modality-stage output, encoded tokens) of the MAE branch on the same
@@ -261,9 +338,7 @@ class AVMAE(nn.Module):
         outputs: dict = {}
         mae_pass = None
         if self.decoder is not None:
-            hidden = self.encoder.forward_modality_stage(self._visible(self.encoder.embed(inputs), masks))
-            latent = self.encoder.forward_joint_stage(hidden, isolate=False)
-            mae_pass = (hidden, latent)
+            mae_pass = hidden, latent = self.forward_encoder(inputs, masks)
             mae_loss, mae_logs, outputs = self._mae_branch(inputs, masks, latent)
             loss = loss + cfg.mae_weight * mae_loss
             logs.update(mae_logs, mae=mae_loss)
@@ -309,18 +384,8 @@ def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
         patch_dims={k: encoder.patch_embed[k].patch_dim for k in encoder.modalities},
         grids=model_grids(cfg),
         modality_embed=m.modality_embed,
+        pos_embed=m.pos_embed,
     )
-
-
-def init_encoder_from(model: AVMAE, path: str) -> None:
-    """Fill ``model.encoder`` from the export folder ``path`` (``model.init_from``), e.g. ImageNet
-    MAE converted onto this architecture (``tools/convert.py --config``), CAV-MAE's start. Every
-    encoder weight must come from it; the decoder and heads keep their initialisation."""
-    from avmae.export import pretrained_encoder_weights
-
-    from .classifier import load_pretrained
-
-    load_pretrained(model.encoder, pretrained_encoder_weights(path))
 
 
 def build_pretrain_model(cfg: Config) -> AVMAE:

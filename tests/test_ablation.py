@@ -14,7 +14,7 @@ from conftest import decodable_rows, write_manifests
 
 from avmae.ablation import ablation_configs, augmentation_setting, run_ablation
 from avmae.augment import apply_strength
-from avmae.config import load_config
+from avmae.config import load_config, replace
 
 REPO = Path(__file__).resolve().parents[1]
 ABLATION = REPO / "configs" / "ablation"
@@ -122,3 +122,39 @@ def test_ablation_tool_writes_one_table_and_does_not_retrain(clean_data, tmp_pat
 def test_an_output_dir_override_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train.output_dir"):
         run_ablation([ABLATION / "sampling_only.yaml"], tmp_path, PROBE, ["train.output_dir=x"])
+
+
+OBJECTIVES = REPO / "configs" / "objectives"
+
+
+def test_objective_arms_change_only_the_objective():
+    """configs/objectives/: the demo recipe's data, augmentation and steps in every arm; each arm's
+    objective; and each arm's model takes a training step on tiny inputs."""
+    from avmae.ablation import objective_name
+    from avmae.models import build_pretrain_model
+
+    demo = load_config(REPO / "configs" / "pretrain" / "demo.yaml")
+    arms = {p.stem: load_config(p) for p in ablation_configs(OBJECTIVES)}
+    names = {stem: objective_name(cfg.model) for stem, cfg in arms.items()}
+    assert names == {"mae": "MAE", "mae_infonce": "MAE + InfoNCE", "simsiam": "SimSiam", "mocov3": "MoCo v3"}
+    for stem, cfg in arms.items():
+        assert cfg.train.output_dir == f"runs/objectives/{stem}"
+        assert (cfg.data, cfg.train.max_steps, cfg.train.base_lr, cfg.train.seed) == (
+            demo.data, demo.train.max_steps, demo.train.base_lr, demo.train.seed)
+        views = stem in ("simsiam", "mocov3")
+        assert cfg.augment == (replace(demo.augment, two_views=True) if views else demo.augment)
+        assert augmentation_setting(cfg.augment) == "coherency-keeping"
+        # the encoder is the demo's in every arm
+        assert (cfg.model.size, cfg.model.fusion, cfg.model.fusion_layers) == (demo.model.size, demo.model.fusion, demo.model.fusion_layers)
+    assert (arms["mae_infonce"].model.contrastive_weight, arms["mae_infonce"].model.temperature) == (0.01, 0.05)
+
+    torch.manual_seed(0)
+    tiny = ["data.video.num_frames=4", "data.video.size=32", "data.audio.seconds=0.64"]
+    video, audio = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 1, 64, 128)
+    for stem, path in ((p.stem, p) for p in ablation_configs(OBJECTIVES)):
+        model = build_pretrain_model(load_config(path, tiny))
+        assert (model.decoder is not None) == (stem.startswith("mae"))
+        second = {"video2": video.flip(0), "audio2": audio.flip(0)} if stem in ("simsiam", "mocov3") else {}
+        out = model(video, audio, **second)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and ("contrastive" in out["logs"]) == (stem != "mae")

@@ -322,8 +322,9 @@ def test_mixup_shares_lambda_across_modalities_and_targets():
     torch.testing.assert_close(verb.sum(1), torch.ones(4))
     assert verb[0, 0].item() == pytest.approx(lam * 0.9 + 0.1 / 5, abs=1e-6)
     assert verb[0, 3].item() == pytest.approx((1 - lam) * 0.9 + 0.1 / 5, abs=1e-6)
-    # multi-label: the mass is the lam-mix of the two smoothed label counts
-    smoothed = multi_hot * 0.9 + 0.05
+    # multi-label: the mass is the lam-mix of the two smoothed label counts, smoothed as single-label
+    # targets are, y (1 - s) + s / K
+    smoothed = multi_hot * 0.9 + 0.1 / 3
     expected = lam * smoothed.sum(1) + (1 - lam) * smoothed.flip(0).sum(1)
     torch.testing.assert_close(soft["tags"].sum(1), expected)
 

@@ -99,7 +99,7 @@ def test_reference_computes_the_avmae_loss(demo_cfg):
 
 def test_default_variants_follow_the_reference_model(demo_cfg):
     assert default_variants(demo_cfg) == ["avmae", "reference"]
-    late = load_config(REPO / "configs" / "pretrain" / "vitb_vggsound.yaml")
+    late = load_config(REPO / "configs" / "pretrain" / "ours_vitb_vggsound.yaml")
     assert default_variants(late) == ["avmae"]
     with pytest.raises(ValueError, match="model.fusion='late'"):
         measure_train_step(late, torch.device("cpu"), ["reference"])

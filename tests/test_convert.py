@@ -399,3 +399,40 @@ def test_cavmae_finetuned_keeps_its_head_and_pools_all_tokens(tmp_path):
         tokens = classifier.encoder.forward_features(video=video, audio=audio)
         pooled = torch.cat([tokens["video"], tokens["audio"]], dim=1).mean(dim=1)  # 4 + 64 tokens, equally
         assert torch.allclose(classifier(video=video, audio=audio)["label"], classifier.heads["label"](pooled), atol=1e-6)
+
+
+# ---- the conversion layouts beside the recipe options ----------------------------------------------
+
+
+def test_layout_options_beside_the_recipe_options(tmp_path):
+    """Converted layouts combine with AV-MAE's options where both have a meaning: CAV-MAE's joint norms
+    with the 1-D position code and no final norm; class tokens and stored tables with stack norms.
+    The two final-norm layouts exclude each other, and MBT's separate stacks take neither class tokens
+    nor per-modality joint norms: clear errors. Prefixes are removed by the one helper, which refuses
+    a checkpoint holding a name both wrapped and unwrapped."""
+    from avmae.models import build_classifier, build_encoder, example_inputs
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+    cfg = load_config(demo, ["model.joint_norms=per_modality", "model.pos_embed=1d", "model.final_norm=false"])
+    inputs = example_inputs(cfg, 2)
+    encoder = build_encoder(cfg).eval()
+    out = encoder.forward_features(video=inputs["video"], audio=inputs["audio"])
+    alone = encoder.forward_features(audio=inputs["audio"])["audio"]
+    assert out["audio"].shape == alone.shape and not torch.allclose(out["audio"], alone)  # the joint layer mixes
+
+    cfg = load_config(demo, ["model.stack_norms=true", "model.cls_token=true", "model.learned_pos_embed=true"])
+    encoder = build_encoder(cfg).eval()
+    assert isinstance(encoder.norm, torch.nn.LayerNorm) and set(encoder.stack_norm) == {"video", "audio"}
+    out = encoder.forward_features(video=inputs["video"], audio=inputs["audio"])
+    assert out["video"].shape[1] == math.prod(encoder.pos_embed["video"].grid)  # class token dropped
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        build_encoder(load_config(demo, ["model.stack_norms=true", "model.joint_norms=per_modality"]))
+    for option in ("model.cls_token=true", "model.joint_norms=per_modality"):
+        with pytest.raises(ValueError, match="bottleneck"):
+            build_classifier(load_config(demo, [option, "finetune.fusion=bottleneck"]), {"label": 3})
+
+    state = vit_checkpoint(3, (2, 2), finetuned=False)
+    state["module.norm.weight"] = state["norm.weight"]
+    with pytest.raises(ConversionError, match=r"twice.pth: state dict holds 'norm.weight' twice"):
+        read("mae", save(state, tmp_path / "twice.pth"))

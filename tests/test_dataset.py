@@ -186,7 +186,7 @@ def test_audio_and_video_are_aligned_in_time(make_clip, tmp_path):
 
     cfg = load_config(None, [
         "data.video.num_frames=8", "data.video.frame_rate=8", "data.video.resize=32", "data.video.size=32",
-        "data.audio.seconds=1.28", "data.test_clips=1",
+        "data.audio.seconds=1.28", "data.test_clips=1", "data.audio.window=centred",
     ])
     manifest = Manifest([ClipRecord("flash", path, targets={"label": 0})], {"label": ["x"]}, source=tmp_path / "m.csv")
     span, window = 1.0, 1.28
@@ -225,7 +225,7 @@ def test_segments_of_a_long_video(make_clip, tmp_path):
     audio = np.zeros(6 * 16000, np.float32)
     audio[int(3.5 * 16000) : int(3.5 * 16000) + 160] = 0.8  # a click at 3.5 s
     path = make_clip("long.mp4", frames, fps, audio)
-    cfg = load_config(None, [*TINY, "data.video.resize=32", "data.video.size=32"])
+    cfg = load_config(None, [*TINY, "data.video.resize=32", "data.video.size=32", "data.audio.window=centred"])
     records = [ClipRecord("seg", path, targets={"label": 0}, start=3.0, end=4.5),
                ClipRecord("tiny", path, targets={"label": 0}, start=5.0, end=5.2)]
     manifest = Manifest(records, {"label": ["x"]}, source=tmp_path / "m.csv")

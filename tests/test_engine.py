@@ -30,7 +30,7 @@ from avmae.engine.checkpoint import (
     save_checkpoint,
 )
 from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch_size, scaled_lr
-from avmae.engine.pretrain import build_train_loader
+from avmae.data import build_loader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -165,7 +165,7 @@ def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("avmae.engine.checkpoint.save_file", crash)
+    monkeypatch.setattr("avmae.engine.checkpoint.write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(accelerator, model, cfg, TrainerState(step=4), root, keep=2)
     assert (root / ".tmp_step_00000004").is_dir()
@@ -282,7 +282,7 @@ def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_pat
             self.records = records
 
     cfg = run_config(tmp_path, "data.balanced_sampling=true")
-    loader = Accelerator(cpu=True).prepare(build_train_loader(cfg, Labelled()))
+    loader = Accelerator(cpu=True).prepare(build_loader(cfg, Labelled(), train=True))
 
     def epoch_indices(epoch: int) -> list[int]:
         loader.set_epoch(epoch)

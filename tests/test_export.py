@@ -3,6 +3,8 @@
 import argparse
 import importlib.util
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,20 @@ def _checkpoint(root, cfg, seed=0, weights_name="model.safetensors"):
 def checkpoint(tmp_path_factory):
     cfg = _config("model.fusion=mid", "model.fusion_layers=1", "model.contrastive=infonce")
     return _checkpoint(tmp_path_factory.mktemp("ckpt"), cfg)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_exported_files_follow_the_umask_as_torch_save_does(checkpoint, tmp_path, umask, mode):
+    step, _ = checkpoint
+    previous = os.umask(umask)
+    try:
+        out = export(step, tmp_path / "export", part="audio")
+        torch.save({}, tmp_path / "reference.pt")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "reference.pt").stat().st_mode) == mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes == {"config.json": mode, "model.safetensors": mode, "timm_vit.safetensors": mode}
 
 
 def test_model_export_reloads_bit_identical(checkpoint, tmp_path):

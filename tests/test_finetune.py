@@ -12,21 +12,25 @@
 import csv
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import decodable_rows, write_manifests
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import avmae
 from avmae.config import load_config, save_config
-from avmae.engine.optim import build_scheduler
-from avmae.engine.finetune import build_finetune_optimizer, build_model, classification_loss, prepare_config
+from avmae.engine import read_scalars
+from avmae.engine.finetune import build_model, classification_loss, prepare_config
+from avmae.engine.optim import build_optimizer, build_scheduler
 from avmae.export import export
 from avmae.models import build_classifier, build_pretrain_model
 
@@ -74,7 +78,7 @@ def clean_data(synthetic_root, tmp_path_factory):
 def test_layer_decay_is_applied_by_the_timm_scheduler():
     cfg = load_config(FINETUNE, ["train.warmup_epochs=0"])
     model = build_classifier(cfg, {"label": 4})
-    optimizer = build_finetune_optimizer(model, cfg.train, lr=1.0, layer_decay=0.5)
+    optimizer = build_optimizer(model, cfg.train, lr=1.0, layer_decay=0.5)
     scheduler = build_scheduler(optimizer, cfg.train, num_steps=10, num_warmup=0)
     scheduler.step_update(0)
     lr_of = {}
@@ -157,16 +161,21 @@ def _tool(name: str):
     return module
 
 
-def _launch(*args: str) -> subprocess.CompletedProcess:
+def _launch_args(*args: str) -> list[str]:
+    """``accelerate launch`` of 2 CPU processes on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [
+    return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"),
         "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(port), *args,
     ]  # fmt: skip
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    command = _launch_args(*args)
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=REPO)
     if result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -174,29 +183,96 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow
-def test_two_process_finetune_then_eval_without_padded_repeats(exported, clean_data, tmp_path):
-    out = tmp_path / "run"
-    result = _launch(
+FINETUNE_STEPS = 4
+
+
+def finetune_command(exported: Path, clean_data: list[str], out: Path) -> list[str]:
+    """The 2-process finetuning run of these tests: a checkpoint after every step, evaluation on
+    the 3-record val split at the end."""
+    return [
         str(REPO / "tools" / "finetune.py"), "--config", str(FINETUNE), *clean_data, *GEOMETRY,
-        f"finetune.pretrained={exported}", f"train.output_dir={out}", "train.max_steps=2", "train.log_every=1",
-        "finetune.eval_split=val",
-    )  # fmt: skip
-    assert "4 clips each" in result.stdout  # 2 processes x batch 2 per optimiser step
+        f"finetune.pretrained={exported}", f"train.output_dir={out}", f"train.max_steps={FINETUNE_STEPS}",
+        "train.log_every=1", "train.checkpoint_every=1", "finetune.eval_split=val", "finetune.eval_every=0",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finetuned(exported, clean_data, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The uninterrupted run: its output folder and the launcher's output."""
+    out = tmp_path_factory.mktemp("finetuned") / "run"
+    return out, _launch(*finetune_command(exported, clean_data, out))
+
+
+@pytest.mark.slow
+def test_two_process_finetune_then_eval_without_padded_repeats(finetuned, tmp_path):
+    out, result = finetuned
+    assert "4 clips per step" in result.stdout  # 2 processes x batch 2 per optimiser step
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["finetune"]["heads"] == {"label": 4} and saved["model"]["fusion"] == "mid"
     assert saved["data"]["video"]["num_frames"] == 4
     two = json.loads((out / "metrics.json").read_text())
-    assert two["step"] == 2 and two["split"] == "val"
+    assert two["step"] == FINETUNE_STEPS and two["split"] == "val"
     # 3 records over 2 processes at batch 2: one padded repeat, dropped
     assert (two["records_scored"], two["records_unscored"], two["duplicates_dropped"]) == (3, 0, 1)
     assert two["label"]["top1"] in (0.0, pytest.approx(100 / 3), pytest.approx(200 / 3), 100.0)
+    # finetuning checkpoints like pretraining: the newest two, each with the classifier's weights
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{FINETUNE_STEPS - 1:08d}", f"step_{FINETUNE_STEPS:08d}"]
+    last = load_file(out / "checkpoints" / checkpoints[-1] / "model.safetensors")
+    final = load_file(out / "model.safetensors")
+    assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
 
     # the same model evaluated by tools/eval.py in one process (overrides before and after options)
     assert _tool("eval").main([str(out), "data.num_workers=0", "--split", "val", "--out", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     assert one["duplicates_dropped"] == 0 and one["records_scored"] == 3 and one["split"] == "val"
     assert one["label"] == pytest.approx(two["label"])
+
+
+@pytest.mark.slow
+def test_two_process_finetune_killed_mid_epoch_resumes_to_identical_weights(finetuned, exported, clean_data, tmp_path):
+    """SIGKILL to every process (no chance to save) after the first checkpoint; the same command
+    resumes from the newest complete checkpoint and ends with the uninterrupted run's weights, bit
+    for bit (mixup draws, drop path and the sampler's order all follow the run's position)."""
+    import psutil  # accelerate's own dependency
+
+    whole, _ = finetuned
+    out = tmp_path / "run"
+    command = finetune_command(exported, clean_data, out)
+    log = open(tmp_path / "killed.log", "w")
+    launcher = subprocess.Popen(_launch_args(*command), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    first = out / "checkpoints" / "step_00000001"
+    deadline = time.monotonic() + 240
+    while not first.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.exists(), (tmp_path / "killed.log").read_text()[-4000:]
+    # the launcher, torchrun's agent and both training processes (torchrun gives the workers their
+    # own session, so killing the launcher's process group would leave them running)
+    doomed = [launcher.pid, *(p.pid for p in psutil.Process(launcher.pid).children(recursive=True))]
+    for pid in doomed:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    psutil.wait_procs([p for p in map(_process_or_none, doomed) if p is not None], timeout=60)
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] < f"step_{FINETUNE_STEPS:08d}", saved
+
+    resumed = _launch(*command)
+    assert f"resuming from {out / 'checkpoints' / saved[-1]}" in resumed.stdout + resumed.stderr
+    expected, got = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed run's weights differ"
+    losses = read_scalars(out, "train/loss")
+    assert sorted(losses) == list(range(1, FINETUNE_STEPS + 1)) and losses == read_scalars(whole, "train/loss")
+
+
+def _process_or_none(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
 
 
 def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):
@@ -249,7 +325,9 @@ def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_roo
         "data.balanced_sampling=true", "finetune.modalities=audio", "finetune.eval_split=val",
         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.log_every=1",
     ]  # fmt: skip
+    torch.set_num_threads(1)  # the run takes its own count on the CPU and gives this one back
     metrics = finetune(load_config(FINETUNE, overrides + GEOMETRY))
+    assert torch.get_num_threads() == 1
 
     assert set(metrics["label"]) >= {"mAP", "mAUC", "d_prime", "per_class_ap", "excluded_classes"}
     assert 4 in metrics["label"]["excluded_classes"] and 0.0 < metrics["label"]["mAP"] <= 100.0
@@ -257,3 +335,28 @@ def test_multilabel_finetune_with_balanced_sampling_in_one_process(synthetic_roo
     assert rows[0] == ["index", "name", "ap"] and len(rows) == 6 and rows[5] == ["4", "class 4", ""]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["label"]["excluded_classes"] == metrics["label"]["excluded_classes"]
+
+
+def test_mbt_recipe_options_finetune_from_a_mid_fusion_export(exported, clean_data, tmp_path):
+    """The MBT recipe's pieces together in one process: bottleneck fusion started from the demo's
+    mid-fusion export, momentum SGD with layer decay, gradient clipping, per-modality mixup; the
+    saved classifier reloads as an MBT classifier with the trained weights."""
+    from avmae.engine.finetune import finetune, load_finetuned
+    from avmae.models import MBTClassifier
+
+    out = tmp_path / "run"
+    overrides = [
+        *clean_data, *GEOMETRY, f"finetune.pretrained={exported}", f"train.output_dir={out}",
+        "train.max_steps=2", "train.warmup_epochs=0", "train.log_every=1", "finetune.eval_split=val", "finetune.fusion=bottleneck",
+        "finetune.fusion_layer=2", "finetune.bottlenecks=4", "train.optimizer=sgd", "train.momentum=0.9",
+        "train.weight_decay=0.0", "train.clip_grad=1.0", "train.base_lr=0.1", "augment.mixup=0.5",
+        "augment.mixup_per_modality=true", "finetune.label_smoothing=0.3",
+    ]  # fmt: skip
+    metrics = finetune(load_config(FINETUNE, overrides))
+    assert 0.0 <= metrics["label"]["top1"] <= 100.0
+    model, cfg = load_finetuned(out)
+    assert isinstance(model, MBTClassifier) and cfg.finetune.fusion == "bottleneck" and cfg.model.fusion == "mid"
+    # the joint block of the mid-fusion export became the top block of both stacks, then trained
+    # apart (the zero-initialised heads pass gradient to the encoder from the second step on)
+    video_top, audio_top = (model.encoder.modality_blocks[m][-1].attn.qkv.weight for m in ("video", "audio"))
+    assert not torch.equal(video_top, audio_top)

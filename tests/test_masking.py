@@ -97,3 +97,15 @@ def test_zero_ratio_keeps_everything():
 def test_bad_masking_requests_raise(policy, grid, ratio, message):
     with pytest.raises(ValueError, match=message):
         sample_mask(policy, 1, grid, ratio)
+
+
+@pytest.mark.parametrize(
+    "policy, grid", [("random", (4, 6, 6)), ("tube", (4, 6, 6)), ("time", (16, 20)), ("freq", (16, 20)), ("time_freq", (16, 20))]
+)
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 0.9])
+def test_num_visible_is_what_the_masks_keep(policy, grid, ratio):
+    from avmae.models.masking import num_visible
+
+    mask = sample_mask(policy, 3, grid, ratio, torch.Generator().manual_seed(0))
+    assert mask.ids_keep.shape[1] == num_visible(policy, grid, ratio)
+    assert int((mask.mask == 0).sum(dim=1)[0]) == num_visible(policy, grid, ratio)

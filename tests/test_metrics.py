@@ -44,19 +44,30 @@ def test_topk_clamps_k_to_number_of_classes():
     assert topk_accuracy(scores, torch.tensor([0, 0])) == {"top1": 50.0, "top5": 100.0}
 
 
-def test_action_needs_verb_and_noun_in_their_topk():
-    verb = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.5, 0.3, 0.2]])
-    noun = torch.tensor([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
-    verb_t = torch.tensor([0, 1, 1])  # correct, correct, second
-    noun_t = torch.tensor([1, 1, 0])  # correct, second, correct
-    top1 = action_accuracy(verb, noun, verb_t, noun_t, ks=(1, 2))
-    # top-1: only clip 0 has both right; top-2: every clip has both within the top two.
-    assert top1 == {"top1": pytest.approx(100 / 3), "top2": 100.0}
+def test_action_topk_ranks_verb_noun_pairs_jointly():
+    """Hand-computed EPIC action scores (verb probability x noun probability, over all pairs)."""
+    verb = torch.tensor([[0.6, 0.4, 0.0], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]])
+    noun = torch.tensor([[0.5, 0.45, 0.05], [0.2, 0.7, 0.1], [0.5, 0.3, 0.2]])
+    verb_t = torch.tensor([1, 2, 0])
+    noun_t = torch.tensor([1, 1, 2])
+    # clip 0: pairs (0,0)=.30 (0,1)=.27 (1,0)=.20 (1,1)=.18 -> the target (1,1) ranks 4th, although
+    #         verb 1 and noun 1 are each within their own top 2;
+    # clip 1: (2,1)=.49 is the best pair -> rank 1;
+    # clip 2: (0,0)=.45 (0,1)=.27 (0,2)=.18 -> the target (0,2) ranks 3rd.
+    out = action_accuracy(verb, noun, verb_t, noun_t, ks=(1, 2, 3, 4, 5))
+    assert out == {
+        "top1": pytest.approx(100 / 3), "top2": pytest.approx(100 / 3), "top3": pytest.approx(200 / 3),
+        "top4": 100.0, "top5": 100.0,
+    }
+    # scored a clip at a time: the same
+    assert action_accuracy(verb, noun, verb_t, noun_t, ks=(1, 2, 3, 4, 5), chunk=1) == out
+    with pytest.raises(ValueError, match="probabilities"):
+        action_accuracy(verb.log(), noun, verb_t, noun_t)
 
     metrics = classification_metrics({"verb": verb, "noun": noun}, {"verb": verb_t, "noun": noun_t}, False)
     assert metrics["verb"]["top1"] == pytest.approx(200 / 3)
-    assert metrics["noun"]["top1"] == pytest.approx(200 / 3)
-    assert metrics["action"]["top1"] == pytest.approx(100 / 3)
+    assert metrics["noun"]["top1"] == pytest.approx(100 / 3)
+    assert metrics["action"] == {"top1": pytest.approx(100 / 3), "top5": 100.0}
 
 
 def test_map_equals_sklearn_on_random_data():

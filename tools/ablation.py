@@ -10,6 +10,11 @@ config's train.output_dir (or --runs-dir/<config name>); the random-init and raw
 once. key.sub=value overrides apply to every pretraining and to the probe config. The table is
 printed and written to --out/ablation.md and --out/ablation.json. Started again, an interrupted
 ablation continues: finished runs are not retrained, and saved probe results are reused.
+
+The objectives side by side (MAE, MAE + InfoNCE, SimSiam, MoCo v3 on the demo recipe) are the
+configs of configs/objectives/, run the same way (docs/ablation.md):
+
+    python tools/ablation.py configs/objectives/*.yaml --out runs/objectives
 """
 
 from __future__ import annotations

@@ -5,15 +5,16 @@ its rows to docs/benchmarks.md.
         [--variants avmae reference compiled] [--steps N] [--warmup N] [--threads N] [--out FILE.json]
         [key.sub=value ...]
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
-        --config configs/pretrain/vitb_vggsound.yaml [key.sub=value ...]
-    python tools/benchmark.py data [--config configs/pretrain/vitb_vggsound.yaml]
-        [--decoders decord pyav] [--clips-per-video 1 4] [--items N] [--out FILE.json] [key.sub=value ...]
+        --config configs/pretrain/ours_vitb_vggsound.yaml [key.sub=value ...]
+    python tools/benchmark.py data [--config configs/pretrain/ours_vitb_vggsound.yaml]
+        [--decoders decord pyav shards] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
+        [key.sub=value ...]
 
 train-step runs on CUDA when it is available, else on the CPU, in the config's
 train.mixed_precision (bf16 or no). Variants default to avmae, plus the reference when the
 config is one it implements (mid fusion, separate decoders, no contrastive head). data times the
 training items of the config's dataset settings on one worker and one thread, over 360p H.264
-clips it writes once into --clips-dir. engine runs the pretraining engine itself (accelerate,
+clips it writes once into --clips-dir, and over the same clips prepared as shards. engine runs the pretraining engine itself (accelerate,
 DDP or DeepSpeed, as launched) for train.max_steps on a random clip kept on the device, and reports
 its logged clips/s after the first logging window (see avmae.benchmark.engine). See docs/benchmarks.md.
 """
@@ -39,6 +40,7 @@ from avmae.benchmark import (
     save_record,
     write_benchmark_clips,
 )
+from avmae.benchmark.data_pipeline import SHARDS, measure_stored_forms
 from avmae.benchmark.report import format_row, header_lines
 from avmae.config import load_config
 from avmae.data.video import DECODERS
@@ -72,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(engine)
 
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
-    data.add_argument("--config", default="configs/pretrain/vitb_vggsound.yaml",
+    data.add_argument("--config", default="configs/pretrain/ours_vitb_vggsound.yaml",
                       help="YAML whose data and augment settings are timed")
-    data.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS))
+    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS], default=[*DECODERS, SHARDS],
+                      help="video decoders of the mp4 path, and shards (the clips prepared by prepare_data)")
+    data.add_argument("--stored-forms", action="store_true",
+                      help="also time reading one clip's frames stored as JPEG vs short-GOP H.264")
     data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")
     data.add_argument("--items", type=int, default=32, help="timed dataset items per setting")
     data.add_argument("--warmup", type=int, default=2, help="untimed items per setting first")
@@ -113,10 +118,13 @@ def run_data(args: argparse.Namespace) -> dict:
     clips_dir = Path(args.clips_dir) if args.clips_dir else default_clips_dir(spec)
     print(f"clips in {clips_dir} (written on first use)", flush=True)
     write_benchmark_clips(clips_dir, spec)
-    return measure_data_pipeline(
+    record = measure_data_pipeline(
         cfg, clips_dir, args.decoders, args.clips_per_video,
         items=args.items, warmup=args.warmup, rounds=args.rounds, threads=args.threads,
     )  # fmt: skip
+    if args.stored_forms:
+        record["stored_forms"] = measure_stored_forms(cfg, clips_dir)
+    return record
 
 
 def run_engine(args: argparse.Namespace) -> dict | None:

@@ -18,7 +18,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from avmae.evaluation.evaluate import evaluate_finetuned
+from avmae.engine.finetune import evaluate_finetuned
 
 
 @record

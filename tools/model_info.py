@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {m.size}: fusion={m.fusion}, decoder={m.decoder}, reconstruction={m.reconstruction}, "
           f"contrastive={m.contrastive}")
     print(f"video {v.num_frames} frames at {v.size}x{v.size}: {info['tokens']['video']} tokens "
-          f"({info['visible_tokens_random_masking']['video']} visible at mask ratio {m.mask_ratio_video})")
+          f"({info['visible_tokens']['video']} visible, {m.video_masking} masking at ratio {m.mask_ratio_video})")
     print(f"audio {a.target_length}x{a.num_mel_bins} fbank: {info['tokens']['audio']} tokens "
-          f"({info['visible_tokens_random_masking']['audio']} visible at mask ratio {m.mask_ratio_audio})")
+          f"({info['visible_tokens']['audio']} visible, {m.audio_masking} masking at ratio {m.mask_ratio_audio})")
     for name, count in info["params"].items():
         print(f"params {name:<16} {count:>14,d}  ({_human(count)})")
     for name, count in info["flops_per_clip"].items():

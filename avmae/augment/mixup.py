@@ -5,6 +5,15 @@ timm's semantics: one ``lam ~ Beta(alpha, alpha)`` per batch, item ``i`` mixed w
 ``lam`` (``timm.data.mixup.mixup_target``). Video and audio share ``lam`` and the pairing, so a
 mixed clip is one coherent audio-visual blend and its label mass matches both modalities. Since
 the sampler shuffles the batch, flipping is as random a pairing as a permutation.
+
+``per_modality=True`` is AV-MAE's ``mixmod`` (google-research/scenic, ``projects/mbt/trainer.py``,
+``mixup_modalities``): video and audio keep the one pairing but each draws its own ``lam``, and the
+targets come per modality, each mixed with that modality's ``lam`` (the MBT classifier scores
+each modality's logits against its own).
+
+Label smoothing is ``y (1 - s) + s / K`` for single-label (timm) and multi-label targets alike
+(the rule of scenic's ``apply_label_smoothing``; timm smooths multi-hot targets towards 1/2
+instead, which for AudioSet's 527 classes would put 0.15 on every absent class at s = 0.3).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ def soft_targets(
     targets: dict[str, torch.Tensor], num_classes: dict[str, int], lam: float, smoothing: float
 ) -> dict[str, torch.Tensor]:
     """Mixed, smoothed targets ``{head: (B, K)}`` from ``{head: long (B,)}`` class indices or
-    ``{head: float (B, K)}`` multi-hot vectors (multi-label smoothing: ``y (1 - s) + s / 2``)."""
+    ``{head: float (B, K)}`` multi-hot vectors (smoothing ``y (1 - s) + s / K`` for both)."""
     mixed = {}
     for head, target in targets.items():
         if head not in num_classes:
@@ -50,7 +59,12 @@ def soft_targets(
         if multi_label and (target.ndim != 2 or target.shape[1] != num_classes[head]):
             raise ValueError(f"head {head!r}: multi-hot targets must be (B, {num_classes[head]}), "
                              f"got {tuple(target.shape)}")
-        mixed[head] = mixup_target(target, num_classes[head], lam, smoothing, multi_label=multi_label)
+        if multi_label:
+            # by hand: timm's multi-label rule smooths towards 1/2 (see the module docstring)
+            smoothed = target.float() * (1.0 - smoothing) + smoothing / num_classes[head]
+            mixed[head] = smoothed * lam + smoothed.flip(0) * (1.0 - lam)
+        else:
+            mixed[head] = mixup_target(target, num_classes[head], lam, smoothing)
     return mixed
 
 
@@ -62,21 +76,29 @@ def mix_batch(
     alpha: float,
     smoothing: float = 0.0,
     generator: Optional[torch.Generator] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict[str, torch.Tensor]]:
+    per_modality: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], dict]:
     """Mix a batch: ``video (B, C, T, H, W)``, ``audio (B, 1, T_a, F)`` (either may be None) and
     their targets with one ``lam`` and one pairing; returns ``(video, audio, {head: (B, K)})``.
 
     ``alpha`` 0 leaves the inputs untouched and still returns smoothed soft targets, so a
-    finetuning loop has one path. ``generator`` defaults to a fresh unseeded one only for
+    finetuning loop has one path. ``per_modality`` (with both inputs given): one ``lam`` per
+    modality, targets ``{head: {"video": (B, K), "audio": (B, K)}}``. ``generator`` defaults to a fresh unseeded one only for
     interactive use; training passes a seeded generator so resume reproduces the draws.
     """
     if generator is None:
         generator = torch.Generator()
         generator.seed()
-    lam = draw_lambda(alpha, generator)
     sizes = {x.shape[0] for x in (video, audio, *targets.values()) if x is not None}
     if len(sizes) > 1:
         raise ValueError(f"mix_batch: inputs disagree on the batch size: {sorted(sizes)}")
+    if per_modality and video is not None and audio is not None:
+        lams = {"video": draw_lambda(alpha, generator), "audio": draw_lambda(alpha, generator)}
+        video = torch.lerp(video.flip(0), video, lams["video"]) if lams["video"] < 1.0 else video
+        audio = torch.lerp(audio.flip(0), audio, lams["audio"]) if lams["audio"] < 1.0 else audio
+        soft = {m: soft_targets(targets, num_classes, lam, smoothing) for m, lam in lams.items()}
+        return video, audio, {head: {m: soft[m][head] for m in soft} for head in targets}
+    lam = draw_lambda(alpha, generator)
     if lam < 1.0:
         # lerp(partner, x, lam) = lam * x + (1 - lam) * partner
         video = None if video is None else torch.lerp(video.flip(0), video, lam)

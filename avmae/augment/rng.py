@@ -21,7 +21,7 @@ def log_uniform(generator: torch.Generator, low: float, high: float) -> float:
 
 
 def coin(generator: torch.Generator, probability: float) -> bool:
-    """True with ``probability``; always draws, so later draws do not depend on the outcome."""
+    """True with ``probability``; one draw whatever the probability (0 and 1 included)."""
     return torch.rand((), generator=generator).item() < probability
 
 

@@ -107,7 +107,8 @@ def draw_spatial_params(
     """Draw every spatial transform for frames of ``height x width`` cropped to ``size``.
 
     ``aug`` is an effective config (``apply_strength`` already applied). Each transform always
-    consumes its coin, so switching one off does not reshuffle the draws of the others.
+    consumes its coin; its parameters are drawn only when the coin fires, so the draws of later
+    transforms depend on the earlier coins (deterministically, given the generator's seed).
     """
     crop = None
     if rng.coin(generator, aug.crop):

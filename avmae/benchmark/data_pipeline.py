@@ -13,10 +13,18 @@ Two rates are reported for each setting (decoder x ``data.clips_per_video``):
   decoders' own included), i.e. clips/s per fully used core. On a shared machine it is the figure
   the load changes least, and a decoder that spreads over threads cannot inflate it.
 
-The split into stages (ms per clip) comes from wrapping, for the timed items only, the functions
-``AVDataset`` calls: ``video_decode`` (``open_video`` and ``_read_clips``), ``audio_decode``
+The split into stages (ms per clip) comes from wrapping, for the timed items only, what
+``AVDataset`` calls: ``video_decode`` (``_open_video`` and ``_read_clips``), ``audio_decode``
 (``_read_windows``: demux, decode, resample), ``fbank``, ``augment`` (the three training
 transforms) and ``other`` (the rest: seeding, layout, targets).
+
+The ``shards`` setting reads the same clips prepared once by ``avmae.data.shards.prepare_shards``
+(JPEG frames at the config's short side and needed frame rate, 16-bit PCM audio) through
+``ShardDataset``, the same item pipeline with another source; its ``_open_video`` includes
+fetching the stored sample. The preparation itself is timed when the shards are first written
+(``prepare``: clips per second and per CPU-second of one process). ``measure_stored_forms``
+compares the candidate stored forms of the frames (JPEG images, H.264 with short keyframe
+intervals) on the read that matters: the frames of one training clip.
 
 The clips are written once into a cache folder by ``write_benchmark_clips``: 640x360 H.264 + AAC
 mp4 files drawn with the synthetic generator (``avmae.data.synthetic``) at 25 and 30 fps.
@@ -31,11 +39,13 @@ decodes from the keyframe before its first frame, so both set the decoding cost.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
 import shutil
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 from unittest import mock
@@ -49,17 +59,23 @@ from avmae.config import Config, replace
 from avmae.data import AVDataset, build_dataset
 from avmae.data import dataset as dataset_module
 from avmae.data.synthetic import DEFAULT_NUISANCE, VIDEO_CRF, class_specs, render_clip, write_av_file
+from avmae.data.shards import needed_frame_rate, prepare_shards
 from avmae.data.video import DECODERS
 
 from .machine import environment, finish
 from .train_step import _rounds
 
-# The issue's target for the pipeline: 30 clips/s per CPU core on 360p H.264.
+# Targets: 30 clips/s per CPU core on 360p H.264; on prepared shards 40 clips/s per core and 6x
+# the raw-mp4 path (decord) of the same run.
 TARGET_CLIPS_PER_CPU_S = 30.0
+TARGET_SHARDS_CLIPS_PER_CPU_S = 40.0
+TARGET_SHARDS_SPEEDUP = 6.0
+SHARDS = "shards"
 STAGES = ("video_decode", "audio_decode", "fbank", "augment", "other")
-# The functions of avmae.data.dataset wrapped to time each stage (the transforms are wrapped too).
-_TIMED_FUNCTIONS = {"open_video": "video_decode", "_read_clips": "video_decode",
-                    "_read_windows": "audio_decode", "fbank": "fbank"}  # fmt: skip
+# The functions of avmae.data.dataset and the dataset methods wrapped to time each stage (the
+# transforms are wrapped too).
+_TIMED_FUNCTIONS = {"_read_clips": "video_decode", "fbank": "fbank"}
+_TIMED_METHODS = {"_open_video": "video_decode", "_read_windows": "audio_decode"}
 # Warm-up items are drawn in an epoch the timed items never reach, so none of them repeats.
 _WARMUP_EPOCH = 1_000_000
 SPEC_FILE = "clips.json"
@@ -166,9 +182,37 @@ def write_benchmark_clips(out_dir: str | Path, spec: dict) -> dict:
 # The measurement
 
 
-def benchmark_dataset(cfg: Config, clips_dir: str | Path, decoder: str, clips_per_video: int) -> AVDataset:
-    """The training dataset of ``cfg`` (geometry, augmentation, seed) over the benchmark clips."""
+def benchmark_shards(cfg: Config, clips_dir: str | Path) -> tuple[Path, dict]:
+    """The benchmark clips prepared as shards for ``cfg``'s geometry (written on first use, into
+    ``clips_dir/shards_<short side>px_<frame rate>fps``), and the timing of that preparation."""
     clips_dir = Path(clips_dir)
+    needed = needed_frame_rate(cfg.data.video, cfg.augment)
+    root = clips_dir / f"shards_{cfg.data.video.resize}px_{needed:g}fps"
+    timing_path = root / "prepare.json"
+    if not timing_path.is_file():
+        source = replace(cfg, data=replace(cfg.data, format="synthetic", root=str(clips_dir), train="train.csv",
+                                           label_file=None, video_template=None, audio_root=None))  # fmt: skip
+        wall, cpu = time.perf_counter(), time.process_time()
+        meta = prepare_shards(source, "train", root / "train", num_workers=1, progress=False)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        chunk_bytes = sum(p.stat().st_size for p in (root / "train").glob("chunk-*.bin"))
+        timing = {"clips": meta["num_samples"], "wall_s": wall, "cpu_s": cpu, "clips_per_s": meta["num_samples"] / wall,
+                  "clips_per_cpu_s": meta["num_samples"] / cpu, "bytes": chunk_bytes,
+                  "bytes_per_clip": chunk_bytes / meta["num_samples"], "settings": {k: meta[k] for k in
+                  ("short_side", "needed_frame_rate", "jpeg_quality", "sample_rate", "shard_size")},
+                  "command": "one process (tools/prepare_data.py --num-workers 1)"}  # fmt: skip
+        timing_path.write_text(json.dumps(timing, indent=2) + "\n")
+    return root, json.loads(timing_path.read_text())
+
+
+def benchmark_dataset(cfg: Config, clips_dir: str | Path, decoder: str, clips_per_video: int) -> AVDataset:
+    """The training dataset of ``cfg`` (geometry, augmentation, seed) over the benchmark clips;
+    ``decoder = "shards"``: over the clips prepared as shards (``benchmark_shards``)."""
+    clips_dir = Path(clips_dir)
+    if decoder == SHARDS:
+        root, _ = benchmark_shards(cfg, clips_dir)
+        data = replace(cfg.data, format=SHARDS, root=str(root), train="train", clips_per_video=clips_per_video)
+        return build_dataset(replace(cfg, data=data), "train", train=True)
     data = replace(
         cfg.data, format="synthetic", root=str(clips_dir), train="train.csv", label_file=None,
         video_template=None, audio_root=None, missing_list=str(clips_dir / "missing_{split}.txt"),
@@ -203,6 +247,8 @@ def timed_stages(dataset: AVDataset) -> Iterator[StageTimes]:
         for name, stage in _TIMED_FUNCTIONS.items():
             wrapped = times.wrap(stage, getattr(dataset_module, name))
             stack.enter_context(mock.patch.object(dataset_module, name, wrapped))
+        for name, stage in _TIMED_METHODS.items():
+            stack.enter_context(mock.patch.object(dataset, name, times.wrap(stage, getattr(dataset, name))))
         dataset.transforms = AVTransforms(
             *(times.wrap("augment", f) for f in (transforms.video, transforms.waveform, transforms.fbank))
         )
@@ -236,7 +282,7 @@ def _setting_result(decoder: str, k: int, parts: list[dict]) -> dict:
         "cpu_per_wall": cpu / wall,  # > 1: the decoder used more threads; < 1: the process waited
         "round_clips_per_s": [p["clips"] / p["wall_s"] for p in parts],
         "stage_ms_per_clip": {s: 1000.0 * t / clips for s, t in stages.items()},
-        "meets_target": clips / cpu >= TARGET_CLIPS_PER_CPU_S,
+        "meets_target": clips / cpu >= (TARGET_SHARDS_CLIPS_PER_CPU_S if decoder == SHARDS else TARGET_CLIPS_PER_CPU_S),
     }
 
 
@@ -260,9 +306,9 @@ def measure_data_pipeline(
     Returns a JSON-ready record: environment, the clips (``clips.json``), the clip geometry and,
     per setting, ``clips_per_s``, ``clips_per_cpu_s``, ``stage_ms_per_clip`` and ``meets_target``.
     """
-    unknown = [d for d in decoders if d not in DECODERS]
+    unknown = [d for d in decoders if d not in DECODERS and d != SHARDS]
     if unknown or not decoders:
-        raise ValueError(f"decoders must be some of {', '.join(DECODERS)}, got {list(decoders)}")
+        raise ValueError(f"decoders must be some of {', '.join([*DECODERS, SHARDS])}, got {list(decoders)}")
     if not clips_per_video or min(clips_per_video) < 1:
         raise ValueError(f"clips_per_video values must be >= 1, got {list(clips_per_video)}")
     if warmup < 0 or threads < 1:
@@ -303,6 +349,18 @@ def measure_data_pipeline(
         torch.set_num_threads(previous_threads)
 
     video, audio = cfg.data.video, cfg.data.audio
+    results = [_setting_result(d, k, parts[(d, k)]) for d, k in settings]
+    by_setting = {(r["decoder"], r["clips_per_video"]): r for r in results}
+    for r in results:
+        if r["decoder"] == SHARDS:
+            r["speedup"] = {d: r["clips_per_cpu_s"] / by_setting[(d, k)]["clips_per_cpu_s"]
+                            for d, k in by_setting if d != SHARDS and k == r["clips_per_video"]}  # fmt: skip
+            if "decord" in r["speedup"]:
+                r["meets_target"] = r["meets_target"] and r["speedup"]["decord"] >= TARGET_SHARDS_SPEEDUP
+    extra = {}
+    if SHARDS in decoders:
+        extra = {"prepare": benchmark_shards(cfg, clips_dir)[1], "target_shards_clips_per_cpu_s":
+                 TARGET_SHARDS_CLIPS_PER_CPU_S, "target_shards_speedup_vs_decord": TARGET_SHARDS_SPEEDUP}  # fmt: skip
     return {
         "kind": "data_pipeline",
         **finish(env),
@@ -317,5 +375,127 @@ def measure_data_pipeline(
         "target_clips_per_cpu_s": TARGET_CLIPS_PER_CPU_S,
         "stages": "video_decode: open_video + _read_clips; audio_decode: _read_windows; fbank; "
         "augment: the video, waveform and fbank training transforms; other: the rest of __getitem__",
-        "settings": [_setting_result(d, k, parts[(d, k)]) for d, k in settings],
+        "settings": results,
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored forms of the frames
+
+
+def _stored_frames(cfg: Config, path: Path) -> tuple[np.ndarray, float]:
+    """``(T, H, W, 3)`` frames of ``path`` as the shards keep them (every ``step``-th frame, short
+    side ``video.resize``) and their rate."""
+    from avmae.augment.transforms import resize_short_side
+    from avmae.data.shards import frame_step
+    from avmae.data.video import open_video
+
+    with open_video(path) as reader:
+        step = frame_step(reader.fps, needed_frame_rate(cfg.data.video, cfg.augment))
+        indices = np.arange(0, reader.num_frames, step)
+        frames = reader.frames_at(indices / reader.fps).permute(0, 3, 1, 2)
+        fps = reader.fps / step
+    return resize_short_side(frames, cfg.data.video.resize).permute(0, 2, 3, 1).contiguous().numpy(), fps
+
+
+def _encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
+    import simplejpeg
+
+    return [simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=quality, colorspace="RGB", colorsubsampling="420")
+            for f in frames]  # fmt: skip
+
+
+def _decode_jpeg(jpegs: list[bytes], first: int, count: int) -> np.ndarray:
+    import simplejpeg
+
+    return np.stack([simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs[first : first + count]])
+
+
+def _encode_h264(frames: np.ndarray, fps: float, gop: int, crf: int) -> bytes:
+    frames = frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]  # yuv420p: even sizes
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "fast", "g": str(gop), "keyint_min": str(gop), "bf": "0",
+                          "sc_threshold": "0"}  # fmt: skip
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def _decode_h264(data: bytes, first: int, count: int) -> np.ndarray:
+    """Frames ``first .. first + count - 1``: seek to the keyframe before ``first``, decode forward."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.thread_count = "SLICE", 1
+        rate = float(stream.average_rate)
+        container.seek(int(first / rate / stream.time_base), stream=stream, backward=True)
+        frames = []
+        for frame in container.decode(stream):
+            index = int(round(frame.time * rate))
+            if index >= first:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if index >= first + count - 1:
+                break
+    return np.stack(frames)
+
+
+def measure_stored_forms(
+    cfg: Config,
+    clips_dir: str | Path,
+    gops: Sequence[int] = (4, 16),
+    jpeg_quality: int = 90,
+    crf: int = 18,
+    clips: int = 4,
+    reads: int = 8,
+    seed: int = 0,
+) -> dict:
+    """CPU ms to read the ``video.num_frames`` stored frames of one training clip (speed 1, random
+    start), and bytes per second of video, for JPEG frames and for H.264 re-encoded with keyframes
+    every ``gop`` frames (no B-frames), on ``clips`` benchmark clips prepared as the shards keep
+    them. One thread; decoding only (no augmentation)."""
+    clips_dir = Path(clips_dir)
+    paths = sorted((clips_dir / "clips").glob("*.mp4"))[:clips]
+    rng = np.random.default_rng(seed)
+    forms = {"jpeg": [], **{f"h264_gop{g}": [] for g in gops}}
+    sizes = dict.fromkeys(forms, 0.0)
+    seconds = 0.0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for path in paths:
+            frames, fps = _stored_frames(cfg, path)
+            seconds += len(frames) / fps
+            stored = {"jpeg": _encode_jpeg(frames, jpeg_quality)}
+            stored |= {f"h264_gop{g}": _encode_h264(frames, fps, g, crf) for g in gops}
+            sizes["jpeg"] += sum(len(j) for j in stored["jpeg"])
+            for g in gops:
+                sizes[f"h264_gop{g}"] += len(stored[f"h264_gop{g}"])
+            count = min(cfg.data.video.num_frames, len(frames))
+            starts = rng.integers(0, len(frames) - count + 1, size=reads)
+            for form, data in stored.items():
+                decode = _decode_jpeg if form == "jpeg" else _decode_h264
+                decode(data, 0, count)  # warm-up
+                cpu = time.process_time()
+                for start in starts:
+                    out = decode(data, int(start), count)
+                    assert out.shape[0] == count, (form, out.shape)
+                forms[form].append((time.process_time() - cpu) / reads)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "kind": "stored_forms",
+        "clips": len(paths),
+        "reads_per_clip": reads,
+        "frames_per_read": cfg.data.video.num_frames,
+        "short_side": cfg.data.video.resize,
+        "jpeg_quality": jpeg_quality,
+        "h264_crf": crf,
+        "ms_per_clip_read": {form: 1000.0 * float(np.mean(t)) for form, t in forms.items()},
+        "bytes_per_video_second": {form: size / seconds for form, size in sizes.items()},
     }

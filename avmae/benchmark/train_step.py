@@ -24,7 +24,6 @@ embeddings needs no input gradient, so the count is a little under 3 x forward.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -34,7 +33,7 @@ from torch import nn
 
 from avmae.config import Config
 from avmae.engine.optim import build_optimizer, scaled_lr
-from avmae.models import build_pretrain_model, count_flops, num_tokens
+from avmae.models import build_pretrain_model, count_flops, example_inputs, num_tokens, num_visible_tokens
 from avmae.benchmark.reference import ReferenceAVMAE, check_reference_config, plain_adamw
 
 from .machine import PeakMemory, datasheet_peak, environment, finish, measure_gemm_flops, peak_flops, synchronize
@@ -96,13 +95,10 @@ def default_variants(cfg: Config) -> list[str]:
 
 
 def synthetic_inputs(cfg: Config, batch: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random ``video (B, C, T, H, W)`` and ``audio (B, 1, T_a, F)`` of the config's geometry."""
-    video, audio = cfg.data.video, cfg.data.audio
-    shapes = (batch, 3, video.num_frames, video.size, video.size), (batch, 1, audio.target_length, audio.num_mel_bins)
-    if torch.device(device).type == "meta":
-        return tuple(torch.empty(s, device="meta") for s in shapes)
-    generator = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(s, generator=generator).to(device) for s in shapes)
+    """Random ``video (B, C, T, H, W)`` and ``audio (B, 1, T_a, F)`` of the config's geometry
+    (``avmae.models.example_inputs``)."""
+    inputs = example_inputs(cfg, batch, device)
+    return inputs["video"], inputs["audio"]
 
 
 def _build_model(cfg: Config, name: str) -> nn.Module:
@@ -237,10 +233,7 @@ def measure_train_step(
             "audio": [1, audio_cfg.target_length, audio_cfg.num_mel_bins],
         },
         "tokens": tokens,
-        "visible_tokens": {
-            "video": math.floor(tokens["video"] * (1 - cfg.model.mask_ratio_video)),
-            "audio": math.floor(tokens["audio"] * (1 - cfg.model.mask_ratio_audio)),
-        },
+        "visible_tokens": num_visible_tokens(cfg),
         "warmup_steps": warmup,
         "timed_steps": steps,
         "rounds": rounds,

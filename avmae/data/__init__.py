@@ -3,16 +3,19 @@
 - ``manifests``: ``ClipRecord``, ``Manifest``, ``read_manifest(data_cfg, split)``, one reader per format.
 - ``video``: ``open_video(path, decoder)`` and clip sampling in seconds.
 - ``audio``: ``read_audio`` windows, ``fbank`` (CAV-MAE / AST / AudioMAE features), ``NoAudioError``.
-- ``transforms``: the evaluation video transform and the resize/crop/normalise pieces.
 - ``dataset``: ``AVDataset``, ``build_dataset(cfg, split, train)``.
 - ``collate``: ``collate_clips``, the batching of items holding several clips of one video.
 - ``sampler``: ``DistributedWeightedSampler``, ``balanced_weights`` (AudioSet balanced sampling).
+- ``loader``: ``build_loader(cfg, dataset, train)``, the one DataLoader factory.
 - ``synthetic``: the embedded synthetic audiovisual dataset.
+- ``shards``: ``prepare_shards`` (decode once into litdata chunks) and ``ShardDataset``, the
+  ``AVDataset`` that reads them (``data.format: shards``); docs/data.md.
 """
 
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
 from avmae.data.collate import collate_clips
 from avmae.data.dataset import AVDataset, TooManyDecodeFailures, build_dataset
+from avmae.data.loader import build_loader
 from avmae.data.manifests import ClipRecord, Manifest, ManifestError, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
 from avmae.data.video import ClipTooShortError, VideoDecodeError, VideoReader, open_video
@@ -31,6 +34,7 @@ __all__ = [
     "VideoReader",
     "balanced_weights",
     "build_dataset",
+    "build_loader",
     "collate_clips",
     "fbank",
     "kaldi_fbank",

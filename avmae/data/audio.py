@@ -5,8 +5,11 @@
 window leaves the file. A video's own audio track is read with PyAV; wav/flac/ogg files with
 soundfile. A file without an audio stream raises ``NoAudioError``.
 
+``place_windows`` decides where the windows of a clip sit (``AudioConfig.window``).
+
 ``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the
-reference features of REFERENCE.md normalised by the configured ``(x - norm_mean) / norm_std``.
+features of YuanGongND/cav-mae src/dataloader.py (torchaudio's Kaldi fbank, 128 mel bins, 10 ms
+hop, Hanning window, no dither, waveform mean removed) normalised by the configured ``(x - norm_mean) / norm_std``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,31 @@ def audio_duration(path: str | Path) -> float:
             return container.duration / av.time_base if container.duration else 0.0
     except (av.FFmpegError, OSError) as err:
         raise AudioDecodeError(f"{path}: cannot open the file: {err}") from err
+
+
+def place_windows(
+    centres: list[float], seconds: float, duration: float | None, placement: str
+) -> tuple[list[float], float]:
+    """Start times of audio windows centred on ``centres``, and the seconds each one reads.
+
+    ``placement`` (``AudioConfig.window``):
+    - ``"centred"``: ``[c - seconds / 2, c + seconds / 2)`` whatever the file; ``read_audio``
+      fills what lies outside the file with zero samples. ``duration`` is not used.
+    - ``"inside"``: each window shifted by the least amount that puts it inside
+      ``[0, duration)``; when the file is shorter than the window, every window is the whole
+      file (start 0, ``duration`` seconds), and ``kaldi_fbank`` appends zero frames after the
+      real ones up to the target length.
+    """
+    if placement == "centred":
+        return [c - seconds / 2 for c in centres], seconds
+    if placement != "inside":
+        raise ValueError(f"audio window placement must be 'inside' or 'centred', got {placement!r}")
+    if duration is None or duration <= 0:
+        raise ValueError(f"placing a window inside a file needs its duration, got {duration}")
+    if duration <= seconds:
+        return [0.0 for _ in centres], duration
+    latest = duration - seconds
+    return [min(max(c - seconds / 2, 0.0), latest) for c in centres], seconds
 
 
 def _source_span(start: float, seconds: float) -> tuple[float, float]:
@@ -185,8 +213,9 @@ def _window(
 def kaldi_fbank(waveform: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
     """Unnormalised log-mel fbank ``(target_length, num_mel_bins)`` of a ``(N,)`` waveform.
 
-    Exactly CAV-MAE / AST / AudioMAE: mean-subtracted waveform, torchaudio's Kaldi fbank with
-    their arguments, zero-padded at the end or cut to ``audio_cfg.target_length`` frames.
+    As CAV-MAE / AST / AudioMAE compute it: mean-subtracted waveform, torchaudio's Kaldi fbank
+    with their arguments, zero frames appended (a waveform shorter than the window) or frames
+    cut to ``audio_cfg.target_length``.
     """
     if waveform.ndim != 1:
         raise ValueError(f"expected a mono waveform (N,), got shape {tuple(waveform.shape)}")

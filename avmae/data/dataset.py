@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
-from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, read_audio
+from avmae.data.audio import AudioDecodeError, NoAudioError, audio_duration, fbank, place_windows, read_audio
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
@@ -217,7 +217,7 @@ class AVDataset(Dataset):
         video_cfg, audio_cfg = self.data_cfg.video, self.data_cfg.audio
         segment = (record.start, record.end) if record.start is not None else None
         views = 2 if self.two_views else 1
-        with open_video(record.video, video_cfg.decoder) as reader:
+        with self._open_video(record_index) as reader:
             clips = []  # (start, span, speed); view v of clip k at k * views + v
             for _ in range(self.clips_per_video * views):
                 speed = augment.sample_speed(self.augment_cfg, generator) if self.train else 1.0
@@ -252,13 +252,17 @@ class AVDataset(Dataset):
         return sample
 
     def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
-        """Waveforms of ``audio.seconds`` centred on each of ``centres``, and whether they are the
-        silence fed for a file without audio (``audio.no_audio: silence``)."""
+        """The waveform of each clip's audio window, placed by ``audio.window`` around the clip
+        centres ``centres`` (``avmae.data.audio.place_windows``), and whether they are the
+        silence fed for a file without audio (``audio.no_audio: silence``). A file shorter than
+        the window gives its whole, shorter waveform (the fbank appends zero frames)."""
         record = self.records[record_index]
-        rate, seconds = self.data_cfg.audio.sample_rate, self.data_cfg.audio.seconds
-        starts = [c - seconds / 2 for c in centres]
+        audio_cfg = self.data_cfg.audio
+        rate, seconds = audio_cfg.sample_rate, audio_cfg.seconds
         try:
-            return _read_windows(record.audio or record.video, starts, seconds, rate), False
+            duration = self._audio_duration(record_index) if audio_cfg.window == "inside" else None
+            starts, length = place_windows(centres, seconds, duration, audio_cfg.window)
+            return self._read_windows(record_index, starts, length, rate), False
         except NoAudioError as err:
             if self.data_cfg.audio.no_audio == "skip":
                 raise
@@ -266,6 +270,28 @@ class AVDataset(Dataset):
                 self._silent.add(record_index)
                 log.warning("feeding silence for %s (audio.no_audio=silence): %s", record.id, err)
             return [torch.zeros(int(round(seconds * rate))) for _ in centres], True
+
+    # The reads of a record's media; a dataset over another store of the same clips
+    # (avmae.data.shards.ShardDataset) overrides them and keeps everything else.
+
+    def _open_video(self, record_index: int) -> VideoReader:
+        return open_video(self.records[record_index].video, self.data_cfg.video.decoder)
+
+    def _read_windows(self, record_index: int, starts: list[float], seconds: float, rate: int) -> list[torch.Tensor]:
+        record = self.records[record_index]
+        return _read_windows(record.audio or record.video, starts, seconds, rate)
+
+    def _audio_duration(self, record_index: int) -> float:
+        """Seconds of the record's audio, which ``audio.window: inside`` places the windows in."""
+        record = self.records[record_index]
+        path = record.audio or record.video
+        duration = audio_duration(path)
+        if duration <= 0:
+            raise AudioDecodeError(
+                f"{path}: the audio states no duration, so audio.window=inside cannot place the "
+                "window (audio.window=centred does not need it)"
+            )
+        return duration
 
     def _targets(self, record: ClipRecord) -> dict[str, torch.Tensor]:
         targets = {}
@@ -337,6 +363,10 @@ def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
             "and are negatives of each other in the contrastive loss",
             cfg.data.clips_per_video, cfg.model.contrastive,
         )
+    if cfg.data.format == "shards":
+        from avmae.data.shards import build_shard_dataset  # imported here: that module builds on this one
+
+        return build_shard_dataset(cfg, split, train)
     manifest = read_manifest(cfg.data, split)
     return AVDataset(
         manifest,

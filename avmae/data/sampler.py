@@ -1,9 +1,14 @@
 """AudioSet balanced sampling that works across processes.
 
-``balanced_weights(manifest)`` gives each record the AudioSet weight (REFERENCE.md): a class
-weighs ``1000 / (count + 0.01)`` and a record the sum over its labels. ``DistributedWeightedSampler``
-makes one global draw per epoch, with replacement and seeded by ``(seed, epoch)`` so that every
-process computes the same draw, and gives each process its own disjoint share of it.
+``balanced_weights(manifest)`` gives each record the AudioSet weight of YuanGongND/cav-mae
+``src/gen_weight_file.py``: a class weighs ``1000 / (count + 0.01)`` and a record the sum over
+its labels. ``DistributedWeightedSampler`` makes one global draw per epoch, with replacement and
+seeded by ``(seed, epoch)`` so that every process computes the same draw, and gives each process
+its own disjoint share of it.
+
+Training builds it through ``avmae.data.build_loader`` with one replica (the whole stream) and
+lets accelerate shard the batches, as for a shuffled loader; ``num_replicas > 1`` is for loops
+that shard without accelerate.
 """
 
 from __future__ import annotations

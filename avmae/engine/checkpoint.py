@@ -1,11 +1,11 @@
-"""Checkpoints of a pretraining run, written atomically, the last few kept.
+"""Checkpoints of a training run (pretraining or finetuning), written atomically, the last few kept.
 
 Layout (docs/architecture.md, "Checkpoints")::
 
     output_dir/checkpoints/step_00001234/
         state/               accelerate's save_state: model, optimiser, scaler, RNG of every
                              process, registered objects (the lr scheduler); DeepSpeed shards
-        model.safetensors    the consolidated, unwrapped pretraining model (what export reads)
+        model.safetensors    the consolidated, unwrapped model (what export reads)
         config.yaml          the resolved config of the run
         trainer_state.json   step, epoch and position within the epoch
 
@@ -26,20 +26,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
 
 from avmae.config import Config, save_config
+from avmae.export import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, plain_state_dict, write_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TRAINER_STATE_FILE = "trainer_state.json"
 
 _NAME = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp_"
-# Prefixes that wrappers put in front of parameter names (DDP, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclasses.dataclass
@@ -105,17 +100,6 @@ def resolve_resume(resume: str, root: str | Path) -> Path | None:
     return path
 
 
-def _plain_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Wrapper prefixes stripped; contiguous CPU copies (safetensors refuses shared storage)."""
-    plain = {}
-    for name, tensor in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while name.startswith(prefix):
-                name = name[len(prefix) :]
-        plain[name] = tensor.detach().to("cpu", copy=True).contiguous()
-    return plain
-
-
 def save_checkpoint(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -142,7 +126,7 @@ def save_checkpoint(
     weights = accelerator.get_state_dict(model)
     accelerator.wait_for_everyone()  # every rank's shards are on disk before the rename
     if accelerator.is_main_process:
-        save_file(_plain_state_dict(weights), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_safetensors(plain_state_dict(weights), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         save_config(cfg, tmp / CONFIG_FILE)
         (tmp / TRAINER_STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
         if final.exists():  # the same step saved again, e.g. by a run that resumed after it

@@ -1,6 +1,6 @@
-"""Optimiser and learning-rate schedule of a pretraining run, built from `TrainConfig`.
+"""Optimiser and learning-rate schedule of a training run, built from `TrainConfig`.
 
-AdamW with MAE's betas and no weight decay on norms, biases and the names the model lists in
+AdamW with MAE's betas (or momentum SGD, `train.optimizer: sgd`) and no weight decay on norms, biases and the names the model lists in
 `no_weight_decay()` (positional and modality embeddings), through timm's optimiser factory.
 The learning rate follows MAE: `base_lr x effective batch / 256`, linear warmup per iteration,
 then a half cosine down to `min_lr`, as a timm scheduler stepped once per optimiser update.
@@ -25,19 +25,31 @@ def scaled_lr(train: TrainConfig, effective_batch: int) -> float:
     return train.base_lr * effective_batch / 256
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, lr: float, fused: bool = False) -> torch.optim.Optimizer:
-    """AdamW over two groups: decayed weights, and undecayed 1-D params plus `model.no_weight_decay()`.
+def optimizer_arguments(train: TrainConfig) -> dict:
+    """timm `create_optimizer_v2` arguments of `train.optimizer`: AdamW with `train.betas`, or SGD
+    with `train.momentum` (timm's "momentum", no Nesterov), both with `train.weight_decay`."""
+    if train.optimizer == "sgd":
+        return {"opt": "momentum", "momentum": train.momentum, "weight_decay": train.weight_decay}
+    return {"opt": "adamw", "betas": tuple(train.betas), "weight_decay": train.weight_decay}
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, lr: float, fused: bool = False, layer_decay: float = 1.0
+) -> torch.optim.Optimizer:
+    """`train.optimizer` (`optimizer_arguments`) over decayed weights and undecayed 1-D params plus
+    `model.no_weight_decay()`: the one optimiser factory of pretraining and finetuning.
 
     `fused` selects torch's fused CUDA kernel; the parameters must already sit on the GPU.
+    `layer_decay` < 1 (finetuning) splits the groups further by depth through the model's
+    `group_matcher()`: timm stores an `lr_scale` per group, which the timm scheduler applies.
     """
     extra = {"fused": True} if fused else {}
     return create_optimizer_v2(
         model,
-        opt="adamw",
         lr=lr,
-        weight_decay=train.weight_decay,
-        betas=tuple(train.betas),
         filter_bias_and_bn=True,
+        layer_decay=layer_decay if layer_decay < 1.0 else None,
+        **optimizer_arguments(train),
         **extra,
     )
 

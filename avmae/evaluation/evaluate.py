@@ -17,7 +17,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+
+from avmae.config import modality_set
 
 from .metrics import classification_metrics
 
@@ -68,14 +69,16 @@ def aggregate_views(
     }
 
 
-def model_inputs(batch: dict, modalities: str) -> dict[str, torch.Tensor]:
-    """The keyword inputs of a classifier for ``audio``, ``video`` or ``audiovisual``."""
-    names = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}[modalities]
-    return {name: batch[name] for name in names}
+def model_inputs(batch: dict, modalities: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The keyword inputs of a classifier for ``audio``, ``video`` or ``audiovisual`` (cast to
+    ``dtype`` when given: DeepSpeed's bf16/fp16 weights)."""
+    return {name: batch[name] if dtype is None else batch[name].to(dtype) for name in modality_set(modalities)}
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, accelerator, modalities: str, multi_label: bool) -> dict:
+def predict(
+    model: nn.Module, loader: Iterable, accelerator, modalities: str, multi_label: bool, dtype: torch.dtype | None = None
+) -> dict:
     """Per-view probabilities of every item, gathered from all processes (padding included).
 
     ``loader`` must be prepared by ``accelerator`` (or be a per-process shard). Returns, on every
@@ -85,7 +88,7 @@ def predict(model: nn.Module, loader: Iterable, accelerator, modalities: str, mu
     model.eval()
     chunks: dict[str, list] = {"index": [], "view": [], "scores": [], "targets": []}
     for batch in loader:
-        logits = model(**model_inputs(batch, modalities))
+        logits = model(**model_inputs(batch, modalities, dtype))
         probs = {h: (l.float().sigmoid() if multi_label else l.float().softmax(dim=-1)) for h, l in logits.items()}
         # Batches may differ in size across processes at the tail: pad, gather, then cut.
         local = {"index": batch["index"], "view": batch["view"], "scores": probs, "targets": batch["targets"]}
@@ -119,10 +122,12 @@ def evaluate(
     modalities: str,
     multi_label: bool,
     num_records: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[dict, dict]:
     """Multi-view metrics of ``model`` on ``loader``.
 
     Args:
+        dtype: the inputs' dtype, when it is not the loader's (DeepSpeed's bf16/fp16 weights).
         num_records: records of the dataset. A clip that cannot be decoded is replaced by another
             record's clip, whose repeat is dropped here, so the bad record gets no prediction:
             the shortfall is reported, never filled in.
@@ -132,7 +137,7 @@ def evaluate(
         ``records_scored``, ``records_unscored``, ``records_with_fewer_views``,
         ``views_per_record`` and ``duplicates_dropped``; and the output of ``aggregate_views``.
     """
-    raw = predict(model, loader, accelerator, modalities, multi_label)
+    raw = predict(model, loader, accelerator, modalities, multi_label, dtype)
     agg = aggregate_views(raw["index"], raw["view"], raw["scores"], raw["targets"])
     views = agg["views"]
     metrics = classification_metrics(agg["scores"], agg["targets"], multi_label)
@@ -143,20 +148,6 @@ def evaluate(
     metrics["records_with_fewer_views"] = int((views < views.max()).sum())
     metrics["duplicates_dropped"] = int(agg["duplicates"])
     return metrics, agg
-
-
-def build_eval_loader(cfg, dataset) -> DataLoader:
-    """Ordered, complete (no ``drop_last``) loader of a multi-view evaluation dataset."""
-    data = cfg.data
-    return DataLoader(
-        dataset,
-        batch_size=data.batch_size,
-        shuffle=False,
-        drop_last=False,
-        num_workers=data.num_workers,
-        pin_memory=data.pin_memory and torch.cuda.is_available(),
-        prefetch_factor=data.prefetch_factor if data.num_workers > 0 else None,
-    )
 
 
 def summary(metrics: dict) -> dict[str, float]:
@@ -211,40 +202,3 @@ def write_results(out_dir: str | Path, metrics: dict, class_names: dict[str, lis
     with open(path, "w") as f:
         json.dump(compact, f, indent=2, allow_nan=True)
     return path
-
-
-def evaluate_finetuned(
-    model_dir: str | Path, split: str = "test", overrides: list[str] | None = None, out_dir: str | Path | None = None
-) -> dict:
-    """Multi-view evaluation of a finetuned classifier folder (``model.safetensors`` +
-    ``config.yaml``) on ``split``, in one process or under ``accelerate launch``.
-
-    ``overrides`` change the saved config (data location, ``data.test_clips``, geometry...).
-    Writes ``metrics.json`` (and per-class AP csvs) to ``out_dir`` (default ``model_dir/eval_<split>``)
-    on the main process, prints the table, and returns the metrics.
-    """
-    from accelerate.utils import set_seed
-
-    from avmae.data import build_dataset
-    from avmae.engine.pretrain import build_accelerator
-
-    from avmae.engine.finetune import load_finetuned
-
-    model, cfg = load_finetuned(model_dir, overrides)
-    accelerator = build_accelerator(cfg)
-    set_seed(cfg.train.seed)
-    dataset = build_dataset(cfg, split, train=False)
-    if set(dataset.classes) != set(cfg.finetune.heads):
-        raise ValueError(
-            f"{model_dir}: heads {sorted(cfg.finetune.heads)} do not match the dataset's {sorted(dataset.classes)}"
-        )
-    model, loader = accelerator.prepare(model, build_eval_loader(cfg, dataset))
-    modalities, multi_label = cfg.finetune.modalities, dataset.multi_label
-    metrics, _ = evaluate(model, loader, accelerator, modalities, multi_label, len(dataset.records))
-    out_dir = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
-    if accelerator.is_main_process:
-        write_results(out_dir, {**metrics, "split": split}, dataset.classes)
-    title = f"{split}: {metrics['records_scored']} records x {metrics['views_per_record']} views"
-    accelerator.print(format_table(metrics, title))
-    accelerator.wait_for_everyone()
-    return metrics

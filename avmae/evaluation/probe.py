@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import Config
+from avmae.config import Config, modality_set
 from .evaluate import aggregate_views, model_inputs
 from .metrics import multilabel_metrics, topk_accuracy
 
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 def pool_tokens(tokens: dict[str, torch.Tensor], modalities: str) -> torch.Tensor:
     """Mean over tokens of each modality, concatenated video then audio: ``(B, N, D)`` -> ``(B, D')``."""
-    names = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}[modalities]
-    return torch.cat([tokens[name].mean(dim=1) for name in names], dim=1)
+    return torch.cat([tokens[name].mean(dim=1) for name in modality_set(modalities)], dim=1)
 
 
 def pool_raw(
@@ -234,9 +233,7 @@ def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[
         per source, ``train_probe``'s result plus ``source``, ``modalities``, ``dim`` and
         ``records`` per split. Accuracies are percentages.
     """
-    from avmae.data import build_dataset
-
-    from .evaluate import build_eval_loader
+    from avmae.data import build_dataset, build_loader
 
     unknown = set(sources) - set(SOURCES)
     if unknown or not sources:
@@ -252,8 +249,7 @@ def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[
             from avmae.models import build_encoder
 
             torch.manual_seed(cfg.train.seed)
-            modalities = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
-            extractors[source] = build_encoder(cfg, modalities[ft.modalities])
+            extractors[source] = build_encoder(cfg, modality_set(ft.modalities))
         else:
             extractors[source] = None
 
@@ -264,7 +260,7 @@ def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[
     for split in splits:
         dataset = build_dataset(cfg, split, train=False)
         split_features, targets[split] = extract_features(
-            extractors, build_eval_loader(cfg, dataset), ft.modalities, cfg, device
+            extractors, build_loader(cfg, dataset, train=False), ft.modalities, cfg, device
         )
         for source in sources:
             features[source][split] = split_features[source]

@@ -1,0 +1,367 @@
+"""The training loop every recipe runs: pretraining and finetuning alike.
+
+A recipe (``avmae.engine.pretrain``, ``avmae.engine.finetune``) builds its model and dataset and
+says how a batch becomes a loss; the ``Trainer`` does everything else, the same way for both:
+
+- one process (``python tools/...``) or many (``accelerate launch``, DDP or DeepSpeed), decided
+  by accelerate (``build_accelerator``);
+- the loader from ``avmae.data.build_loader`` (shuffled, or AudioSet-balanced), sharded by
+  accelerate; gradient accumulation, clipping, the lr schedule per optimiser update;
+- checkpoints every ``train.checkpoint_every`` updates, written atomically
+  (``avmae.engine.checkpoint``); the same command resumes from the newest one exactly;
+- SIGTERM/SIGINT finish the update, save and raise ``TrainingInterrupted``; a NaN or inf loss
+  raises ``NonFiniteLossError`` naming the update, without saving;
+- TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
+  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``) and a
+  progress bar.
+
+Exact resume rests on three things: the sampler's order is a function of (seed, epoch)
+(accelerate's seedable sampler, or the balanced sampler's own seeded draw), the dataset's
+per-item randomness is a function of (seed, epoch, index), and accelerate's state holds every
+process's RNG (masking, drop path). Randomness a recipe draws itself (mixup) is seeded from
+``Trainer.position()``. Each epoch uses ``steps_per_epoch x grad_accum`` micro-batches, so an
+accumulation window never straddles two epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, parse_flag_from_env, send_to_device
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from avmae.config import Config, config_to_dict
+from avmae.data import build_loader
+from avmae.engine.checkpoint import (
+    CHECKPOINTS_DIR,
+    TrainerState,
+    checkpoint_path,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from avmae.engine.faults import NonFiniteGuard, StopSignal
+from avmae.engine.optim import build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps
+
+# The tensors of a batch that are model inputs (cast to DeepSpeed's dtype).
+MODEL_INPUTS = ("video", "audio", "video2", "audio2")
+
+# (model, batch on the device) -> {"loss": scalar tensor, "logs": {name: detached scalar}}
+LossFn = Callable[[nn.Module, dict], dict]
+# (model, peak lr, fused) -> optimiser
+OptimizerFn = Callable[[nn.Module, float, bool], torch.optim.Optimizer]
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run after a checkpoint was saved; rerunning the command resumes."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped by signal {signum}; checkpoint saved at {checkpoint}")
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator for this machine: DDP over gloo on CPU needs `cpu=True` (else each process trains
+    alone), while DeepSpeed on CPU needs `cpu=False` and an explicit gloo process group."""
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    on_cpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and on_cpu else []
+    return Accelerator(
+        cpu=on_cpu and not deepspeed,
+        mixed_precision=cfg.train.mixed_precision,
+        # Accumulation windows are aligned with epochs by the loop itself (see the module doc).
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.train.seed),
+        log_with="tensorboard",
+        project_dir=cfg.train.output_dir,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+    )
+
+
+def share_cpu_cores(num_workers: int, num_processes: int) -> None:
+    """Training on the CPU: leave one core to each DataLoader worker, unless OMP_NUM_THREADS says.
+
+    With torch's default of one thread per core competing with the workers, a step of the demo
+    model ran about 20x slower on a busy 2-core machine (spinning threads wait for preempted ones)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // num_processes - num_workers))
+
+
+def _configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
+    """The run's config, not the launcher's file, decides accumulation and clipping."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds_config["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds_config["gradient_clipping"] = cfg.train.clip_grad
+
+
+def _tracker_config(cfg: Config) -> dict:
+    """Flat `section/key` scalars, as TensorBoard's hparams accept."""
+    flat = {}
+    for section, values in config_to_dict(cfg).items():
+        stack = [(section, values)]
+        while stack:
+            prefix, node = stack.pop()
+            for key, value in node.items():
+                name = f"{prefix}/{key}"
+                if isinstance(value, dict):
+                    stack.append((name, value))
+                else:
+                    flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+class LogWindow:
+    """Per-step values summed on the device between two logs; `reduce` syncs once per window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = defaultdict(float)
+        self.micro_batches = 0
+        self.failures: torch.Tensor | int = 0
+        self.start = time.perf_counter()
+        self.updates = 0
+
+    def add(self, output: dict, batch: dict) -> None:
+        self.sums["loss"] = self.sums["loss"] + output["loss"].detach().float()
+        for name, value in output.get("logs", {}).items():
+            self.sums[name] = self.sums[name] + value.detach().float()
+        if "failures" in batch:
+            self.failures = self.failures + batch["failures"].sum()
+        self.micro_batches += 1
+
+    def reduce(self, accelerator: Accelerator, clips_per_update: int) -> dict[str, float]:
+        """Means over micro-batches and processes, the summed skipped clips, and throughput."""
+        names = sorted(self.sums)
+        device = accelerator.device
+        values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names])
+        values = torch.cat([values, torch.as_tensor(self.failures, device=device).float().view(1)])
+        totals = accelerator.reduce(values, reduction="sum").tolist()
+        count = max(self.micro_batches, 1) * accelerator.num_processes
+        logs = {name: total / count for name, total in zip(names, totals)}
+        logs["skipped_clips"] = totals[-1]
+        logs["clips_per_s"] = self.updates * clips_per_update / max(time.perf_counter() - self.start, 1e-9)
+        return logs
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed's bf16/fp16 modes hold the weights in that dtype and, unlike autocast, leave the
+    inputs to the caller: they must be cast to it."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+
+
+def batch_to_device(batch: dict, device: torch.device, dtype: torch.dtype | None = None) -> dict:
+    """The one place a training batch meets the device: tensors moved (a no-op for batches that a
+    prepared loader already placed) and the model inputs cast to ``dtype`` when given."""
+    batch = send_to_device(batch, device)
+    if dtype is not None:
+        batch = {k: v.to(dtype) if k in MODEL_INPUTS and v.is_floating_point() else v for k, v in batch.items()}
+    return batch
+
+
+@dataclasses.dataclass
+class Update:
+    """What ``Trainer.fit``'s ``on_update`` hook is told after each optimiser update."""
+
+    step: int  # updates done
+    num_steps: int
+    epoch: int  # the epoch this update belongs to
+    epoch_done: bool  # the update closed its epoch
+
+
+class Trainer:
+    """The shared loop. ``setup`` builds and prepares everything and resumes; ``fit`` trains.
+
+    ::
+
+        accelerator = build_accelerator(cfg)
+        trainer = Trainer(cfg, accelerator, "finetune")
+        model, eval_loader = trainer.setup(model, dataset, build_optimizer, eval_loader)
+        checkpoint = trainer.fit(loss_fn, on_update)
+    """
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, name: str) -> None:
+        self.cfg, self.accelerator, self.name = cfg, accelerator, name
+        self.output_dir = Path(cfg.train.output_dir)
+        self.checkpoints = self.output_dir / CHECKPOINTS_DIR
+        self.resume_from = resolve_resume(cfg.train.resume, self.checkpoints)
+        if accelerator.device.type == "cpu":
+            share_cpu_cores(cfg.data.num_workers, accelerator.num_processes)
+
+    def setup(self, model: nn.Module, dataset: Dataset, build_optimizer: OptimizerFn, *extras) -> tuple:
+        """Loader, optimiser and schedule for ``model`` on ``dataset``, all prepared by accelerate
+        together with ``extras`` (e.g. an evaluation loader), then the newest checkpoint restored.
+
+        Returns the prepared model followed by the prepared ``extras``.
+        """
+        cfg, train, accelerator = self.cfg, self.cfg.train, self.accelerator
+        self.dataset = dataset
+        if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            # SimSiam's and MoCo v3's projector BatchNorms normalise over the global batch, as in their
+            # papers (SyncBatchNorm has no CPU kernels: on gloo they stay per process)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(accelerator.device)  # before the optimiser, so a fused AdamW sees CUDA parameters
+        loader = build_loader(cfg, dataset, train=True)
+
+        self.clips_per_update = effective_batch_size(
+            cfg.data.batch_size, accelerator.num_processes, train.grad_accum, cfg.data.clips_per_video
+        )
+        self.lr = scaled_lr(train, self.clips_per_update)
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.input_dtype = input_dtype(accelerator)
+        optimizer = build_optimizer(model, self.lr, accelerator.device.type == "cuda" and not self.deepspeed)
+        _configure_deepspeed(accelerator, cfg)
+        self.model, self.optimizer, self.loader, *extras = accelerator.prepare(model, optimizer, loader, *extras)
+        self.core = accelerator.unwrap_model(self.model)
+
+        self.steps_per_epoch = len(self.loader) // train.grad_accum
+        self.num_steps = total_steps(train, self.steps_per_epoch)
+        self.micro_per_epoch = self.steps_per_epoch * train.grad_accum
+        self.scheduler = build_scheduler(
+            self.optimizer, train, self.num_steps, warmup_steps(train, self.steps_per_epoch)
+        )
+        accelerator.register_for_checkpointing(self.scheduler)
+
+        self.state = TrainerState(
+            num_processes=accelerator.num_processes, batch_size=cfg.data.batch_size, grad_accum=train.grad_accum
+        )
+        if self.resume_from is not None:
+            self._resume()
+        self.scheduler.step_update(self.state.step)
+        accelerator.print(
+            f"{self.name}: {self.num_steps} optimiser steps, {self.steps_per_epoch} per epoch; "
+            f"{self.clips_per_update} clips per step ({accelerator.num_processes} processes x "
+            f"{cfg.data.batch_size} videos x {cfg.data.clips_per_video} clips x {train.grad_accum} accumulated), "
+            f"peak lr {self.lr:.3g}"
+        )
+        return (self.model, *extras)
+
+    def _resume(self) -> None:
+        state, saved = self.state, load_checkpoint(self.accelerator, self.resume_from)
+        layout = (saved.num_processes, saved.batch_size, saved.grad_accum)
+        if layout != (state.num_processes, state.batch_size, state.grad_accum):
+            raise ValueError(
+                f"{self.resume_from} was written with (processes, batch_size, grad_accum) = {layout}, this run has "
+                f"{(state.num_processes, state.batch_size, state.grad_accum)}; its position in the epoch would "
+                "not carry over. Resume with the same layout, or start a new train.output_dir."
+            )
+        self.state = saved
+        self.accelerator.print(f"resuming from {self.resume_from} (step {saved.step}, epoch {saved.epoch})")
+
+    def position(self) -> tuple[int, int, int]:
+        """``(process, epoch, micro-batch in epoch)`` of the batch being trained on: a seed for
+        randomness a recipe draws itself, the same when a resumed run reaches this batch again."""
+        return self.accelerator.process_index, self.state.epoch, self.state.batch_in_epoch
+
+    def lr_now(self) -> float:
+        """The largest lr of the parameter groups (layer decay scales the others down)."""
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def fit(self, loss_fn: LossFn, on_update: Callable[[Update], None] | None = None) -> Path:
+        """Train to ``num_steps`` updates; return the final checkpoint directory.
+
+        ``loss_fn(model, batch)`` is the one place a batch becomes a loss. ``on_update`` runs
+        after each update, before its checkpoint (a recipe's evaluation goes there, so a resumed
+        run never repeats or skips it); the model is back in train mode after it.
+        """
+        cfg, train, accelerator = self.cfg, self.cfg.train, self.accelerator
+        model, optimizer, loader, scheduler, state = self.model, self.optimizer, self.loader, self.scheduler, self.state
+        micro_per_epoch, num_steps = self.micro_per_epoch, self.num_steps
+
+        accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
+        progress = tqdm(
+            total=num_steps, initial=state.step, desc=self.name, unit="step", dynamic_ncols=True,
+            disable=not accelerator.is_local_main_process,
+        )  # fmt: skip
+        guard = NonFiniteGuard(accelerator.device)
+        window = LogWindow()
+        last_saved = self.resume_from
+
+        def save() -> Path:
+            guard.check(accelerator, str(last_saved) if last_saved else None)  # never save poisoned weights
+            at = state
+            if at.batch_in_epoch >= micro_per_epoch:
+                at = dataclasses.replace(at, epoch=at.epoch + 1, batch_in_epoch=0)
+            return save_checkpoint(accelerator, model, cfg, at, self.checkpoints, train.keep_checkpoints)
+
+        model.train()
+        stop_signal = 0
+        with StopSignal() as stop, progress:
+            while state.step < num_steps and not stop_signal:
+                if state.batch_in_epoch >= micro_per_epoch:
+                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                loader.set_epoch(state.epoch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(state.epoch)
+                skip = state.batch_in_epoch
+                epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+
+                for batch in epoch_loader:
+                    if state.batch_in_epoch >= micro_per_epoch:
+                        break  # the last, incomplete accumulation window of the epoch is dropped
+                    batch = batch_to_device(batch, accelerator.device, self.input_dtype)
+                    with accelerator.accumulate(model):
+                        output = loss_fn(model, batch)
+                        accelerator.backward(output["loss"])
+                        if accelerator.sync_gradients and train.clip_grad > 0 and not self.deepspeed:
+                            accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    state.batch_in_epoch += 1
+                    guard.update(output["loss"], state.step + 1)
+                    window.add(output, batch)
+                    if not accelerator.sync_gradients:
+                        continue
+
+                    state.step += 1
+                    window.updates += 1
+                    lr_used = self.lr_now()
+                    scheduler.step_update(state.step)
+                    if hasattr(self.core, "after_optimizer_step"):
+                        self.core.after_optimizer_step(state.step / num_steps)
+                    progress.update(1)
+
+                    if state.step % train.log_every == 0 or state.step == num_steps:
+                        guard.check(accelerator, str(last_saved) if last_saved else None)
+                        logs = window.reduce(accelerator, self.clips_per_update)
+                        logs["lr"] = lr_used
+                        logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
+                        accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
+                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+                        window = LogWindow()
+
+                    if on_update is not None:
+                        epoch_done = state.batch_in_epoch >= micro_per_epoch
+                        on_update(Update(state.step, num_steps, state.epoch, epoch_done))
+                        model.train()
+
+                    stop_signal = stop.requested()
+                    if state.step % train.checkpoint_every == 0 or state.step == num_steps or stop_signal:
+                        last_saved = save()
+                    if state.step >= num_steps or stop_signal:
+                        break
+
+        if last_saved != checkpoint_path(self.checkpoints, state.step):
+            last_saved = save()  # resumed from elsewhere with nothing left to do
+        if stop_signal:
+            accelerator.end_training()
+            raise TrainingInterrupted(stop_signal, last_saved)
+        return last_saved
