@@ -24,6 +24,7 @@ VIDEO_MASKINGS = ("random", "tube")
 AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
 POS_EMBEDS = ("grid", "1d")
 PATCH_LOSSES = ("mean", "sum")
+JOINT_NORMS = ("shared", "per_modality")
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -273,10 +274,24 @@ class ModelConfig:
     contrastive_masked: bool = True  # run the contrastive branch on the masked (visible) tokens
     temperature: float = 0.05
     learn_temperature: bool = False
+    # InfoNCE over modality pairs: both directions averaged, or only video -> audio (each video
+    # picks its audio: CAV-MAE's default, src/models/cav_mae.py bidirect_contrast=False)
+    contrastive_symmetric: bool = True
     proj_dim: int = 256  # SimSiam / MoCo v3 projector output
     proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
     pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
     momentum: float = 0.99  # MoCo v3 start value, raised to 1 by a cosine schedule
+    # layouts of other MAE codebases, whose checkpoints convert onto them (docs/checkpoints.md)
+    learned_pos_embed: bool = False  # a stored (learned) positional table per modality instead of fixed sine-cosine
+    pos_grid_video: tuple[int, int, int] = (0, 0, 0)  # learned table's (T', H', W'); 0s = the configured grid
+    pos_grid_audio: tuple[int, int] = (0, 0)  # learned table's (T', F'); 0s = the configured grid
+    cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
+    joint_norms: str = "shared"  # shared | per_modality (CAV-MAE's joint layer)
+    final_norm: bool = True  # False: no LayerNorm after the last block (finetuned MAE-family models)
+    # An export folder (e.g. tools/convert.py output) whose encoder weights start a pretraining
+    # run (CAV-MAE starts from ImageNet MAE); empty = random initialisation. Read by the
+    # pretraining engine at a fresh start only.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, FUSIONS)
@@ -288,6 +303,7 @@ class ModelConfig:
         _check_choice("model.audio_masking", self.audio_masking, AUDIO_MASKINGS)
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
+        _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
 
 
 @dataclass
@@ -348,6 +364,9 @@ class FinetuneConfig:
     fusion_layer: int = 8
     bottlenecks: int = 4
     test_with_bottlenecks: bool = True
+    # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
+    # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
+    pool: str = "modalities"
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
@@ -363,6 +382,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
+        _check_choice("finetune.pool", self.pool, ("modalities", "tokens"))
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.fusion", self.fusion, ("pool", "bottleneck"))
 

@@ -49,6 +49,7 @@ PARTS = ("model", "encoder", "audio", "video")
 # (masking, losses) or a finetuning choice (drop path).
 ARCHITECTURE_FIELDS = (
     "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed", "pos_embed", "stack_norms",
+    "learned_pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm",
 )
 # Preprocessing a model was trained on and must be fed with, whatever the clip geometry.
 AUDIO_PREPROCESSING = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "norm_mean", "norm_std")
@@ -244,7 +245,14 @@ def export(checkpoint: str | Path, out_dir: str | Path, part: str = "model") -> 
     state_dict, cfg = read_checkpoint(checkpoint)
     module = build_part(cfg, part)
     load_part(module, state_dict, part)
+    return write_export(module, cfg, part, out_dir, _source(Path(checkpoint)))
 
+
+def write_export(
+    module: nn.Module, cfg: Config, part: str, out_dir: str | Path, source: dict, extra: dict | None = None
+) -> Path:
+    """Write the export folder of a filled ``module`` (``part`` of ``cfg``'s architecture);
+    ``source`` says where the weights came from, ``extra`` adds top-level entries to config.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -255,7 +263,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, part: str = "model") -> 
         "part": part,
         "architecture": _architecture(cfg, module),
         "input": _input_description(cfg),
-        "source": _source(Path(checkpoint)),
+        "source": source,
+        **(extra or {}),
         "config": config_to_dict(cfg),
     }
     if part == "audio":
@@ -420,8 +429,9 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
         "in_chans": 1,
         "num_classes": 0,
         "global_pool": "avg",
-        "class_token": False,
+        "class_token": encoder.cls_token is not None,
         "fc_norm": False,  # the encoder's final norm is on tokens, before pooling
+        "final_norm": isinstance(encoder.norm["audio"], nn.LayerNorm),
         "embed_dim": encoder.embed_dim,
         "depth": len(blocks),
         "num_heads": first.attn.num_heads,
@@ -437,11 +447,20 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
         "pos_embed": pos,
         "patch_embed.proj.weight": patch_embed.embed.proj.weight,
         "patch_embed.proj.bias": patch_embed.embed.proj.bias,
-        "norm.weight": encoder.norm["audio"].weight,
-        "norm.bias": encoder.norm["audio"].bias,
     }
+    if kwargs["final_norm"]:
+        state.update({"norm.weight": encoder.norm["audio"].weight, "norm.bias": encoder.norm["audio"].bias})
+    if encoder.cls_token is not None:  # its position is folded into the token: a zero row in timm's table
+        state["cls_token"] = encoder.cls_token["audio"]
+        state["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     for i, block in enumerate(blocks):
-        state.update({f"blocks.{i}.{k}": v for k, v in block.state_dict().items()})
+        weights = block.state_dict()
+        if hasattr(block, "modality_norm1"):  # a joint layer with per-modality norms: audio alone uses its own
+            weights = {k: v for k, v in weights.items() if not k.startswith(("modality_norm1.", "modality_norm2."))}
+            for n in ("1", "2"):
+                norm = getattr(block, f"modality_norm{n}")["audio"]
+                weights.update({f"norm{n}.weight": norm.weight, f"norm{n}.bias": norm.bias})
+        state.update({f"blocks.{i}.{k}": v for k, v in weights.items()})
     vit.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
     return vit.eval(), kwargs
 

@@ -14,7 +14,8 @@ loss each, against its own mixed targets); evaluation returns their mean.
 ``load_pretrained`` fills an ``AVClassifier`` or a bare ``AVEncoder`` from a pretraining state
 dict and states exactly which keys it did not use or did not find; anything beyond the expected
 (new heads missing; decoder, contrastive head and unused-modality keys unexpected) is an error.
-Positional embeddings are not in state dicts: they are recomputed for the new geometry.
+Fixed positional embeddings are not in state dicts: they are recomputed for the new geometry
+(stored tables, ``model.learned_pos_embed``, load like other weights and are resampled).
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ class AVClassifier(nn.Module):
     (an input for another modality is ignored, so a full batch can be passed as is).
     """
 
-    def __init__(self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0) -> None:
+    def __init__(self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0, pool: str = "modalities") -> None:
         super().__init__()
+        if pool not in ("modalities", "tokens"):
+            raise ValueError(f"pool must be modalities or tokens, got {pool!r}")
+        # modalities: each modality's mean token, averaged; tokens: the mean of all tokens
+        # (CAV-MAE's CAVMAEFT, src/models/cav_mae.py), so each modality weighs by its token count
+        self.pool = pool
         if not heads:
             raise ValueError("a classifier needs at least one head, e.g. {'label': 309}")
         self.encoder = encoder
@@ -62,6 +68,8 @@ class AVClassifier(nn.Module):
         if missing:
             raise ValueError(f"this classifier uses {'+'.join(self.modalities)} input; missing: {', '.join(missing)}")
         latent = self.encoder.forward_features(**{m: given[m] for m in self.modalities})
+        if self.pool == "tokens":
+            return torch.cat([latent[m] for m in self.modalities], dim=1).mean(dim=1)
         return torch.stack([latent[m].mean(dim=1) for m in self.modalities]).mean(dim=0)
 
     def forward(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -177,11 +185,16 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTCl
     into every stack)."""
     ft = cfg.finetune
     if ft.fusion == "bottleneck":
+        if cfg.model.cls_token or cfg.model.joint_norms != "shared":
+            raise ValueError(
+                "finetune.fusion=bottleneck (MBT) needs an encoder without class tokens and with shared joint "
+                f"norms; model.cls_token={cfg.model.cls_token}, model.joint_norms={cfg.model.joint_norms!r}"
+            )
         separate = replace(cfg, model=replace(cfg.model, fusion="late", stack_norms=False))
         encoder = build_encoder(separate, modality_set(ft.modalities))
         return MBTClassifier(encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks)
     encoder = build_encoder(cfg, modality_set(ft.modalities))
-    return AVClassifier(encoder, heads)
+    return AVClassifier(encoder, heads, pool=ft.pool)
 
 
 def separate_stacks(state_dict: dict[str, torch.Tensor], modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -233,7 +246,10 @@ def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     if not unused:
         return None
     names = "|".join(unused)
-    return re.compile(rf"^encoder\.(patch_embed|modality_embed|modality_blocks|norm|stack_norm)\.({names})(\.|$)")
+    return re.compile(
+        rf"^encoder\.(patch_embed|pos_embed|modality_embed|cls_token|modality_blocks|norm|stack_norm"
+        rf"|blocks\.\d+\.modality_norm[12])\.({names})(\.|$)"
+    )
 
 
 def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor]) -> LoadReport:

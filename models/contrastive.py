@@ -37,8 +37,9 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_
 
 
 class InfoNCEHead(nn.Module):
-    def __init__(self, temperature: float = 0.05, learnable: bool = False) -> None:
+    def __init__(self, temperature: float = 0.05, learnable: bool = False, symmetric: bool = True) -> None:
         super().__init__()
+        self.symmetric = symmetric  # False: only x1 -> x2 (video picks its audio), CAV-MAE's default
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         scale = torch.tensor(math.log(1.0 / temperature))
@@ -59,7 +60,7 @@ class InfoNCEHead(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
         x1 = nn.functional.normalize(x1.float(), dim=-1)
         x2 = nn.functional.normalize(x2.float(), dim=-1)
-        return info_nce(x1, x2, self.logit_scale())
+        return info_nce(x1, x2, self.logit_scale(), self.symmetric)
 
 
 class SimSiamHead(nn.Module):

@@ -19,14 +19,29 @@ embeddings would otherwise already have seen each other.
 
 The encoder only ever processes the tokens it is given: the pretraining module hands it the
 visible tokens, ``forward_features`` all of them.
+
+Options for the layouts of other MAE codebases (their checkpoints convert onto these, see
+``avmae.convert``):
+
+- ``learned_pos=True``: a stored positional table per modality (``LearnedPosEmbed``) instead of
+  the fixed sine-cosine code;
+- ``cls_token=True``: a learned class token per modality, prepended before the blocks (its
+  positional embedding folded in) and dropped from the outputs, as MAE / AudioMAE run it;
+- ``joint_norms="per_modality"`` (CAV-MAE, ``src/models/cav_mae.py``): each joint block keeps its
+  LayerNorms for the joint sequence plus one pair per modality, used when a modality runs the
+  joint blocks alone (``isolate`` or one input); the joint sequence ends in its own final
+  LayerNorm (``joint_norm``), a lone modality in ``norm[modality]``;
+- ``final_norm=False``: no LayerNorm after the last block (MAE / AudioMAE / VideoMAE finetuned
+  models norm the pooled token instead: the classifier head's LayerNorm).
 """
 
 from __future__ import annotations
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from avmae.config import FUSIONS
+from avmae.config import FUSIONS, JOINT_NORMS
 
 from .layers import (
     MODALITIES,
@@ -37,8 +52,26 @@ from .layers import (
     norm_layer,
     run_blocks,
 )
-from .pos_embed import SinCosPosEmbed
+from .pos_embed import LearnedPosEmbed, SinCosPosEmbed
 
+class ModalityNormBlock(Block):
+    """A timm ViT block with extra LayerNorms per modality (CAV-MAE's joint layer).
+
+    ``forward(x)`` uses ``norm1``/``norm2`` (the joint sequence); ``forward(x, modality)`` the same
+    attention and MLP weights behind ``modality_norm1[modality]``/``modality_norm2[modality]``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, modalities: tuple[str, ...], drop_path: float = 0.0) -> None:
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=norm_layer)
+        self.attn.fused_attn = True  # as make_blocks
+        self.modality_norm1 = nn.ModuleDict({m: norm_layer(dim) for m in modalities})
+        self.modality_norm2 = nn.ModuleDict({m: norm_layer(dim) for m in modalities})
+
+    def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
+        if modality is None:
+            return super().forward(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.modality_norm1[modality](x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.modality_norm2[modality](x))))
 
 
 class AVEncoder(nn.Module):
@@ -58,6 +91,12 @@ class AVEncoder(nn.Module):
         pos_embed: ``grid`` (separable sin-cos of the token grid) or ``1d`` (sin-cos of the token
             sequence, AV-MAE's ``sinusoidal_1d``); see ``pos_embed.py``.
         stack_norms: mid fusion only; see the module docstring.
+        learned_pos: a stored (learned) positional table per modality instead of the fixed code
+            (``pos_embed`` is then unused).
+        pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).
+        cls_token: a learned class token per modality (dropped from the outputs).
+        joint_norms: ``shared`` or ``per_modality`` LayerNorms in the joint blocks (CAV-MAE).
+        final_norm: a LayerNorm after the last block (per modality; one shared with ``stack_norms``).
     """
 
     def __init__(
@@ -78,8 +117,17 @@ class AVEncoder(nn.Module):
         drop_path: float = 0.0,
         pos_embed: str = "grid",
         stack_norms: bool = False,
+        learned_pos: bool = False,
+        pos_grids: dict[str, tuple[int, ...]] | None = None,
+        cls_token: bool = False,
+        joint_norms: str = "shared",
+        final_norm: bool = True,
     ) -> None:
         super().__init__()
+        if joint_norms not in JOINT_NORMS:
+            raise ValueError(f"joint_norms must be one of {', '.join(JOINT_NORMS)}, got {joint_norms!r}")
+        if stack_norms and joint_norms == "per_modality":
+            raise ValueError("stack_norms (AV-MAE's final norms) and joint_norms=per_modality (CAV-MAE's) exclude each other")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
         if fusion == "mid" and not 0 < fusion_layers < depth:
@@ -98,7 +146,16 @@ class AVEncoder(nn.Module):
         tokenizers = {"video": VideoPatchEmbed(embed_dim, patch_size, tubelet), "audio": AudioPatchEmbed(embed_dim, patch_size)}
         grids = {"video": video_grid, "audio": audio_grid}
         self.patch_embed = nn.ModuleDict({m: tokenizers[m] for m in self.modalities})
-        self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
+        if learned_pos:
+            grids = {**grids, **{m: tuple(g) for m, g in (pos_grids or {}).items() if g and any(g)}}
+            self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
+        else:
+            self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
+        self.cls_token = (
+            nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, embed_dim)) for m in self.modalities})
+            if cls_token
+            else None
+        )
         self.modality_embed = (
             nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, embed_dim)) for m in self.modalities})
             if modality_embed
@@ -113,17 +170,31 @@ class AVEncoder(nn.Module):
             if num_modality
             else {}
         )
-        self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:])
+        self.joint_norms = joint_norms
+        if joint_norms == "per_modality" and fusion in ("early", "mid"):
+            self.blocks = nn.ModuleList(
+                ModalityNormBlock(embed_dim, num_heads, mlp_ratio, self.modalities, rate) for rate in rates[num_modality:]
+            )
+            self.joint_norm = norm_layer(embed_dim) if final_norm else nn.Identity()
+        else:
+            if joint_norms == "per_modality":
+                raise ValueError(f"joint_norms=per_modality needs early or mid fusion, got {fusion!r}")
+            self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:])
+            self.joint_norm = None
+
+        def final() -> nn.Module:  # final_norm=False: no LayerNorm after the last block
+            return norm_layer(embed_dim) if final_norm else nn.Identity()
+
         self.stack_norms = stack_norms
         if stack_norms:
             self.stack_norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
-            self.norm = norm_layer(embed_dim)
+            self.norm = final()
         else:
-            self.norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
+            self.norm = nn.ModuleDict({m: final() for m in self.modalities})
 
         self.apply(init_weights)
-        if self.modality_embed is not None:
-            for param in self.modality_embed.values():
+        for params in (self.modality_embed, self.cls_token):
+            for param in (params or {}).values():
                 nn.init.normal_(param, std=0.02)
 
     @property
@@ -149,7 +220,13 @@ class AVEncoder(nn.Module):
         return tokens
 
     def forward_modality_stage(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-modality blocks (late/mid), or the shared stack run per modality (shared)."""
+        """Per-modality blocks (late/mid), or the shared stack run per modality (shared).
+        With ``cls_token`` each modality's class token is prepended first."""
+        if self.cls_token is not None:
+            tokens = {
+                m: torch.cat([self.cls_token[m].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+                for m, x in tokens.items()
+            }
         if self.fusion == "shared":
             return {m: run_blocks(self.blocks, x, self.grad_checkpointing) for m, x in tokens.items()}
         if self.modality_blocks:
@@ -157,16 +234,32 @@ class AVEncoder(nn.Module):
             return {m: self.stack_norm[m](x) for m, x in out.items()} if self.stack_norms else out
         return dict(tokens)
 
+    def _run_joint(self, x: torch.Tensor, modality: str | None) -> torch.Tensor:
+        if self.joint_norm is None:
+            return run_blocks(self.blocks, x, self.grad_checkpointing)
+        for block in self.blocks:  # per-modality norms: the modality is an argument
+            x = block(x, modality)
+        return x
+
     def forward_joint_stage(self, tokens: dict[str, torch.Tensor], isolate: bool = False) -> dict[str, torch.Tensor]:
-        """Joint blocks over the concatenated tokens (early/mid), then the final norms."""
+        """Joint blocks over the concatenated tokens (early/mid), then the final norms; class
+        tokens (``cls_token``) are dropped from the outputs."""
+        normed = None
         if self.cross_modal:
             if isolate or len(tokens) == 1:
-                tokens = {m: run_blocks(self.blocks, x, self.grad_checkpointing) for m, x in tokens.items()}
+                tokens = {m: self._run_joint(x, m) for m, x in tokens.items()}
             else:
                 names = list(tokens)
-                joint = run_blocks(self.blocks, torch.cat([tokens[m] for m in names], dim=1), self.grad_checkpointing)
+                joint = self._run_joint(torch.cat([tokens[m] for m in names], dim=1), None)
+                if self.joint_norm is not None:
+                    joint = self.joint_norm(joint)
                 tokens = dict(zip(names, joint.split([tokens[m].shape[1] for m in names], dim=1)))
-        return {m: (self.norm(x) if self.stack_norms else self.norm[m](x)) for m, x in tokens.items()}
+                normed = tokens if self.joint_norm is not None else None
+        if normed is None:
+            normed = {m: (self.norm(x) if self.stack_norms else self.norm[m](x)) for m, x in tokens.items()}
+        if self.cls_token is not None:
+            normed = {m: x[:, 1:] for m, x in normed.items()}
+        return normed
 
     def forward_tokens(self, tokens: dict[str, torch.Tensor], isolate: bool = False) -> dict[str, torch.Tensor]:
         """Embedded tokens (all, or the visible subset) -> encoded tokens, same shapes."""
@@ -187,7 +280,9 @@ class AVEncoder(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {name for name, _ in self.named_parameters() if name.startswith("modality_embed.")}
+        return {
+            name for name, _ in self.named_parameters() if name.startswith(("modality_embed.", "cls_token.", "pos_embed."))
+        }
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
@@ -195,9 +290,9 @@ class AVEncoder(nn.Module):
         same index share a group), then the final norms with the last block."""
         p = prefix.replace(".", r"\.")
         return dict(
-            stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed)",
+            stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed|cls_token)",
             modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None), (rf"^{p}stack_norm\.", (99998,))],
-            blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm\.", (99999,))],
+            blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}(?:norm|joint_norm)\.", (99999,))],
         )
 
     @torch.jit.ignore

@@ -95,16 +95,23 @@ def masked_patch_mse(
     return loss if patch == "mean" else loss * pred.shape[-1]
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, symmetric: bool = True
+) -> torch.Tensor:
     """Symmetric InfoNCE between paired embeddings, negatives from every process.
 
     a, b: ``(B, D)`` L2-normalised; row i of ``a`` and row i of ``b`` are a positive pair, all
     other rows of the global batch are negatives. ``logit_scale`` = 1 / temperature.
-    Returns ``(CE(a -> b) + CE(b -> a)) / 2``, averaged over the local rows.
+    Returns ``(CE(a -> b) + CE(b -> a)) / 2``, averaged over the local rows; with
+    ``symmetric=False`` only ``CE(a -> b)`` (each ``a`` picks its ``b`` among all ``b``), which
+    is CAV-MAE's default (``src/models/cav_mae.py``, ``bidirect_contrast=False``: a softmax over
+    the audios for each video).
     """
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     labels = _local_labels(a.shape[0], a.device)
     logits_ab = logit_scale * a @ all_b.t()  # (B, world * B)
+    if not symmetric:
+        return F.cross_entropy(logits_ab, labels)
     logits_ba = logit_scale * b @ all_a.t()
     return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
 

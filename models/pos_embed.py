@@ -17,7 +17,9 @@ modality, in encoder and decoder (google-research/scenic, ``model_lib/layers/att
 ``sinusoidal_init``).
 
 Nothing here is learned or saved in checkpoints; a model built for another frame count or audio
-length simply computes the embedding for its own grid.
+length simply computes the embedding for its own grid. The exception is ``LearnedPosEmbed``
+(``model.learned_pos_embed``), a stored table as converted checkpoints of other codebases carry
+it, resampled to other grids by ``resample_table``.
 """
 
 from __future__ import annotations
@@ -118,3 +120,67 @@ class SinCosPosEmbed(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.modality}, {self.kind}, dim={self.dim}, grid={self.grid}"
+
+
+# ---------------------------------------------------------------------------------------------
+# stored (learned) tables, as the checkpoints of other MAE codebases carry them
+
+# How a stored table is fitted to another token grid; written into converted exports' config.json.
+RESAMPLE_METHOD = {
+    "audio": "2-D bicubic with antialiasing over the (time, frequency) grid (timm.layers.resample_abs_pos_embed)",
+    "video": "per frame 2-D bicubic with antialiasing over (height, width) (timm.layers.resample_abs_pos_embed), "
+    "then linear interpolation along time (align_corners=True); a single frame is repeated",
+}
+
+
+def resample_table(table: torch.Tensor, old_grid: tuple[int, ...], new_grid: tuple[int, ...]) -> torch.Tensor:
+    """A ``(1, prod(old_grid), D)`` table of a 2-D ``(T', F')`` or 3-D ``(T', H', W')`` grid,
+    token order row-major, fitted to ``new_grid`` (see ``RESAMPLE_METHOD``)."""
+    from timm.layers import resample_abs_pos_embed
+
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return table
+    if len(old_grid) != len(new_grid) or len(old_grid) not in (2, 3):
+        raise ValueError(f"cannot resample a positional table from grid {old_grid} to {new_grid}")
+    if table.shape[1] != math.prod(old_grid):
+        raise ValueError(f"positional table of {table.shape[1]} tokens does not fit grid {old_grid}")
+    dim = table.shape[-1]
+    if len(old_grid) == 2:
+        return resample_abs_pos_embed(table, list(new_grid), list(old_grid), num_prefix_tokens=0)
+    (t0, h0, w0), (t1, h1, w1) = old_grid, new_grid
+    frames = table.reshape(t0, h0 * w0, dim)
+    if (h0, w0) != (h1, w1):
+        frames = torch.cat(
+            [resample_abs_pos_embed(f[None], [h1, w1], [h0, w0], num_prefix_tokens=0) for f in frames]
+        )
+    if t0 != t1:
+        seq = frames.permute(1, 2, 0)  # (H'W', D, T')
+        if t0 == 1:
+            seq = seq.expand(-1, -1, t1)
+        else:
+            seq = torch.nn.functional.interpolate(seq, size=t1, mode="linear", align_corners=True)
+        frames = seq.permute(2, 0, 1)
+    return frames.reshape(1, t1 * h1 * w1, dim)
+
+
+class LearnedPosEmbed(nn.Module):
+    """A stored positional table ``table (1, N, dim)`` for the token grid ``grid`` (a parameter,
+    trained and saved); another grid gets the table resampled on the fly (``resample_table``)."""
+
+    def __init__(self, modality: str, dim: int, grid: tuple[int, ...]) -> None:
+        super().__init__()
+        if modality not in _BUILDERS:
+            raise ValueError(f"no positional embedding for modality {modality!r}")
+        self.modality = modality
+        self.dim = dim
+        self.grid = tuple(grid)
+        # initialised with the fixed sine-cosine code, so an untrained table is still a position code
+        self.table = nn.Parameter(_BUILDERS[modality](dim, self.grid)[None])
+
+    def forward(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """``(1, N, dim)`` for the given token grid."""
+        return resample_table(self.table, self.grid, tuple(grid))
+
+    def extra_repr(self) -> str:
+        return f"{self.modality}, dim={self.dim}, grid={self.grid}, learned"

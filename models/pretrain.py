@@ -112,6 +112,11 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         drop_path=cfg.model.drop_path,
         pos_embed=cfg.model.pos_embed,
         stack_norms=cfg.model.stack_norms,
+        learned_pos=cfg.model.learned_pos_embed,
+        pos_grids={"video": tuple(cfg.model.pos_grid_video), "audio": tuple(cfg.model.pos_grid_audio)},
+        cls_token=cfg.model.cls_token,
+        joint_norms=cfg.model.joint_norms,
+        final_norm=cfg.model.final_norm,
     )
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return encoder
@@ -142,7 +147,7 @@ class AVMAE(nn.Module):
         names = ("video", "audio") if cfg.contrastive_pairs == "modalities" else ("clip",)
         dim = encoder.embed_dim
         if cfg.contrastive == "infonce":
-            return InfoNCEHead(cfg.temperature, cfg.learn_temperature)
+            return InfoNCEHead(cfg.temperature, cfg.learn_temperature, cfg.contrastive_symmetric)
         if cfg.contrastive == "simsiam":
             return SimSiamHead(names, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_dim)
         if cfg.contrastive == "mocov3":

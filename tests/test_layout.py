@@ -2,7 +2,7 @@
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
 The order (docs/architecture.md, "Layers"): config < models < augment < data < export <
-evaluation < engine < visualize, demo, ablation, benchmark < tools. Imports inside functions
+evaluation < engine < visualize, demo, ablation, benchmark, convert < tools. Imports inside functions
 count as much as top-level ones.
 """
 
@@ -21,7 +21,7 @@ LAYERS = [
     {"avmae.export"},
     {"avmae.evaluation"},
     {"avmae.engine"},
-    {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark"},
+    {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark", "avmae.convert"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -192,7 +192,8 @@ def check_reference_config(cfg: Config) -> None:
         "fusion": "mid", "decoder": "separate", "reconstruction": "joint", "contrastive": "none",
         "drop_path": 0.0, "grad_checkpointing": False,
         # the recipe options it does not implement either (their defaults are what it computes)
-        "pos_embed": "grid", "stack_norms": False, "patch_loss": "mean",
+        "pos_embed": "grid", "stack_norms": False, "patch_loss": "mean", "learned_pos_embed": False,
+        "cls_token": False, "joint_norms": "shared", "final_norm": True,
     }  # fmt: skip
     problems = [f"model.{k}={getattr(m, k)!r} (needs {v!r})" for k, v in wanted.items() if getattr(m, k) != v]
     if m.mae_weight <= 0:

@@ -19,7 +19,8 @@ from avmae.config import Config
 from avmae.data import build_dataset, build_loader
 from avmae.engine.loop import MODEL_INPUTS, Trainer, TrainingInterrupted, build_accelerator, build_in_every_process
 from avmae.engine.optim import build_optimizer
-from avmae.models import build_pretrain_model
+from avmae.export import pretrained_encoder_weights
+from avmae.models import build_pretrain_model, load_pretrained
 
 __all__ = ["TrainingInterrupted", "build_accelerator", "build_train_loader", "pretrain"]
 
@@ -68,6 +69,11 @@ def _train(cfg: Config, model: torch.nn.Module | None, dataset: Dataset | None) 
         dataset = build_dataset(cfg, "train", train=True)
     if model is None:
         model = build_in_every_process(accelerator, cfg.train.seed, lambda: build_pretrain_model(cfg))
+        if cfg.model.init_from and trainer.resume_from is None:  # a resumed run has its own weights
+            # e.g. ImageNet MAE converted onto this architecture (tools/convert.py --config), CAV-MAE's
+            # start: every encoder weight must come from it; the decoder and heads keep their initialisation
+            load_pretrained(model.encoder, pretrained_encoder_weights(cfg.model.init_from))
+            accelerator.print(f"encoder initialised from {cfg.model.init_from}")
     trainer.setup(model, dataset, lambda m, lr, fused: build_optimizer(m, cfg.train, lr, fused=fused))
     final = trainer.fit(_loss)
     accelerator.end_training()

@@ -1,0 +1,69 @@
+"""Convert a published checkpoint of MAE, AudioMAE, VideoMAE or CAV-MAE into an avmae export folder.
+
+    python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_vitb
+    python tools/convert.py --from audiomae finetuned.pth runs/audiomae_as2m          # + classifier/
+    python tools/convert.py --from cavmae cav-mae-scale++.pth runs/cavmae --check --source-repo ~/src/cav-mae
+    python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_in --config configs/pretrain/cavmae_audioset.yaml
+
+OUT receives ``model.safetensors`` and ``config.json`` (the source's architecture, input geometry and
+preprocessing, what was dropped and why), which ``avmae.from_pretrained``, ``finetune.pretrained``,
+``tools/linear_probe.py`` and ``model.init_from`` accept (the last example: CAV-MAE's ImageNet-MAE
+start, converted onto its architecture). A finetuned source also gets
+``OUT/classifier`` (its head and class order kept) for ``tools/eval.py``. ``--check`` compares the
+converted model's output with the source repository's own model on one input; it is skipped, with
+the reason, when that code is not importable (``--source-repo`` points at a checkout).
+See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from avmae.config import load_config
+from avmae.convert import SOURCES, CheckSkipped, check, convert
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="kind", required=True, choices=SOURCES, help="the source codebase")
+    parser.add_argument("source", help="the checkpoint file (.pth, .pt, .bin or .safetensors)")
+    parser.add_argument("out_dir", help="output export folder")
+    parser.add_argument("--part", choices=("encoder", "audio", "video"), default=None,
+                        help="what to write (default: the source's modalities)")
+    parser.add_argument("--config", default=None, help="target avmae YAML config (default: the source's own)")
+    parser.add_argument("--num-frames", type=int, default=None, help="another frame count (positions resampled)")
+    parser.add_argument("--image-size", type=int, default=None, help="another crop size (positions resampled)")
+    parser.add_argument("--audio-seconds", type=float, default=None, help="another audio window (positions resampled)")
+    parser.add_argument("--check", action="store_true", help="compare with the source repository's model code")
+    parser.add_argument("--source-repo", default=None, help="checkout of the source repository, for --check")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    args = parser.parse_intermixed_args(argv)
+
+    config = load_config(args.config, args.overrides) if args.config else None
+    out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
+                  num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
+    description = json.loads((out / "config.json").read_text())
+    arch, conversion = description["architecture"], description["conversion"]
+    print(f"converted {args.kind} ({'finetuned' if conversion['finetuned'] else 'pretrained'}) to {out}: "
+          f"{description['part']}, size {arch['size']}, {arch['fusion']} fusion, modalities {'+'.join(arch['modalities'])}")
+    for pattern, reason in conversion["dropped"].items():
+        print(f"  dropped {pattern}: {reason}")
+    if conversion["finetuned"]:
+        print(f"  classifier for tools/eval.py: {out / 'classifier'}")
+    if args.check and args.config:
+        print("check skipped: only a conversion onto the source's own architecture (no --config) computes the same function")
+    elif args.check:
+        try:
+            result = check(args.kind, args.source, out, args.source_repo)
+        except CheckSkipped as err:
+            print(f"check skipped: {err}")
+            return 0
+        print(f"check against the source model ({result['compared']}): max |diff| {result['max_abs_diff']:.3g} "
+              f"(values up to {result['max_abs_value']:.3g})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
