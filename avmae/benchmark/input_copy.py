@@ -15,6 +15,7 @@ import torch
 
 from avmae.augment.transforms import normalize_video
 from avmae.config import Config
+from avmae.models import example_inputs
 
 from .machine import environment, finish, synchronize
 
@@ -31,8 +32,8 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 def measure_input_copy(cfg: Config, device: torch.device, repeats: int = 10) -> dict:
     video_cfg = cfg.data.video
-    shape = (cfg.data.batch_size, 3, video_cfg.num_frames, video_cfg.size, video_cfg.size)
-    frames = torch.randint(0, 256, shape, dtype=torch.uint8)
+    frames = example_inputs(cfg, cfg.data.batch_size, uint8_video=True)["video"]
+    shape = tuple(frames.shape)
     as_float = normalize_video(frames, video_cfg.mean, video_cfg.std)  # the old host-side batch
     cuda = device.type == "cuda"
     pinned = frames.pin_memory() if cuda else frames
