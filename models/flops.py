@@ -29,12 +29,13 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward
     _CPU_ATTENTION[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_attention_backward
 
 
-def _scalar(output) -> torch.Tensor:
-    if isinstance(output, dict):
-        if "loss" in output:
-            return output["loss"]
-        return sum(v.float().sum() for v in output.values() if isinstance(v, torch.Tensor))
-    return output.float().sum()
+def output_scalar(output) -> torch.Tensor:
+    """What a backward pass of a model's output runs through: the pretraining model's ``loss``,
+    else the sum of every floating-point output (a classifier's logits per head)."""
+    if isinstance(output, dict) and "loss" in output:
+        return output["loss"]
+    values = output.values() if isinstance(output, dict) else [output]
+    return sum(v.float().sum() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
 def count_flops(
@@ -53,7 +54,7 @@ def count_flops(
     inputs = {k: v for k, v in (("video", video), ("audio", audio)) if v is not None} | more_inputs
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         if backward:
-            _scalar(model(**inputs)).backward()
+            output_scalar(model(**inputs)).backward()
         else:
             with torch.no_grad():
                 model(**inputs)

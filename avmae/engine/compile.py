@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from avmae.config import Config
+from avmae.models.flops import output_scalar
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ def describe_failure(err: BaseException) -> str:
     return line(err) if root is err else f"{line(err)} ({line(root)})"
 
 
-def _scalar(output) -> torch.Tensor:
-    """What the verification's backward runs through: the pretraining model's ``loss``, else the
-    sum of every floating-point output (a classifier's logits per head)."""
-    if isinstance(output, dict) and "loss" in output:
-        return output["loss"]
-    values = output.values() if isinstance(output, dict) else [output]
-    return sum(v.float().sum() for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
-
-
 class CompiledStep:
     """Calls ``compiled`` after verifying, on the first call, that its forward and backward run;
     on failure prints the reason once and calls ``model`` from then on."""
@@ -79,7 +71,7 @@ class CompiledStep:
         generators = [(g, g.get_state()) for g in [*args, *kwargs.values()] if isinstance(g, torch.Generator)]
         try:
             with torch.random.fork_rng(devices=devices):
-                _scalar(self.compiled(*args, **kwargs)).backward()
+                output_scalar(self.compiled(*args, **kwargs)).backward()
         finally:
             self._restore(params, grads, buffers, generators)
 
