@@ -12,10 +12,17 @@ import torch
 from test_augment import ALL_SPATIAL, config, generator, textured_clip
 
 from avmae.augment import apply_strength
-from avmae.augment.transforms import eval_video_transform, normalize, resize_short_side, spatial_crop
+from avmae.augment.transforms import eval_video_transform, resize_short_side, spatial_crop
 from avmae.augment.video import VideoAugment, apply_spatial, draw_spatial_params, temporal_order
 from avmae.data.device import normalize_inputs
 from avmae.engine.loop import batch_to_device
+
+
+def normalize(frames: torch.Tensor, mean, std) -> torch.Tensor:
+    """The per-clip float normalisation the dataset ran before: uint8 (or 0-255 float)
+    ``(T, C, H, W)`` -> float32 ``(C, T, H, W)``, ``(x / 255 - mean) / std``."""
+    video = frames.transpose(0, 1).float().div(255.0)
+    return (video - torch.tensor(mean).view(-1, 1, 1, 1)) / torch.tensor(std).view(-1, 1, 1, 1)
 
 
 def old_training_video(clip: torch.Tensor, aug, video_cfg, seed: int) -> torch.Tensor:

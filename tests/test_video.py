@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from avmae.config import VideoConfig
-from avmae.augment.transforms import crop_positions, eval_video_transform, normalize, normalize_video, spatial_crop
+from avmae.augment.transforms import crop_positions, eval_video_transform, normalize_video, spatial_crop
 from avmae.data.video import (
     ClipTooShortError,
     VideoDecodeError,
@@ -144,6 +144,6 @@ def test_eval_transform_shapes_crops_and_normalisation():
     # portrait frames crop along the height
     tall = spatial_crop(torch.arange(10 * 4, dtype=torch.uint8).view(1, 1, 10, 4), 4, 2)
     assert tall[0, 0, 0, 0] == 6 * 4
-    assert normalize(torch.full((2, 3, 1, 1), 255, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3).eq(1).all()
+    assert normalize_video(torch.full((3, 2, 1, 1), 255, dtype=torch.uint8), (0.5,) * 3, (0.5,) * 3).eq(1).all()
     with pytest.raises(ValueError, match="test_crops"):
         crop_positions(2)

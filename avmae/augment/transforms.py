@@ -46,19 +46,11 @@ def spatial_crop(frames: torch.Tensor, size: int, position: int = 1) -> torch.Te
     return crop(frames, top, left, size, size)
 
 
-def normalize(frames: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 ``(T, C, H, W)`` -> float32 ``(C, T, H, W)`` in units of the per-channel std."""
-    video = rearrange(frames, "t c h w -> c t h w").float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=video.dtype).view(-1, 1, 1, 1)
-    std_t = torch.tensor(std, dtype=video.dtype).view(-1, 1, 1, 1)
-    return video.sub_(mean_t).div_(std_t)
-
-
 def normalize_video(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``(..., C, T, H, W)`` -> float32 in units of the per-channel std, on ``video``'s device.
 
-    ``normalize`` of each clip, as one fused expression ``(x - 255 mean) / (255 std)`` over the
-    batch (equal to it within float32 rounding). A floating-point ``video`` is taken to be
+    ``(x / 255 - mean) / std`` of each clip, as one fused expression ``(x - 255 mean) / (255 std)``
+    over the batch (equal to it within float32 rounding). A floating-point ``video`` is taken to be
     normalised already and returned as it is (datasets that build model inputs themselves)."""
     if video.is_floating_point():
         return video
