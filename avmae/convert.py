@@ -44,6 +44,7 @@ from avmae.config import Config, config_from_dict, config_to_dict, replace
 from avmae.models import unwrap_state_dict
 
 SOURCES = ("mae", "audiomae", "videomae", "cavmae")
+PARTS = ("encoder", "audio", "video")  # what a conversion writes: export parts without a decoder
 
 # Preprocessing of each source, with the file that sets it (recorded in config.json).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -721,8 +722,8 @@ def convert(
     cfg = _with_geometry(cfg, num_frames, image_size, audio_seconds)
     if part is None:
         part = "encoder" if len(source.branches) > 1 or config is not None else next(iter(source.branches))
-    if part not in ("encoder", "audio", "video"):
-        raise ValueError(f"part must be encoder, audio or video, got {part!r}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     modalities = ("video", "audio") if part == "encoder" else (part,)
     state, notes = encoder_state(source, cfg, modalities)
     encoder = build_encoder(cfg, modalities)

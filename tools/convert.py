@@ -22,7 +22,7 @@ import json
 import sys
 
 from avmae.config import load_config
-from avmae.convert import SOURCES, CheckSkipped, check, convert
+from avmae.convert import PARTS, SOURCES, CheckSkipped, check, convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="kind", required=True, choices=SOURCES, help="the source codebase")
     parser.add_argument("source", help="the checkpoint file (.pth, .pt, .bin or .safetensors)")
     parser.add_argument("out_dir", help="output export folder")
-    parser.add_argument("--part", choices=("encoder", "audio", "video"), default=None,
+    parser.add_argument("--part", choices=PARTS, default=None,
                         help="what to write (default: the source's modalities)")
     parser.add_argument("--config", default=None, help="target avmae YAML config (default: the source's own)")
     parser.add_argument("--num-frames", type=int, default=None, help="another frame count (positions resampled)")
