@@ -96,7 +96,7 @@ def read_source(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     elif path.suffix in (".pt", ".pth", ".bin"):
-        # The peers' training checkpoints also store their argparse.Namespace; allowing that one
+        # The source codebases' training checkpoints also store their argparse.Namespace; allowing that one
         # class keeps the restricted unpickler (no arbitrary code) while reading them.
         try:
             with torch.serialization.safe_globals([_argparse.Namespace]):
@@ -780,7 +780,7 @@ class CheckSkipped(RuntimeError):
     """The source repository's model code is not importable here (the reason is the message)."""
 
 
-PEER_MODULES = {
+SOURCE_MODULES = {
     "mae": ("models_mae", "models_vit"),
     "audiomae": ("models_mae", "models_vit"),
     "videomae": ("modeling_pretrain", "modeling_finetune"),
@@ -788,7 +788,7 @@ PEER_MODULES = {
 }
 
 
-def _import_peer(kind: str, repo: str | Path | None):
+def _import_source(kind: str, repo: str | Path | None):
     """The source repository's model modules; ``repo`` is its checkout (``src/`` for CAV-MAE is
     found by itself), else they must already be importable."""
     import importlib
@@ -805,17 +805,17 @@ def _import_peer(kind: str, repo: str | Path | None):
         if not root.is_dir():
             raise CheckSkipped(f"source repository folder not found: {repo}")
         sys.path.insert(0, str(root))
-    for name in PEER_MODULES[kind]:  # several peers name their module models_mae
+    for name in SOURCE_MODULES[kind]:  # several sources name their module models_mae
         sys.modules.pop(name, None)
-    _peer_compat()
+    _source_compat()
     try:
-        return [importlib.import_module(name) for name in PEER_MODULES[kind]]
+        return [importlib.import_module(name) for name in SOURCE_MODULES[kind]]
     except Exception as err:
         raise CheckSkipped(f"the {kind} model code is not importable ({type(err).__name__}: {err})") from err
 
 
-def _peer_compat() -> None:
-    """The peers wrote their models against timm 0.3-0.4, whose ViT ``Block`` took ``qk_scale``
+def _source_compat() -> None:
+    """The source codebases wrote their models against timm 0.3-0.4, whose ViT ``Block`` took ``qk_scale``
     (always None in their models), and NumPy < 1.24, which had ``np.float``; current versions
     have neither. Accept and ignore a None ``qk_scale``; alias ``np.float`` to ``float``."""
     import sys
@@ -847,7 +847,7 @@ def _without_qk_scale(original):
     return init
 
 
-def _load_peer(model, state: dict, origin: str, allow_missing: str | None = None) -> None:
+def _load_source(model, state: dict, origin: str, allow_missing: str | None = None) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     bad_missing = [k for k in missing if not (allow_missing and re.match(allow_missing, k))]
     if bad_missing or unexpected:
@@ -884,7 +884,7 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
     description = read_export(out_dir)
     cfg = export_config(out_dir)
     encoder = from_pretrained(out_dir)
-    modules = _import_peer(kind, repo)
+    modules = _import_source(kind, repo)
     state = read_source(checkpoint)
     size = __import__("avmae.models", fromlist=["get_size"]).get_size(cfg.model.size)
     dim, depth, heads = size.embed_dim, size.depth, size.num_heads
@@ -923,25 +923,25 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
                 geometry = dict(img_size=(frames, bins), in_chans=1)
             if finetuned:
                 extra = {"mask_2d": False} if kind == "audiomae" else {}
-                peer = models_vit.VisionTransformer(
+                source_model = models_vit.VisionTransformer(
                     patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=size.mlp_ratio,
                     qkv_bias=True, norm_layer=norm, global_pool=True, num_classes=state["head.weight"].shape[0],
                     **geometry, **extra,
                 ).eval()
-                _load_peer(peer, state, kind)
-                theirs = peer.head(peer.forward_features(x))
+                _load_source(source_model, state, kind)
+                theirs = source_model.head(source_model.forward_features(x))
                 ours = classifier(**ours_in)["label"]
                 compared = "logits"
             else:
                 extra = {"audio_exp": True} if kind == "audiomae" else {}
-                peer = models_mae.MaskedAutoencoderViT(
+                source_model = models_mae.MaskedAutoencoderViT(
                     patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=size.mlp_ratio,
                     norm_layer=norm, **geometry, **extra,
                 ).eval()
                 # the encoder only (AudioMAE's released decoder is a Swin stack of an older timm)
                 encoder_only = {k: v for k, v in state.items() if not re.match(r"^(decoder_|mask_token$)", k)}
-                _load_peer(peer, encoder_only, kind, allow_missing=r"^(decoder_|mask_token$)")
-                latent, _, ids_restore = peer.forward_encoder(x, 0.0)[:3]
+                _load_source(source_model, encoder_only, kind, allow_missing=r"^(decoder_|mask_token$)")
+                latent, _, ids_restore = source_model.forward_encoder(x, 0.0)[:3]
                 theirs = unshuffle(latent, ids_restore)
                 ours = encoder.forward_features(**ours_in)[next(iter(ours_in))]
                 compared = "encoder tokens"
@@ -951,20 +951,20 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
             common = dict(img_size=video_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
                           mlp_ratio=size.mlp_ratio, qkv_bias=True, norm_layer=norm, tubelet_size=cfg.model.tubelet)
             if finetuned:
-                peer = modeling_finetune.VisionTransformer(
+                source_model = modeling_finetune.VisionTransformer(
                     num_classes=state["head.weight"].shape[0], all_frames=cfg.data.video.num_frames, **common
                 ).eval()
-                _load_peer(peer, state, kind)
-                theirs, ours, compared = peer(x), classifier(video=x)["label"], "logits"
+                _load_source(source_model, state, kind)
+                theirs, ours, compared = source_model(x), classifier(video=x)["label"], "logits"
             else:
                 common = {k: v for k, v in common.items() if k not in ("embed_dim", "depth", "num_heads")}
-                peer = modeling_pretrain.PretrainVisionTransformerEncoder(
+                source_model = modeling_pretrain.PretrainVisionTransformerEncoder(
                     embed_dim=dim, depth=depth, num_heads=heads, num_classes=0, init_values=0.0, **common
                 ).eval()
                 encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-                _load_peer(peer, encoder_state, kind)
-                mask = torch.zeros(1, peer.patch_embed.num_patches, dtype=torch.bool)
-                theirs, ours, compared = peer(x, mask), encoder.forward_features(video=x)["video"], "encoder tokens"
+                _load_source(source_model, encoder_state, kind)
+                mask = torch.zeros(1, source_model.patch_embed.num_patches, dtype=torch.bool)
+                theirs, ours, compared = source_model(x, mask), encoder.forward_features(video=x)["video"], "encoder tokens"
         else:  # cavmae
             (cav_mae,) = modules
             audio_len = frames
@@ -975,21 +975,21 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
                           mlp_ratio=size.mlp_ratio)
             ours_audio_in = a[:, None]  # (B, 1, T, F): time first, as avmae feeds it
             if finetuned:
-                peer = cav_mae.CAVMAEFT(label_dim=state["mlp_head.1.weight"].shape[0], **common).eval()
-                _load_peer(peer, state, kind)
+                source_model = cav_mae.CAVMAEFT(label_dim=state["mlp_head.1.weight"].shape[0], **common).eval()
+                _load_source(source_model, state, kind)
                 audio_only, video_only = (_one_modality(Path(out_dir) / "classifier", m) for m in ("audio", "video"))
-                theirs = torch.cat([peer(a, v, "multimodal"), peer(a, v, "audioonly"), peer(a, v, "videoonly")], dim=1)
+                theirs = torch.cat([source_model(a, v, "multimodal"), source_model(a, v, "audioonly"), source_model(a, v, "videoonly")], dim=1)
                 ours = torch.cat([
                     classifier(video=v[:, :, None], audio=ours_audio_in)["label"],
                     audio_only(audio=ours_audio_in)["label"], video_only(video=v[:, :, None])["label"],
                 ], dim=1)  # fmt: skip
                 compared = "logits (multimodal, audio-only and video-only modes)"
             else:
-                peer = cav_mae.CAVMAE(norm_pix_loss=True, **common, **{
+                source_model = cav_mae.CAVMAE(norm_pix_loss=True, **common, **{
                     k: v for k, v in decoder_dims().items()
                 }).eval()
-                _load_peer(peer, state, kind)
-                their_a, their_v = peer.forward_feat(a, v)
+                _load_source(source_model, state, kind)
+                their_a, their_v = source_model.forward_feat(a, v)
                 # their audio tokens are frequency-major: reorder to avmae's time-major order
                 grid_t, grid_f = audio_len // patch, bins // patch
                 their_a = their_a.reshape(1, grid_f, grid_t, -1).transpose(1, 2).reshape(1, grid_t * grid_f, -1)

@@ -37,8 +37,8 @@ def still_frames(num_frames: int) -> np.ndarray:
 
 
 def test_fbank_of_a_wav_equals_the_reference(tmp_path):
-    """The features of a 16 kHz wav equal torchaudio's Kaldi fbank with the peers' arguments,
-    padded or cut to the target length, and the configured normalisation."""
+    """The features of a 16 kHz wav equal torchaudio's Kaldi fbank with the arguments of CAV-MAE,
+    AST and AudioMAE, padded or cut to the target length, and the configured normalisation."""
     rng = np.random.default_rng(0)
     t = np.arange(3 * RATE) / RATE
     signal = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size) + 0.02).astype(np.float32)

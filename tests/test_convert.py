@@ -1,4 +1,4 @@
-"""Converting the peers' checkpoints (avmae.convert, tools/convert.py).
+"""Converting published MAE, AudioMAE, VideoMAE and CAV-MAE checkpoints (avmae.convert, tools/convert.py).
 
 The checkpoints are built here, at a reduced width and depth (avmae's ``micro`` size: 128 wide,
 4 layers, MLP 512), with each source's key names and shapes as its published model definition
@@ -48,7 +48,7 @@ def _tool(name: str):
     return module
 
 
-# ---- checkpoints with the peers' key names and shapes ---------------------------------------------
+# ---- checkpoints with the source codebases' key names and shapes ------------------------------------
 
 
 def rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
