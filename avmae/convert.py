@@ -978,7 +978,7 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
                 source_model = cav_mae.CAVMAEFT(label_dim=state["mlp_head.1.weight"].shape[0], **common).eval()
                 _load_source(source_model, state, kind)
                 audio_only, video_only = (_one_modality(Path(out_dir) / "classifier", m) for m in ("audio", "video"))
-                theirs = torch.cat([source_model(a, v, "multimodal"), source_model(a, v, "audioonly"), source_model(a, v, "videoonly")], dim=1)
+                theirs = torch.cat([source_model(a, v, mode) for mode in ("multimodal", "audioonly", "videoonly")], dim=1)
                 ours = torch.cat([
                     classifier(video=v[:, :, None], audio=ours_audio_in)["label"],
                     audio_only(audio=ours_audio_in)["label"], video_only(video=v[:, :, None])["label"],
