@@ -1,7 +1,8 @@
 """Downstream model: the pretrained encoder plus one classification head per task.
 
 ``AVClassifier`` mean-pools each modality's encoded tokens, averages the modalities it uses
-(``finetune.modalities``: audio | video | audiovisual), and applies per head a LayerNorm and a
+(``finetune.modalities``: audio | video | audiovisual; ``finetune.pool: tokens`` averages all
+tokens instead, as CAV-MAE's finetuning model does), and applies per head a LayerNorm and a
 Linear layer (two heads for EPIC-KITCHENS verb / noun).
 
 ``MBTClassifier`` is AV-MAE's finetuning model, MBT (attention bottlenecks, arXiv 2107.00135;
@@ -62,7 +63,8 @@ class AVClassifier(nn.Module):
             nn.init.zeros_(head[-1].bias)
 
     def forward_features(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled clip embedding ``(B, D)``: the mean over modalities of mean-pooled tokens."""
+        """Pooled clip embedding ``(B, D)``: the mean over modalities of mean-pooled tokens
+        (``pool="tokens"``: the mean of all tokens)."""
         given = {"video": video, "audio": audio}
         missing = [m for m in self.modalities if given[m] is None]
         if missing:
@@ -152,7 +154,8 @@ class MBTClassifier(nn.Module):
         return {m: self.encoder.norm[m](x) for m, x in tokens.items()}
 
     def forward_features(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled clip embedding ``(B, D)``: the mean over modalities of mean-pooled tokens."""
+        """Pooled clip embedding ``(B, D)``: the mean over modalities of mean-pooled tokens
+        (``pool="tokens"``: the mean of all tokens)."""
         latent = self.forward_tokens(video=video, audio=audio)
         return torch.stack([x.mean(dim=1) for x in latent.values()]).mean(dim=0)
 
