@@ -16,26 +16,19 @@ from accelerate.utils import set_seed
 from torch.utils.data import Dataset
 
 from avmae.config import Config
-from avmae.data import build_dataset, build_loader
+from avmae.data import build_dataset
 from avmae.engine.loop import MODEL_INPUTS, Trainer, TrainingInterrupted, build_accelerator, build_in_every_process
 from avmae.engine.optim import build_optimizer
 from avmae.export import pretrained_encoder_weights
 from avmae.models import build_pretrain_model, load_pretrained
 
-__all__ = ["TrainingInterrupted", "build_accelerator", "build_train_loader", "pretrain"]
+__all__ = ["TrainingInterrupted", "build_accelerator", "pretrain"]
 
 
-def build_train_loader(cfg: Config, dataset: Dataset):
-    """The training loader every recipe uses (`avmae.data.build_loader(cfg, dataset, train=True)`)."""
-    return build_loader(cfg, dataset, train=True)
-
-
-def _model_inputs(batch: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs of a batch: `video`, `audio` and, with two views, `video2`, `audio2`."""
-    inputs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-    if dtype is not None:
-        inputs = {name: x.to(dtype) if x.is_floating_point() else x for name, x in inputs.items()}
-    return inputs
+def _model_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs of a batch (on the device, cast by ``batch_to_device``): `video`,
+    `audio` and, with two views, `video2`, `audio2`."""
+    return {name: batch[name] for name in MODEL_INPUTS if name in batch}
 
 
 def _loss(model: torch.nn.Module, batch: dict) -> dict:
