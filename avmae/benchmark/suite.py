@@ -11,7 +11,7 @@ Full settings (``FULL``, for one H100/H200, about 8 minutes): the fair reference
 mid fusion: avmae, the reference under bf16 autocast with TF32, the fp32 reference), profiles of
 the avmae and reference steps, the levers at the AV-MAE ViT-B geometry in one run (masked-only
 loss before/after, compiled, CUDA graphs), the batch to the device (float32 vs uint8), a batch
-sweep (64 / 128 / 256), ViT-L in AV-MAE's released AudioSet recipe, the CAV-MAE-shaped row, the
+sweep (64 / 128 / 256), ViT-L in AV-MAE's released AudioSet recipe, CAV-MAE's released recipe, the
 engine on synthetic input and, when ``--engine-data`` names a training set (e.g. shards prepared
 by ``tools/prepare_data.py``: ``data.format=shards data.root=DIR data.train=train``), the engine
 fed by it with 16 workers; last, max-autotune,
@@ -35,17 +35,11 @@ from .report import format_row, header_lines, record_rows
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "benchmark.py"
 
-# The CAV-MAE shape on the closest configuration the models offer: YuanGongND/cav-mae
-# src/models/cav_mae.py (one RGB frame of 224 px -> 196 tokens; a 1024 x 128 fbank -> 512 tokens;
-# 11 modality layers + 1 joint layer; a joint 8-layer, 512-wide, 16-head decoder; mask 0.75/0.75;
-# InfoNCE weight 0.01, tau 0.05, from configs/pretrain/cavmae_like.yaml). What differs: avmae's
-# joint decoder tells modalities apart by its modality embeddings (CAV-MAE: type embeddings),
-# and a one-frame clip is a tubelet of 1.
-CAVMAE_CONFIG = "configs/pretrain/cavmae_like.yaml"
-CAVMAE_SHAPE = (
-    "data.video.num_frames=1", "model.tubelet=1", "data.audio.seconds=10.24", "model.decoder=joint",
-    "model.decoder_depth=8", "model.decoder_width=512", "model.decoder_heads=16",
-)  # fmt: skip
+# CAV-MAE's released AudioSet pretraining recipe (YuanGongND/cav-mae, compared setting by setting
+# in docs/recipes.md): one RGB frame of 224 px -> 196 tokens, a 1024 x 128 fbank -> 512 tokens,
+# 11 modality layers + 1 joint layer with per-modality norms, a joint 8 x 512 decoder with 16
+# heads, masks 0.75/0.75, InfoNCE weight 0.01, tau 0.05.
+CAVMAE_CONFIG = "configs/pretrain/cavmae_audioset.yaml"
 VITB_AVMAE = "configs/pretrain/avmae_vggsound_vitb.yaml"  # AV-MAE's released VGGSound recipe, ViT-B
 VITL_AVMAE = "configs/pretrain/avmae_audioset_vitl.yaml"  # AV-MAE's released AudioSet recipe, ViT-L
 VITB_MID = "configs/pretrain/ours_vitb_audioset2m.yaml"  # mid fusion, separate decoders: what the reference implements
@@ -120,7 +114,7 @@ def suite_steps(settings: Settings, out_dir: Path, engine_data: list[str] | None
         steps.append(train_step(f"batch_{batch}", VITB_AVMAE, ["avmae"], f"data.batch_size={batch}", timeout=90.0,
                                 steps=max(1, s.steps // 2)))  # fmt: skip
     steps.append(train_step("vitl", VITL_AVMAE, ["avmae", *compiled[:1]], timeout=240.0))
-    cavmae = [*s.cavmae] if s.config else [*CAVMAE_SHAPE]
+    cavmae = [*s.cavmae] if s.config else []
     steps.append(train_step("cavmae_shaped", CAVMAE_CONFIG, ["avmae", *compiled[:1]], *cavmae, timeout=180.0))
     engine = ["engine", "--config", config(VITB_AVMAE)]
     run = [f"train.max_steps={s.engine_steps}", f"train.log_every={s.engine_log_every}",
