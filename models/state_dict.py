@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
 
 def unwrap_name(name: str) -> str:
     """``name`` without leading ``module.`` and without any ``_orig_mod`` component."""
