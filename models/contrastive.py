@@ -6,7 +6,7 @@ of one clip, ``("clip", "clip")`` when it is two augmented views. Projectors and
 kept per name, so audio and video get their own.
 
 - ``InfoNCEHead``: CAV-MAE's audio-visual contrast, L2-normalised embeddings, fixed or learnable
-  temperature, negatives from all processes (``avmae.objectives.info_nce``).
+  temperature, negatives from all processes (``avmae.models.losses.info_nce``).
 - ``SimSiamHead``: projector + predictor, negative cosine against the stop-gradient projection.
 - ``MoCoV3Head``: projector + predictor on the query side; a momentum copy of the encoder and
   projector (EMA, never trained by gradient) produces the keys.
