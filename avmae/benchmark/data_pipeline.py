@@ -400,16 +400,15 @@ def _stored_frames(cfg: Config, path: Path) -> tuple[np.ndarray, float]:
 
 
 def _encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
-    import simplejpeg
+    from avmae.data.shards import encode_frame
 
-    return [simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=quality, colorspace="RGB", colorsubsampling="420")
-            for f in frames]  # fmt: skip
+    return [encode_frame(f, quality) for f in frames]
 
 
 def _decode_jpeg(jpegs: list[bytes], first: int, count: int) -> np.ndarray:
-    import simplejpeg
+    from avmae.data.shards import decode_frame
 
-    return np.stack([simplejpeg.decode_jpeg(j, colorspace="RGB") for j in jpegs[first : first + count]])
+    return np.stack([decode_frame(j) for j in jpegs[first : first + count]])
 
 
 def _encode_h264(frames: np.ndarray, fps: float, gop: int, crf: int) -> bytes:

@@ -72,6 +72,16 @@ def frame_step(source_fps: float, needed_fps: float) -> int:
 # Writing
 
 
+def encode_frame(frame: np.ndarray, quality: int) -> bytes:
+    """One ``(H, W, 3)`` uint8 RGB frame as the shards store it: a JPEG with 4:2:0 chroma."""
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(frame), quality=quality, colorspace="RGB", colorsubsampling="420")
+
+
+def decode_frame(data: bytes) -> np.ndarray:
+    """A stored frame back to ``(H, W, 3)`` uint8 RGB."""
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+
 def encode_record(record: ClipRecord, data_cfg: DataConfig, needed_fps: float, pad: float, quality: int) -> dict:
     """Decode ``record`` once into a shard sample: JPEG frames, 16-bit PCM audio and an ``info`` dict.
 
@@ -97,7 +107,7 @@ def encode_record(record: ClipRecord, data_cfg: DataConfig, needed_fps: float, p
             if min(frames.shape[-2:]) > video_cfg.resize:
                 frames = resize_short_side(frames, video_cfg.resize)  # the evaluation transform's resize
             for frame in frames.permute(0, 2, 3, 1).contiguous().numpy():
-                jpegs.append(simplejpeg.encode_jpeg(frame, quality=quality, colorspace="RGB", colorsubsampling="420"))
+                jpegs.append(encode_frame(frame, quality))
         height, width = int(frames.shape[-2]), int(frames.shape[-1])
         duration = reader.duration
     offsets = np.cumsum([0] + [len(j) for j in jpegs]).astype(np.int64)
@@ -371,8 +381,7 @@ class ShardVideoReader(VideoReader):
         stored = np.clip((indices - self._first) // self._step, 0, self._stored - 1)
         unique, inverse = np.unique(stored, return_inverse=True)
         try:
-            frames = [simplejpeg.decode_jpeg(self._video[self._offsets[j] : self._offsets[j + 1]], colorspace="RGB")
-                      for j in unique.tolist()]  # fmt: skip
+            frames = [decode_frame(self._video[self._offsets[j] : self._offsets[j + 1]]) for j in unique.tolist()]
         except (OSError, ValueError) as err:
             raise VideoDecodeError(f"{self.path}: a stored frame does not decode: {err}") from err
         return np.stack([frames[i] for i in inverse.tolist()])  # one copy
