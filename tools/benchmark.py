@@ -20,7 +20,7 @@ config is one the reference implements (mid fusion, separate decoders, no contra
 reference_bf16 (same autocast, TF32 allowed) under bf16, and reference_fp32. data times the
 training items of the config's dataset settings on one worker and one thread, over 360p H.264
 clips it writes once into --clips-dir, and over the same clips prepared as shards. engine runs
-the pretraining engine itself (accelerate, DDP or DeepSpeed, as launched) for train.max_steps on
+the pretraining engine itself (accelerate, DDP, FSDP or DeepSpeed, as launched) for train.max_steps on
 a random clip kept on the device, and reports its logged clips/s after the first logging window
 (see avmae.benchmark.engine); --data-source dataset feeds it the config's own training data
 instead (mp4s, or shards with data.format=shards). profile breaks one variant's step down

@@ -1,7 +1,7 @@
 """Throughput of the pretraining engine itself, under whatever ``accelerate launch`` set up.
 
 ``measure_engine(cfg)`` runs ``avmae.engine.pretrain`` unchanged (accelerate's
-preparation, DDP or DeepSpeed ZeRO, mixed precision, accumulation, clipping, logging, the final
+preparation, DDP, FSDP or DeepSpeed ZeRO, mixed precision, accumulation, clipping, logging, the final
 checkpoint) on ``DeviceClips``: one random clip of the config's geometry (uint8 frames, as
 datasets deliver them), made once on the device and repeated, so neither decoding nor
 host-to-device copies limit the step. With ``source="dataset"`` it trains on the config's own

@@ -122,7 +122,7 @@ def classification_loss(
 def finetune(cfg: Config) -> dict:
     """Finetune and evaluate as configured; returns the final evaluation metrics.
 
-    Runs in one process or under ``accelerate launch`` (DDP or DeepSpeed) through the shared loop
+    Runs in one process or under ``accelerate launch`` (DDP, FSDP or DeepSpeed) through the shared loop
     (``avmae.engine.loop.Trainer``): checkpoints every ``train.checkpoint_every`` steps under
     ``train.output_dir/checkpoints``, exact resume by the same command, SIGTERM/SIGINT save, the
     NaN guard, TensorBoard. See the module docstring for what it writes. On the CPU the run uses
