@@ -145,7 +145,7 @@ def test_no_weight_decay_on_norms_biases_and_listed_embeddings():
 def test_checkpoints_are_atomic_and_only_the_last_k_are_kept(tmp_path, monkeypatch):
     accelerator = Accelerator(cpu=True)
     model = StandIn()
-    optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-3))  # its state is saved too
     model = accelerator.prepare(model)
     cfg = run_config(tmp_path)
     root = tmp_path / "checkpoints"

@@ -304,8 +304,8 @@ def test_real_ave():
                      test=str(ave / "DG-SCT/testSet.txt"), label_file=str(ave / "DG-SCT/categories.txt"))
     sizes = [len(read_manifest(cfg, s)) for s in ("train", "val", "test")]
     assert sizes == [3339, 402, 402]
-    for annotations in ("AVE-ECCV18/Annotations.txt", "DG-SCT/Annotations.txt"):
-        cfg.train = str(ave / annotations)
+    for annotation_file in ("AVE-ECCV18/Annotations.txt", "DG-SCT/Annotations.txt"):
+        cfg.train = str(ave / annotation_file)
         m = read_manifest(cfg, "train")
         assert len(m) == 4143 and m.num_classes == {"label": 28}
         assert m.records[0].targets == {"label": 0} and m.records[1].start == 6.0
