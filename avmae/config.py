@@ -336,6 +336,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | none | a checkpoint directory
 
     def __post_init__(self) -> None:
+        if self.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false
+            self.mixed_precision = "no"
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
 

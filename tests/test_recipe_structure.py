@@ -147,3 +147,12 @@ def test_every_config_loads(path):
     """Renamed files and new keys: every shipped config still resolves against the typed schema."""
     cfg = load_config(path)
     model_grids(cfg)  # and its geometry tiles into tokens
+
+
+@pytest.mark.parametrize("value", ["no", "'no'", "bf16"])
+def test_mixed_precision_from_the_command_line(value):
+    """A bare `no` is YAML 1.1 for false; it still means no mixed precision."""
+    cfg = load_config(CONFIGS / "pretrain" / "demo.yaml", [f"train.mixed_precision={value}"])
+    assert cfg.train.mixed_precision == value.strip("'")
+    with pytest.raises(ValueError, match="train.mixed_precision"):
+        load_config(CONFIGS / "pretrain" / "demo.yaml", ["train.mixed_precision=fp8"])
