@@ -25,6 +25,8 @@ AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
 POS_EMBEDS = ("grid", "1d")
 PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
+POOLS = ("modalities", "tokens")  # finetune.pool
+FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -384,9 +386,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
-        _check_choice("finetune.pool", self.pool, ("modalities", "tokens"))
+        _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
-        _check_choice("finetune.fusion", self.fusion, ("pool", "bottleneck"))
+        _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from avmae.config import Config, modality_set, replace
+from avmae.config import POOLS, Config, modality_set, replace
 
 from .encoder import AVEncoder
 from .layers import MODALITIES, norm_layer
@@ -44,8 +44,8 @@ class AVClassifier(nn.Module):
 
     def __init__(self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0, pool: str = "modalities") -> None:
         super().__init__()
-        if pool not in ("modalities", "tokens"):
-            raise ValueError(f"pool must be modalities or tokens, got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         # modalities: each modality's mean token, averaged; tokens: the mean of all tokens
         # (CAV-MAE's CAVMAEFT, src/models/cav_mae.py), so each modality weighs by its token count
         self.pool = pool
