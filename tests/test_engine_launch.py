@@ -64,9 +64,9 @@ RECORDING_SCRIPT = textwrap.dedent(
         models.append(build_model(cfg))
         return models[-1]
 
-    def recording_inputs(batch, dtype=None):
+    def recording_inputs(batch):
         seen.extend([datasets[0].epoch, int(i)] for i in batch["index"])
-        return model_inputs(batch, dtype)
+        return model_inputs(batch)
 
     engine.build_dataset, engine.build_pretrain_model, engine._model_inputs = recording_dataset, recording_model, recording_inputs
     cfg = load_config(sys.argv[1], sys.argv[2:])
