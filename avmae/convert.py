@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 from avmae.config import Config, config_from_dict, config_to_dict, replace
-from avmae.models import unwrap_state_dict
+from avmae.export import read_state_dict
 
 SOURCES = ("mae", "audiomae", "videomae", "cavmae")
 PARTS = ("encoder", "audio", "video")  # what a conversion writes: export parts without a decoder
@@ -84,46 +84,21 @@ class ConversionError(ValueError):
 
 
 def read_source(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt``/``.bin`` read with
-    ``torch.load(weights_only=True)``; ``model`` / ``state_dict`` / ``module`` wrappers are
-    opened and wrapper prefixes (``module.`` of DataParallel / DDP) removed by
-    ``avmae.models.unwrap_state_dict``."""
-    import argparse as _argparse
+    """The tensors of a source checkpoint, read by ``avmae.export.read_state_dict``: safetensors,
+    or ``torch.load(weights_only=True)`` that may also build the ``argparse.Namespace`` the source
+    codebases' training checkpoints store (no arbitrary code); ``model`` / ``state_dict`` /
+    ``module`` wrappers opened, ``module.`` prefixes removed."""
+    import argparse
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        # The source codebases' training checkpoints also store their argparse.Namespace; allowing that one
-        # class keeps the restricted unpickler (no arbitrary code) while reading them.
-        try:
-            with torch.serialization.safe_globals([_argparse.Namespace]):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConversionError(
-                f"{path}: not loadable with torch.load(weights_only=True): {err}. Re-save only its "
-                "state dict (torch.save(ckpt['model'], ...)) or convert it to safetensors."
-            ) from err
-    else:
-        raise ConversionError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .pth, .pt, .bin)")
-    while isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = next((state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict)), None)
-        if inner is None:
-            break
-        state = inner
-    if isinstance(state, dict) and any(isinstance(state.get(k), dict) for k in ("model", "state_dict", "module")):
-        state = next(state[k] for k in ("model", "state_dict", "module") if isinstance(state.get(k), dict))
-    if not isinstance(state, dict) or not state:
-        raise ConversionError(f"{path}: expected a mapping of parameter names to tensors")
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ConversionError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
     try:
-        return unwrap_state_dict(state)
+        state = read_state_dict(path, allowed_globals=(argparse.Namespace,), wrappers=("model", "state_dict", "module"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from err
     except ValueError as err:
-        raise ConversionError(f"{path}: {err}") from err
+        raise ConversionError(str(err)) from err
+    if not state:
+        raise ConversionError(f"{path}: expected a mapping of parameter names to tensors")
+    return state
 
 
 class SourceKeys:

@@ -82,10 +82,16 @@ def plain_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap_state_dict(state_dict).items()}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | Path,
+    allowed_globals: tuple[type, ...] = (),
+    wrappers: tuple[str, ...] = ("model", "state_dict"),
+) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth``/``.bin`` file read with
-    ``torch.load(weights_only=True)`` (a ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper is
-    unwrapped); wrapper prefixes such as ``module.`` are removed."""
+    ``torch.load(weights_only=True)``. ``allowed_globals``: classes the restricted unpickler may
+    also build (training checkpoints of other codebases store an ``argparse.Namespace``);
+    ``wrappers``: keys under which a state dict is nested, opened as deep as they go; wrapper
+    prefixes such as ``module.`` are removed. Errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -93,17 +99,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     elif path.suffix in (".pt", ".pth", ".bin"):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(allowed_globals)):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickled objects beyond tensors are refused, by design
-            raise ValueError(f"{path}: not loadable with torch.load(weights_only=True): {err}") from err
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+            raise ValueError(
+                f"{path}: not loadable with torch.load(weights_only=True): {err}. Re-save only its "
+                "state dict (torch.save(ckpt['model'], ...)) or convert it to safetensors."
+            ) from err
     else:
         raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .pt, .pth, .bin)")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    while isinstance(state, dict):
+        inner = next((state[k] for k in wrappers if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a mapping of names to tensors")
-    return unwrap_state_dict(state)
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
+    try:
+        return unwrap_state_dict(state)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def read_config(path: str | Path) -> Config:
