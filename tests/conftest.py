@@ -31,6 +31,15 @@ def _offline_hub():
         os.environ["HF_HUB_OFFLINE"] = previous
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, the caller's thread count put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps process-wide singletons, and tests may set torch's thread count: every

@@ -50,13 +50,8 @@ TINY = [
 PATCH_DIM = {"video": 3 * 2 * 8 * 8, "audio": 8 * 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: a single thread is faster than two competing for a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one torch thread is faster than two competing for a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(*overrides: str):

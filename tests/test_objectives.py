@@ -19,13 +19,8 @@ from avmae.models.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a single thread avoids oversubscribing a shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one torch thread is faster than two competing for a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_masked_mse_counts_masked_patches_only():

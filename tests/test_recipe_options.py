@@ -27,12 +27,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny models: one torch thread is faster than two competing for a shared CPU
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(*overrides: str):
