@@ -25,6 +25,7 @@ AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
 POS_EMBEDS = ("grid", "1d")
 PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
+SPEC_AUGMENT_FILLS = ("mean", "raw_zero")  # augment.spec_augment_fill
 POOLS = ("modalities", "tokens")  # finetune.pool
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
@@ -189,7 +190,7 @@ class AugmentConfig:
     per_frame: bool = False  # draw the spatial parameters per frame
     frame_shuffle: float = 0.0
     time_reversal: float = 0.0  # at most 0.5, as hflip
-    # audio: waveform before the fbank, SpecAugment on the normalised fbank
+    # audio: waveform before the fbank, SpecAugment on the fbank (avmae/augment/audio.py)
     gain_db: float = 0.0  # +- range of random gain
     noise: float = 0.0  # probability of additive Gaussian noise
     noise_level: float = 0.1  # largest noise RMS relative to the clip's RMS
@@ -198,10 +199,16 @@ class AugmentConfig:
     time_mask: int = 0
     num_freq_masks: int = 2
     num_time_masks: int = 2
+    # What a SpecAugment mask leaves in its cells: "mean" the dataset mean (0 in the normalised
+    # fbank, SpecAugment's choice); "raw_zero" a raw log-mel value of 0, i.e. (0 - norm_mean) /
+    # norm_std, as CAV-MAE and AST mask the fbank before normalising it (YuanGongND/cav-mae
+    # src/dataloader.py).
+    spec_augment_fill: str = "mean"
     mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
     mixup_per_modality: bool = False  # one lam per modality (AV-MAE's mixmod); avmae/augment/mixup.py
 
     def __post_init__(self) -> None:
+        _check_choice("augment.spec_augment_fill", self.spec_augment_fill, SPEC_AUGMENT_FILLS)
         probabilities = (
             "crop", "hflip", "color_jitter", "grayscale", "blur", "downup", "frame_rate_reduction",
             "tube_cutout", "frame_shuffle", "time_reversal", "noise",
