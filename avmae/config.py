@@ -22,11 +22,12 @@ FUSIONS = ("early", "late", "shared", "mid")
 DECODERS = ("separate", "shared", "joint", "same")
 VIDEO_MASKINGS = ("random", "tube")
 AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
-POS_EMBEDS = ("grid", "1d")
+POS_EMBEDS = ("grid", "1d", "2d")
 PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
 SPEC_AUGMENT_FILLS = ("mean", "raw_zero")  # augment.spec_augment_fill
 POOLS = ("modalities", "tokens")  # finetune.pool
+HEAD_INITS = ("trunc_normal", "xavier")  # finetune.head_init
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
@@ -254,8 +255,9 @@ class ModelConfig:
     decoder_heads: int = 8
     reconstruction: str = "joint"  # joint | inpaint | both
     modality_embed: bool = True
-    # sin-cos positions of encoder and decoder: grid (separable over the token grid) | 1d (over the
-    # token sequence, AV-MAE's sinusoidal_1d)
+    # sin-cos positions of encoder and decoder (models/pos_embed.py): grid (separable over the
+    # token grid) | 1d (over the token sequence, AV-MAE's sinusoidal_1d) | 2d (MAE's 2-D code over
+    # all channels of one image: a single video frame, the fbank as frequency x time; CAV-MAE)
     pos_embed: str = "grid"
     # mid fusion built from complete encoders (AV-MAE's separate_encoders_and_concat): a LayerNorm
     # closes each modality's stack, one shared LayerNorm the joint stack (models/encoder.py)
@@ -378,6 +380,14 @@ class FinetuneConfig:
     # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
     # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
     pool: str = "modalities"
+    # Learn the positional tables while finetuning: a fixed sine-cosine code becomes a parameter
+    # started from that code (CAV-MAE: YuanGongND/cav-mae src/models/cav_mae.py CAVMAEFT,
+    # tr_pos=True); stored tables (model.learned_pos_embed) are learned either way.
+    learn_pos_embed: bool = False
+    # The pooled classifier's (fusion: pool) Linear: trunc_normal (std 2e-5, zero bias:
+    # facebookresearch/mae main_finetune.py) | xavier (xavier-uniform, zero bias: CAV-MAE's
+    # CAVMAEFT._init_weights). MBT's heads (fusion: bottleneck) start at zero.
+    head_init: str = "trunc_normal"
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
@@ -396,6 +406,9 @@ class FinetuneConfig:
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
+        _check_choice("finetune.head_init", self.head_init, HEAD_INITS)
+        if self.fusion == "bottleneck" and self.head_init != "trunc_normal":
+            raise ValueError("finetune.head_init applies to fusion=pool; MBT's heads (fusion=bottleneck) start at zero")
 
 
 @dataclass

@@ -38,7 +38,7 @@ class AVDecoder(nn.Module):
     patch_dims: patch dimension per modality (the prediction targets).
     grids: token grid per modality of the configured geometry (pre-computes positions).
     modality_embed: learnable decoder modality embeddings.
-    pos_embed: ``grid`` or ``1d`` sin-cos positions (``pos_embed.SinCosPosEmbed``).
+    pos_embed: ``grid``, ``2d`` or ``1d`` sin-cos positions (``pos_embed.SinCosPosEmbed``).
     """
 
     def __init__(

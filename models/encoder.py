@@ -88,11 +88,12 @@ class AVEncoder(nn.Module):
         modalities: which modalities this encoder has tokenizers and blocks for.
         modality_embed: add a learnable embedding per modality to its tokens.
         drop_path: stochastic depth rate, rising linearly with depth.
-        pos_embed: ``grid`` (separable sin-cos of the token grid) or ``1d`` (sin-cos of the token
-            sequence, AV-MAE's ``sinusoidal_1d``); see ``pos_embed.py``.
+        pos_embed: ``grid`` (separable sin-cos of the token grid), ``2d`` (MAE's 2-D sin-cos of one
+            image: CAV-MAE's frame and fbank) or ``1d`` (sin-cos of the token sequence, AV-MAE's
+            ``sinusoidal_1d``); see ``pos_embed.py``.
         stack_norms: mid fusion only; see the module docstring.
         learned_pos: a stored (learned) positional table per modality instead of the fixed code
-            (``pos_embed`` is then unused).
+            (``pos_embed`` is then the code it starts from).
         pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).
         cls_token: a learned class token per modality (dropped from the outputs).
         joint_norms: ``shared`` or ``per_modality`` LayerNorms in the joint blocks (CAV-MAE).
@@ -148,7 +149,7 @@ class AVEncoder(nn.Module):
         self.patch_embed = nn.ModuleDict({m: tokenizers[m] for m in self.modalities})
         if learned_pos:
             grids = {**grids, **{m: tuple(g) for m, g in (pos_grids or {}).items() if g and any(g)}}
-            self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
+            self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         else:
             self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         self.cls_token = (

@@ -1,0 +1,105 @@
+"""The CAV-MAE recipe configs (configs/*/cavmae_*.yaml) against YuanGongND/cav-mae, each check
+computing the source's behaviour by hand on a micro model: the positional tables
+(``src/models/pos_embed.py``, ``src/models/cav_mae.py``), tables learned in finetuning
+(``CAVMAEFT(tr_pos=True)``), the head's xavier initialisation, and LayerNorm eps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from avmae.config import load_config
+from avmae.engine.optim import build_optimizer
+from avmae.models import build_classifier, build_pretrain_model, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "configs" / "pretrain" / "cavmae_vggsound.yaml"
+FINETUNE = REPO / "configs" / "finetune" / "cavmae_vggsound.yaml"
+# the recipes on a micro model: width 128, decoder 64; one 64 px frame (4 x 4 tokens) and a
+# 64 x 32 fbank (4 time x 2 frequency tokens)
+MICRO = [
+    "model.size=micro", "data.video.resize=64", "data.video.size=64", "data.audio.seconds=0.64",
+    "data.audio.num_mel_bins=32", "model.decoder_width=64", "model.decoder_depth=1", "model.decoder_heads=4",
+]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def micro(path: Path, *overrides: str):
+    return load_config(path, MICRO + list(overrides))
+
+
+def cavmae_2d_sincos(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """YuanGongND/cav-mae src/models/pos_embed.py get_2d_sincos_pos_embed(dim, grid_h, grid_w),
+    written out: MAE's formula (facebookresearch/mae util/pos_embed.py), rows = h, cols = w,
+    the first half of the channels from the column index, the second from the row index."""
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+    return np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)  # (h * w, dim), row-major
+
+
+def test_cavmae_positions_are_maes_2d_table_over_all_channels():
+    model = build_pretrain_model(micro(PRETRAIN))
+    for width, pos in ((128, model.encoder.pos_embed), (64, model.decoder.pos_embed)):
+        # the frame: 4 x 4 tokens, all channels (cav_mae.py: get_2d_sincos_pos_embed(D, 14, 14))
+        video = pos["video"]((1, 4, 4))[0].double().numpy()
+        np.testing.assert_allclose(video, cavmae_2d_sincos(width, 4, 4), atol=1e-6)
+        # the fbank: cav_mae.py transposes it to (frequency, time) and calls
+        # get_2d_sincos_pos_embed(D, 8, T'): frequency rows, time columns; ours is time-major
+        audio = pos["audio"]((4, 2))[0].double().numpy()
+        expected = cavmae_2d_sincos(width, 2, 4).reshape(2, 4, width).transpose(1, 0, 2).reshape(8, width)
+        np.testing.assert_allclose(audio, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="single video frame"):
+        model.encoder.pos_embed["video"]((2, 4, 4))
+
+
+def test_cavmae_finetuning_learns_the_positional_tables_from_the_fixed_code():
+    pretrained = build_pretrain_model(micro(PRETRAIN)).state_dict()
+    assert not any("pos_embed" in k for k in pretrained)  # fixed codes are not stored
+    cfg = micro(FINETUNE)
+    assert cfg.finetune.learn_pos_embed  # cav_mae.py CAVMAEFT(tr_pos=True)
+    model = build_classifier(cfg, {"label": 5})
+    report = load_pretrained(model, pretrained)
+    # the tables are the only encoder weights the checkpoint lacks
+    assert {k for k in report.missing if not k.startswith("heads.")} == {
+        "encoder.pos_embed.audio.table", "encoder.pos_embed.video.table"}
+    params = dict(model.named_parameters())
+    fixed = build_pretrain_model(micro(PRETRAIN)).encoder.pos_embed
+    for m, grid in (("video", (1, 4, 4)), ("audio", (4, 2))):
+        table = params[f"encoder.pos_embed.{m}.table"]
+        assert table.requires_grad
+        torch.testing.assert_close(table.detach(), fixed[m](grid))  # starts where pretraining was
+    optimizer = build_optimizer(model, cfg.train, lr=1e-3)
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert id(params["encoder.pos_embed.video.table"]) in optimized
+    g = torch.Generator().manual_seed(0)
+    out = model(video=torch.randn(2, 3, 1, 64, 64, generator=g), audio=torch.randn(2, 1, 64, 32, generator=g))
+    out["label"].sum().backward()
+    assert params["encoder.pos_embed.audio.table"].grad.abs().sum() > 0
+    # avmae's default keeps fixed codes: no positional parameter
+    default = build_classifier(micro(FINETUNE, "finetune.learn_pos_embed=false"), {"label": 5})
+    assert not any("pos_embed" in name for name, _ in default.named_parameters())
+
+
+def test_cavmae_head_is_xavier_initialised():
+    # cav_mae.py CAVMAEFT._init_weights: xavier_uniform_ on mlp_head's Linear, zero bias;
+    # xavier-uniform draws from U(-a, a), a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3)
+    fan_in, fan_out = 128, 309
+    head = build_classifier(micro(FINETUNE), {"label": fan_out}).heads["label"][-1]
+    bound = (6.0 / (fan_in + fan_out)) ** 0.5
+    weight = head.weight.detach()
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.98 * bound
+    assert abs(weight.std().item() / (bound / 3**0.5) - 1) < 0.03
+    assert abs(weight.mean().item()) < 0.01 * bound and torch.count_nonzero(head.bias) == 0
+    # avmae's default: MAE finetuning's trunc normal, std 2e-5 (facebookresearch/mae main_finetune.py)
+    small = build_classifier(micro(FINETUNE, "finetune.head_init=trunc_normal"), {"label": fan_out}).heads["label"][-1]
+    assert small.weight.abs().max() < 1e-4
