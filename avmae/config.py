@@ -299,6 +299,9 @@ class ModelConfig:
     cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
     joint_norms: str = "shared"  # shared | per_modality (CAV-MAE's joint layer)
     final_norm: bool = True  # False: no LayerNorm after the last block (finetuned MAE-family models)
+    # eps of every LayerNorm of encoder, decoder and classifier heads: 1e-6 is MAE's, AudioMAE's,
+    # VideoMAE's and scenic's; CAV-MAE builds nn.LayerNorm with PyTorch's default, 1e-5
+    norm_eps: float = 1e-6
     # An export folder (e.g. tools/convert.py output) whose encoder weights start a pretraining
     # run (CAV-MAE starts from ImageNet MAE); empty = random initialisation. Read by the
     # pretraining engine at a fresh start only.
@@ -315,6 +318,8 @@ class ModelConfig:
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
         _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps} must be positive")
 
 
 @dataclass

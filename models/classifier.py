@@ -61,7 +61,10 @@ class AVClassifier(nn.Module):
         self.modalities = encoder.modalities
         dim = encoder.embed_dim
         self.heads = nn.ModuleDict(
-            {name: nn.Sequential(norm_layer(dim), nn.Dropout(drop_rate), nn.Linear(dim, k)) for name, k in heads.items()}
+            {
+                name: nn.Sequential(norm_layer(dim, eps=encoder.norm_eps), nn.Dropout(drop_rate), nn.Linear(dim, k))
+                for name, k in heads.items()
+            }
         )
         for head in self.heads.values():
             if head_init == "xavier":  # CAV-MAE's CAVMAEFT (src/models/cav_mae.py _init_weights)

@@ -103,3 +103,36 @@ def test_cavmae_head_is_xavier_initialised():
     # avmae's default: MAE finetuning's trunc normal, std 2e-5 (facebookresearch/mae main_finetune.py)
     small = build_classifier(micro(FINETUNE, "finetune.head_init=trunc_normal"), {"label": fan_out}).heads["label"][-1]
     assert small.weight.abs().max() < 1e-4
+
+
+def layer_norm_eps(module: torch.nn.Module) -> set[float]:
+    return {m.eps for m in module.modules() if isinstance(m, torch.nn.LayerNorm)}
+
+
+def test_cavmae_layer_norm_eps_is_pytorchs_default_in_every_norm(tmp_path):
+    # cav_mae.py: CAVMAE / CAVMAEFT(norm_layer=nn.LayerNorm), mlp_head = nn.LayerNorm(...): eps 1e-5
+    pretrain_cfg, finetune_cfg = micro(PRETRAIN), micro(FINETUNE)
+    assert pretrain_cfg.model.norm_eps == finetune_cfg.model.norm_eps == 1e-5
+    model = build_pretrain_model(pretrain_cfg)
+    classifier = build_classifier(finetune_cfg, {"label": 5})
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules()) > 10
+    assert layer_norm_eps(model) == layer_norm_eps(classifier) == {1e-5}
+    # avmae's default: MAE's 1e-6 everywhere
+    assert layer_norm_eps(build_pretrain_model(load_config(None, MICRO))) == {1e-6}
+
+    # every export's config.json records it, and what is rebuilt from one uses it
+    from avmae.config import Config
+    from avmae.export import apply_pretrained, from_pretrained, load_timm_audio_vit, read_export, write_export
+    from avmae.models import build_encoder
+
+    model_dir = write_export(model, pretrain_cfg, "model", tmp_path / "model", {"checkpoint": "test"})
+    audio_dir = write_export(build_encoder(pretrain_cfg, ("audio",)), pretrain_cfg, "audio", tmp_path / "audio", {})
+    for folder in (model_dir, audio_dir):
+        description = read_export(folder)
+        assert description["architecture"]["norm_eps"] == description["config"]["model"]["norm_eps"] == 1e-5
+        assert layer_norm_eps(from_pretrained(folder)) == {1e-5}
+    assert read_export(audio_dir)["timm"]["norm_eps"] == 1e-5
+    assert layer_norm_eps(load_timm_audio_vit(audio_dir)) == {1e-5}
+    # finetuning takes the export's eps over its own config's
+    assert apply_pretrained(Config(), model_dir).model.norm_eps == 1e-5
+
