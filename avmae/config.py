@@ -26,6 +26,7 @@ POS_EMBEDS = ("grid", "1d", "2d")
 PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
 SPEC_AUGMENT_FILLS = ("mean", "raw_zero")  # augment.spec_augment_fill
+MIXUP_DOMAINS = ("inputs", "waveform")  # augment.mixup_domain
 POOLS = ("modalities", "tokens")  # finetune.pool
 HEAD_INITS = ("trunc_normal", "xavier")  # finetune.head_init
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
@@ -207,9 +208,22 @@ class AugmentConfig:
     spec_augment_fill: str = "mean"
     mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
     mixup_per_modality: bool = False  # one lam per modality (AV-MAE's mixmod); avmae/augment/mixup.py
+    # Where mixup mixes (avmae/augment/mixup.py): "inputs" the model inputs of every batch on the
+    # device, each clip with the batch flipped (timm); "waveform" each training clip in the dataset,
+    # with probability mixup_prob, with a random other clip: waveforms before the fbank, normalised
+    # frames and targets (CAV-MAE, YuanGongND/cav-mae src/dataloader.py)
+    mixup_domain: str = "inputs"
+    mixup_prob: float = 1.0  # mixup_domain waveform: the probability that a clip is mixed
 
     def __post_init__(self) -> None:
         _check_choice("augment.spec_augment_fill", self.spec_augment_fill, SPEC_AUGMENT_FILLS)
+        _check_choice("augment.mixup_domain", self.mixup_domain, MIXUP_DOMAINS)
+        if not 0.0 <= self.mixup_prob <= 1.0:
+            raise ValueError(f"augment.mixup_prob={self.mixup_prob} is not a probability in [0, 1]")
+        if self.mixup_domain == "inputs" and self.mixup_prob != 1.0:
+            raise ValueError("augment.mixup_prob applies to mixup_domain=waveform; the batch mixup mixes every batch")
+        if self.mixup_domain == "waveform" and self.mixup_per_modality:
+            raise ValueError("augment.mixup_per_modality needs mixup_domain=inputs (one lam per modality of a batch)")
         probabilities = (
             "crop", "hflip", "color_jitter", "grayscale", "blur", "downup", "frame_rate_reduction",
             "tube_cutout", "frame_shuffle", "time_reversal", "noise",
