@@ -36,11 +36,10 @@ from avmae.config import AugmentConfig, Config
 from .strength import apply_strength
 
 
-def mixup_alpha(cfg: Config, domain: str = "inputs") -> float:
-    """The Beta parameter of the mixup done in ``domain`` (``inputs``: the finetuning loop's batch
-    mixup; ``waveform``: the dataset's, ``waveform_mixup_alpha``): ``augment.mixup`` scaled by the
-    strength rule; 0 when augmentation is disabled or ``augment.mixup_domain`` is the other one."""
-    return _alpha(cfg.augment, domain)
+def mixup_alpha(cfg: Config) -> float:
+    """The Beta parameter of the finetuning loop's batch mixup: ``augment.mixup`` scaled by the
+    strength rule; 0 when augmentation is disabled or the dataset mixes (``mixup_domain: waveform``)."""
+    return _alpha(cfg.augment, "inputs")
 
 
 def waveform_mixup_alpha(aug: AugmentConfig) -> float:
