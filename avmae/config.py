@@ -27,6 +27,7 @@ PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
 POOLS = ("modalities", "tokens")  # finetune.pool
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
+MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -361,6 +362,11 @@ class FinetuneConfig:
     # Smooth multi-label targets too, as single-label ones: y (1 - s) + s / K (AV-MAE's AudioSet
     # finetuning); False leaves multi-hot targets unsmoothed.
     smooth_multi_label: bool = False
+    # The sigmoid cross-entropy of a multi-label head: "mean" over clips and classes (PyTorch's
+    # default; CAV-MAE, YuanGongND/cav-mae src/traintest_ft.py BCEWithLogitsLoss) or "sum" over
+    # the classes, then the mean over clips (AV-MAE: google-research/scenic
+    # scenic/model_lib/base_models/model_utils.py weighted_sigmoid_cross_entropy), K times larger.
+    multi_label_loss: str = "mean"
     # pool: mean-pooled tokens of the encoder as pretrained (AVClassifier); bottleneck: MBT, one
     # stack per modality exchanging through bottleneck tokens from layer fusion_layer on
     # (models/classifier.py, MBTClassifier)
@@ -389,6 +395,7 @@ class FinetuneConfig:
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
+        _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 
 
 @dataclass

@@ -5,6 +5,8 @@ multi-label smoothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,8 @@ from avmae.engine.optim import build_optimizer
 from avmae.models import MBTClassifier, build_classifier, build_pretrain_model, load_pretrained
 from avmae.models.losses import masked_mse
 from avmae.models.pos_embed import SinCosPosEmbed
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # micro ViT (width 128, depth 4), 4 frames of 32 px and 64 x 32 fbank with 8 x 8 patches:
 # 32 video and 32 audio tokens
@@ -187,3 +191,29 @@ def test_multi_label_smoothing_spreads_s_over_the_classes():
     multi_hot = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0]])
     _, _, soft = mix_batch(None, None, {"tags": multi_hot}, {"tags": 5}, alpha=0.0, smoothing=0.3)
     torch.testing.assert_close(soft["tags"], torch.tensor([[0.76, 0.06, 0.06, 0.76, 0.06]]))
+
+
+def test_avmae_audioset_loss_sums_the_sigmoid_cross_entropy_over_classes():
+    """scenic ``weighted_sigmoid_cross_entropy`` (model_lib/base_models/model_utils.py): per clip
+    the sum over the K classes of -(t log s(x) + (1 - t) log s(-x)), averaged over clips; MBT
+    (projects/av_mae/mbt.py) averages it over the modalities' logits. CAV-MAE's BCE stays a mean."""
+    cfg = load_config(CONFIGS / "finetune" / "avmae_audioset_vitl.yaml")
+    clips, classes = 3, 527
+    g = torch.Generator().manual_seed(0)
+    logits = {"label": {m: 3 * torch.randn(clips, classes, generator=g, dtype=torch.float64) for m in ("video", "audio")}}
+    targets = {"label": {m: torch.rand(clips, classes, generator=g, dtype=torch.float64) for m in ("video", "audio")}}
+
+    def log_sigmoid(x):
+        return -np.log1p(np.exp(-x))
+
+    per_modality = []
+    for m in ("video", "audio"):
+        x, t = logits["label"][m].numpy(), targets["label"][m].numpy()
+        per_clip = -(t * log_sigmoid(x) + (1 - t) * log_sigmoid(-x)).sum(axis=1)
+        per_modality.append(per_clip.sum() / clips)
+    source = np.mean(per_modality)
+    ours = classification_loss(logits, targets, True, cfg.finetune.multi_label_loss)
+    assert ours.item() == pytest.approx(source, rel=1e-9)
+    cavmae = load_config(CONFIGS / "finetune" / "cavmae_audioset20k.yaml")
+    mean = classification_loss(logits, targets, True, cavmae.finetune.multi_label_loss)
+    assert mean.item() == pytest.approx(source / classes, rel=1e-9)
