@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from avmae.augment import build_transforms
 from avmae.augment.mixup import draw_lambda, mix_batch
 from avmae.config import load_config
 from avmae.engine.finetune import classification_loss
@@ -217,3 +218,40 @@ def test_avmae_audioset_loss_sums_the_sigmoid_cross_entropy_over_classes():
     cavmae = load_config(CONFIGS / "finetune" / "cavmae_audioset20k.yaml")
     mean = classification_loss(logits, targets, True, cavmae.finetune.multi_label_loss)
     assert mean.item() == pytest.approx(source / classes, rel=1e-9)
+
+
+# The spec_augment_params of scenic projects/av_mae/configs/{audioset,vggsound}/finetune.py
+SPEC_AUGMENT = {
+    "avmae_audioset_vitl": dict(freq_mask_max_bins=36, freq_mask_count=2, time_mask_max_frames=48,
+                                time_mask_count=4, time_mask_max_ratio=0.0),
+    "avmae_vggsound_vitl": dict(freq_mask_max_bins=48, freq_mask_count=1, time_mask_max_frames=48,
+                                time_mask_count=4, time_mask_max_ratio=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_AUGMENT))
+def test_avmae_specaugment_draws_the_masks_lingvo_draws(name):
+    """tensorflow/lingvo ``SpectrumAugmenter``: ``_TimeMask`` returns its input when
+    ``time_mask_max_frames`` is 0 or ``time_mask_max_ratio`` is not positive; ``_FrequencyMask``
+    draws ``freq_mask_count`` bands of fewer than ``freq_mask_max_bins`` bins."""
+    source = SPEC_AUGMENT[name]
+    time_masks = source["time_mask_count"]
+    if source["time_mask_max_frames"] == 0 or source["time_mask_max_ratio"] <= 0:
+        time_masks = 0
+    cfg = load_config(CONFIGS / "finetune" / f"{name}.yaml")
+    fbank_augment = build_transforms(cfg, train=True).fbank
+    frames, bins = cfg.data.audio.target_length, cfg.data.audio.num_mel_bins
+    fbank = torch.randn(frames, bins, generator=torch.Generator().manual_seed(0)) + 10.0  # no cell equals a fill
+    masked_frames, masked_bins = 0, 0
+    for seed in range(20):
+        masked = fbank_augment(fbank, torch.Generator().manual_seed(seed)) != fbank
+        # a frequency band covers every frame: bins masked in all frames are frequency-masked
+        whole_bins = masked.all(dim=0)
+        assert whole_bins.sum() <= source["freq_mask_count"] * source["freq_mask_max_bins"]
+        masked_bins += int(whole_bins.any())
+        # the frequency bands cannot cover all bins, so a frame masked across every bin is a time mask
+        masked_frames += int(masked.all(dim=1).sum())
+        # and no cell is masked outside the frequency bands
+        assert torch.equal(masked, whole_bins[None, :].expand_as(masked))
+    assert masked_frames == 0 if time_masks == 0 else masked_frames > 0
+    assert masked_bins > 0 and source["freq_mask_count"] > 0
