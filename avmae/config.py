@@ -145,6 +145,9 @@ class DataConfig:
     test_clips: int = 4  # multi-view evaluation: temporal clips
     test_crops: int = 1  # multi-view evaluation: spatial crops (1 or 3)
     balanced_sampling: bool = False  # AudioSet-style weighted sampling
+    # Clips one epoch of balanced sampling draws (with replacement); 0 = as many as the training
+    # records. Steps per epoch, train.epochs and train.warmup_epochs count in these epochs.
+    balanced_epoch_size: int = 0
     max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -155,6 +158,11 @@ class DataConfig:
         )
         if self.clips_per_video < 1:
             raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
+        if self.balanced_epoch_size < 0 or (self.balanced_epoch_size and not self.balanced_sampling):
+            raise ValueError(
+                f"data.balanced_epoch_size={self.balanced_epoch_size}: a positive size needs "
+                "data.balanced_sampling=true (0 = one epoch is as many clips as records)"
+            )
 
 
 @dataclass
