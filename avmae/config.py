@@ -28,6 +28,7 @@ JOINT_NORMS = ("shared", "per_modality")
 POOLS = ("modalities", "tokens")  # finetune.pool
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
+EVAL_AGGREGATES = ("probs", "logits")  # finetune.eval_aggregate
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -389,6 +390,10 @@ class FinetuneConfig:
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
     eval_split: str = "val"  # split scored during finetuning: val | test
+    # What multi-view evaluation averages over a record's views: "probs" (softmax / sigmoid of
+    # each view) or "logits" (then one softmax / sigmoid of the mean: AV-MAE, google-research/scenic
+    # scenic/projects/av_mae/train_utils.py test_step_multimodal)
+    eval_aggregate: str = "probs"
     # Linear probe: L2 weight sweep of the L-BFGS classifier, selected on the validation split.
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     probe_max_iter: int = 200
@@ -402,6 +407,7 @@ class FinetuneConfig:
         _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
+        _check_choice("finetune.eval_aggregate", self.eval_aggregate, EVAL_AGGREGATES)
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
         _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 

@@ -186,7 +186,7 @@ def _finetune(cfg: Config) -> dict:
     def run_evaluation(step: int, title: str) -> dict:
         metrics, _ = evaluate(
             model, eval_loader, accelerator, ft.modalities, multi_label, len(eval_set.records), trainer.input_dtype,
-            video_cfg=cfg.data.video,
+            video_cfg=cfg.data.video, aggregate=ft.eval_aggregate,
         )
         accelerator.log({f"{ft.eval_split}/{k}": v for k, v in summary(metrics).items()}, step=step)
         accelerator.print(format_table(metrics, f"{ft.eval_split} {title}, step {step}"))
@@ -232,7 +232,7 @@ def evaluate_finetuned(
     modalities, multi_label = cfg.finetune.modalities, dataset.multi_label
     metrics, _ = evaluate(
         model, loader, accelerator, modalities, multi_label, len(dataset.records), input_dtype(accelerator),
-        video_cfg=cfg.data.video,
+        video_cfg=cfg.data.video, aggregate=cfg.finetune.eval_aggregate,
     )
     out_dir = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
     if accelerator.is_main_process:
