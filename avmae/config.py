@@ -29,6 +29,7 @@ POOLS = ("modalities", "tokens")  # finetune.pool
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
 EVAL_AGGREGATES = ("probs", "logits")  # finetune.eval_aggregate
+FINAL_NORM_GROUPS = ("last_block", "head")  # finetune.final_norm_group
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -367,6 +368,11 @@ class FinetuneConfig:
     # export instead of this config's (a model must be fed as it was trained).
     inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
+    # The layer-decay group of the encoder's final norm: "last_block" (timm's ViT group_matcher)
+    # or "head", lr scale 1 as the heads (google-research/scenic
+    # scenic/projects/av_mae/optimizer_utils.py gives encoder_norm the top layer id, as
+    # facebookresearch/mae util/lr_decay.py its fc_norm)
+    final_norm_group: str = "last_block"
     label_smoothing: float = 0.1
     # Smooth multi-label targets too, as single-label ones: y (1 - s) + s / K (AV-MAE's AudioSet
     # finetuning); False leaves multi-hot targets unsmoothed.
@@ -408,6 +414,7 @@ class FinetuneConfig:
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.eval_aggregate", self.eval_aggregate, EVAL_AGGREGATES)
+        _check_choice("finetune.final_norm_group", self.final_norm_group, FINAL_NORM_GROUPS)
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
         _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 

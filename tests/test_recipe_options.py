@@ -5,6 +5,7 @@ multi-label smoothing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,33 @@ def test_avmae_specaugment_draws_the_masks_lingvo_draws(name):
         assert torch.equal(masked, whole_bins[None, :].expand_as(masked))
     assert masked_frames == 0 if time_masks == 0 else masked_frames > 0
     assert masked_bins > 0 and source["freq_mask_count"] > 0
+
+
+@pytest.mark.parametrize("name", ["avmae_audioset_vitl", "avmae_vggsound_vitl"])
+def test_avmae_layer_decay_scales_every_parameter_as_scenic(name):
+    """scenic projects/av_mae/optimizer_utils.py ``optimizer_with_layerwise_decay``: with L blocks,
+    embeddings take layer id 0, ``encoderblock_i`` (of every modality) id i + 1, and every other
+    parameter (``encoder_norm``, the bottleneck tokens, the output projection) id L + 1; the lr
+    scale of id k is decay^(L + 1 - k). Here on a micro MBT (L = 4) with the recipe's settings."""
+    recipe = load_config(CONFIGS / "finetune" / f"{name}.yaml")
+    decay = recipe.finetune.layer_decay
+    cfg = tiny("train.optimizer=sgd", "train.weight_decay=0.0", f"finetune.final_norm_group={recipe.finetune.final_norm_group}")
+    model = mbt("finetune.fusion_layer=2", f"finetune.final_norm_group={recipe.finetune.final_norm_group}")
+    depth = len(model.encoder.modality_blocks["video"])
+
+    def source_layer_id(name: str) -> int:
+        if name.startswith(("encoder.patch_embed.", "encoder.pos_embed.", "encoder.modality_embed.")):
+            return 0
+        block = re.match(r"encoder\.modality_blocks\.\w+\.(\d+)\.", name)
+        if block:
+            return int(block[1]) + 1
+        return depth + 1
+
+    optimizer = build_optimizer(model, cfg.train, lr=1.6, layer_decay=decay)
+    scale = {p: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)
+    for param_name, param in named.items():
+        expected = decay ** (depth + 1 - source_layer_id(param_name))
+        assert scale[param] == pytest.approx(expected), param_name
+    assert scale[named["encoder.norm.audio.weight"]] == 1.0
