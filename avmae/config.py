@@ -30,6 +30,7 @@ FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
 EVAL_AGGREGATES = ("probs", "logits")  # finetune.eval_aggregate
 FINAL_NORM_GROUPS = ("last_block", "head")  # finetune.final_norm_group
+MBT_FINAL_NORMS = ("pretrained", "init")  # finetune.mbt_final_norm
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -389,6 +390,11 @@ class FinetuneConfig:
     fusion_layer: int = 8
     bottlenecks: int = 4
     test_with_bottlenecks: bool = True
+    # MBT's final norms: "pretrained" loads the export's final norm(s) (each stack's own, or the
+    # joint one copied into each); "init" leaves them at LayerNorm's initialisation (ones, zeros), as
+    # google-research/scenic scenic/projects/av_mae/mbt.py initialise_from_separate_encoders does
+    # with encoder_norm when starting from a separate_encoders pretraining
+    mbt_final_norm: str = "pretrained"
     # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
     # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
     pool: str = "modalities"
@@ -415,6 +421,7 @@ class FinetuneConfig:
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.eval_aggregate", self.eval_aggregate, EVAL_AGGREGATES)
         _check_choice("finetune.final_norm_group", self.final_norm_group, FINAL_NORM_GROUPS)
+        _check_choice("finetune.mbt_final_norm", self.mbt_final_norm, MBT_FINAL_NORMS)
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
         _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 

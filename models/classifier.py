@@ -267,9 +267,13 @@ def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     )
 
 
-def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor]) -> LoadReport:
+def load_pretrained(
+    model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor], keep_init: tuple[str, ...] = ()
+) -> LoadReport:
     """Load the encoder weights of a pretraining (``AVMAE``), classifier or encoder state dict.
 
+    Model keys that start with one of ``keep_init`` (e.g. ``"encoder.norm."``) are not loaded:
+    they keep their initialisation and are reported as missing.
     Raises ``ValueError`` naming the keys when encoder weights are missing, a key is unexpected
     beyond ``decoder.*``, ``contrastive.*`` and the encoder parts of a modality the model does not
     use, or a shape differs. Returns a ``LoadReport``.
@@ -283,12 +287,14 @@ def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch
     if isinstance(model, MBTClassifier):
         source = separate_stacks(source, MODALITIES)
     target = {("encoder." + k if is_encoder else k): v for k, v in model.state_dict().items()}
+    kept = {k for k in target if keep_init and k.startswith(tuple(keep_init))}
+    source = {k: v for k, v in source.items() if k not in kept}
 
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
     unused_modality = _unused_modality_pattern(encoder)
     allowed_unexpected = re.compile(r"^(decoder|contrastive)\.")
-    bad_missing = [k for k in missing if not k.startswith(("heads.", "bottleneck"))]
+    bad_missing = [k for k in missing if not k.startswith(("heads.", "bottleneck")) and k not in kept]
     bad_unexpected = [
         k for k in unexpected
         if not allowed_unexpected.match(k) and not (unused_modality and unused_modality.match(k))

@@ -86,7 +86,10 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
                 f"{cfg.finetune.pretrained} holds only the {part} encoder; set finetune.modalities={part} "
                 "or export the encoder of both modalities (--part encoder)"
             )
-        report = load_pretrained(model, pretrained_encoder_weights(cfg.finetune.pretrained))
+        ft = cfg.finetune
+        # finetune.mbt_final_norm=init: MBT's final norms keep their initialisation
+        keep_init = ("encoder.norm.",) if ft.fusion == "bottleneck" and ft.mbt_final_norm == "init" else ()
+        report = load_pretrained(model, pretrained_encoder_weights(ft.pretrained), keep_init)
         log(f"pretrained weights from {cfg.finetune.pretrained}: {report}")
     else:
         log("no finetune.pretrained: the encoder starts from random initialisation")
