@@ -74,7 +74,8 @@ def test_avmae_recipes_average_the_views_logits(name, multi_label, one_thread):
     recipe = load_config(CONFIGS / "finetune" / f"{name}.yaml")
     cfg = load_config(None, [
         "model.size=micro", "model.patch_size=8", "data.video.num_frames=4", "data.video.size=32",
-        "data.audio.seconds=0.64", "data.audio.num_mel_bins=32", "finetune.fusion=bottleneck", "finetune.fusion_layer=2",
+        "data.audio.seconds=0.64", "data.audio.num_mel_bins=32", "finetune.fusion=bottleneck",
+        "finetune.fusion_layer=2",
     ])  # fmt: skip
     torch.manual_seed(0)
     model = build_classifier(cfg, {"label": 5})
@@ -85,7 +86,8 @@ def test_avmae_recipes_average_the_views_logits(name, multi_label, one_thread):
     index, view = torch.arange(2).repeat_interleave(3), torch.arange(3).repeat(2)
     targets = (torch.rand(6, 5, generator=g) > 0.5).float() if multi_label else torch.tensor([1, 1, 1, 3, 3, 3])
     batches = [
-        {"video": video[rows], "audio": audio[rows], "index": index[rows], "view": view[rows], "targets": {"label": targets[rows]}}
+        {"video": video[rows], "audio": audio[rows], "index": index[rows], "view": view[rows],
+         "targets": {"label": targets[rows]}}
         for rows in (slice(0, 4), slice(4, 6))
     ]  # fmt: skip
     _, agg = evaluate(model, batches, Accelerator(cpu=True), "audiovisual", multi_label,

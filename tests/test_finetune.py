@@ -186,7 +186,8 @@ def test_mbt_final_norm_starts_as_scenic_initialises_it(recipe, fusion, tmp_path
             assert not torch.equal(pre.encoder.norm[m].weight, norm.weight)
         else:  # the pretrained joint norm, in each modality's norm
             assert torch.equal(norm.weight, pre.encoder.norm.weight) and torch.equal(norm.bias, pre.encoder.norm.bias)
-        assert torch.equal(model.encoder.modality_blocks[m][0].attn.qkv.weight, pre.encoder.modality_blocks[m][0].attn.qkv.weight)
+        block, pretrained_block = model.encoder.modality_blocks[m][0], pre.encoder.modality_blocks[m][0]
+        assert torch.equal(block.attn.qkv.weight, pretrained_block.attn.qkv.weight)
 
 
 def _tool(name: str):

@@ -202,7 +202,8 @@ def test_avmae_audioset_loss_sums_the_sigmoid_cross_entropy_over_classes():
     cfg = load_config(CONFIGS / "finetune" / "avmae_audioset_vitl.yaml")
     clips, classes = 3, 527
     g = torch.Generator().manual_seed(0)
-    logits = {"label": {m: 3 * torch.randn(clips, classes, generator=g, dtype=torch.float64) for m in ("video", "audio")}}
+    logits = {"label": {m: 3 * torch.randn(clips, classes, generator=g, dtype=torch.float64)
+                        for m in ("video", "audio")}}
     targets = {"label": {m: torch.rand(clips, classes, generator=g, dtype=torch.float64) for m in ("video", "audio")}}
 
     def log_sigmoid(x):
@@ -266,8 +267,9 @@ def test_avmae_layer_decay_scales_every_parameter_as_scenic(name):
     scale of id k is decay^(L + 1 - k). Here on a micro MBT (L = 4) with the recipe's settings."""
     recipe = load_config(CONFIGS / "finetune" / f"{name}.yaml")
     decay = recipe.finetune.layer_decay
-    cfg = tiny("train.optimizer=sgd", "train.weight_decay=0.0", f"finetune.final_norm_group={recipe.finetune.final_norm_group}")
-    model = mbt("finetune.fusion_layer=2", f"finetune.final_norm_group={recipe.finetune.final_norm_group}")
+    group = f"finetune.final_norm_group={recipe.finetune.final_norm_group}"
+    cfg = tiny("train.optimizer=sgd", "train.weight_decay=0.0", group)
+    model = mbt("finetune.fusion_layer=2", group)
     depth = len(model.encoder.modality_blocks["video"])
 
     def source_layer_id(name: str) -> int:
