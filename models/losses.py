@@ -4,8 +4,9 @@ Cross-process negatives: under ``torch.distributed``, InfoNCE gathers both sides
 process *with* gradient (``torch.distributed.nn.functional.all_gather``), so each process scores
 its own rows against the global batch and the gradient flows back to the process that produced
 each embedding; with ``group`` (CAV-MAE's per-replica negatives) a row's negatives are its group's
-rows only, gathered only when a group spans processes. MoCo v3 gathers only its keys, which come from the momentum encoder and carry no
-gradient. Without an initialised process group the local batch is the global batch.
+rows only, gathered only when a group spans processes. MoCo v3 gathers only its keys, which come
+from the momentum encoder and carry no gradient. Without an initialised process group the local
+batch is the global batch.
 """
 
 from __future__ import annotations
