@@ -90,6 +90,11 @@ class AudioConfig:
     # - "centred": always centred on the clip's centre, zero samples where it leaves the file;
     #   keeps sound and picture aligned, right for long videos (EPIC-KITCHENS) whose clips are
     #   short segments far from the file's ends.
+    # - "wrap": AV-MAE's DMVR sampling. In training the window starts where the video clip starts
+    #   (at the same proportion of the file); in evaluation temporal view k starts at the k-th of
+    #   data.test_clips evenly spaced offsets over the audio, whatever the video clip. A window that
+    #   runs past the end continues from the file's start, a file shorter than the window loops
+    #   (avmae/data/audio.py wrap_starts, linspace_starts, loop_windows). Whole files only.
     window: str = "inside"
     num_mel_bins: int = 128
     frame_shift_ms: float = 10.0
@@ -102,7 +107,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
-        _check_choice("audio.window", self.window, ("inside", "centred"))
+        _check_choice("audio.window", self.window, ("inside", "centred", "wrap"))
 
     @property
     def target_length(self) -> int:
