@@ -30,6 +30,10 @@ MIXUP_DOMAINS = ("inputs", "waveform")  # augment.mixup_domain
 POOLS = ("modalities", "tokens")  # finetune.pool
 HEAD_INITS = ("trunc_normal", "xavier")  # finetune.head_init
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
+MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
+EVAL_AGGREGATES = ("probs", "logits")  # finetune.eval_aggregate
+FINAL_NORM_GROUPS = ("last_block", "head")  # finetune.final_norm_group
+MBT_FINAL_NORMS = ("pretrained", "init")  # finetune.mbt_final_norm
 # finetune.modalities -> the modalities the classifier, the probe and the inputs use, in the
 # encoder's order (video first)
 MODALITY_SETS = {"audio": ("audio",), "video": ("video",), "audiovisual": ("video", "audio")}
@@ -93,6 +97,11 @@ class AudioConfig:
     # - "centred": always centred on the clip's centre, zero samples where it leaves the file;
     #   keeps sound and picture aligned, right for long videos (EPIC-KITCHENS) whose clips are
     #   short segments far from the file's ends.
+    # - "wrap": AV-MAE's DMVR sampling. In training the window starts where the video clip starts
+    #   (at the same proportion of the file); in evaluation temporal view k starts at the k-th of
+    #   data.test_clips evenly spaced offsets over the audio, whatever the video clip. A window that
+    #   runs past the end continues from the file's start, a file shorter than the window loops
+    #   (avmae/data/audio.py wrap_starts, linspace_starts, loop_windows). Whole files only.
     window: str = "inside"
     num_mel_bins: int = 128
     frame_shift_ms: float = 10.0
@@ -105,7 +114,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
-        _check_choice("audio.window", self.window, ("inside", "centred"))
+        _check_choice("audio.window", self.window, ("inside", "centred", "wrap"))
 
     @property
     def target_length(self) -> int:
@@ -147,6 +156,9 @@ class DataConfig:
     test_clips: int = 4  # multi-view evaluation: temporal clips
     test_crops: int = 1  # multi-view evaluation: spatial crops (1 or 3)
     balanced_sampling: bool = False  # AudioSet-style weighted sampling
+    # Clips one epoch of balanced sampling draws (with replacement); 0 = as many as the training
+    # records. Steps per epoch, train.epochs and train.warmup_epochs count in these epochs.
+    balanced_epoch_size: int = 0
     max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -157,6 +169,11 @@ class DataConfig:
         )
         if self.clips_per_video < 1:
             raise ValueError(f"data.clips_per_video={self.clips_per_video} must be at least 1")
+        if self.balanced_epoch_size < 0 or (self.balanced_epoch_size and not self.balanced_sampling):
+            raise ValueError(
+                f"data.balanced_epoch_size={self.balanced_epoch_size}: a positive size needs "
+                "data.balanced_sampling=true (0 = one epoch is as many clips as records)"
+            )
 
 
 @dataclass
@@ -302,6 +319,14 @@ class ModelConfig:
     # InfoNCE over modality pairs: both directions averaged, or only video -> audio (each video
     # picks its audio: CAV-MAE's default, src/models/cav_mae.py bidirect_contrast=False)
     contrastive_symmetric: bool = True
+    # InfoNCE negatives: "global" = every other clip of the global batch (all processes);
+    # "replica" = only the other clips of its replica: consecutive groups of
+    # contrastive_replica_size clips of the global batch in rank order (0 = each process's own
+    # batch), as CAV-MAE computes its loss inside each nn.DataParallel replica
+    # (src/models/cav_mae.py forward_contrastive, src/traintest_cavmae.py). The loss is the mean
+    # over groups of each group's mean.
+    contrastive_negatives: str = "global"
+    contrastive_replica_size: int = 0
     proj_dim: int = 256  # SimSiam / MoCo v3 projector output
     proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
     pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
@@ -331,6 +356,14 @@ class ModelConfig:
         _check_choice("model.audio_masking", self.audio_masking, AUDIO_MASKINGS)
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
+        _check_choice("model.contrastive_negatives", self.contrastive_negatives, ("global", "replica"))
+        if self.contrastive_replica_size < 0:
+            raise ValueError(f"model.contrastive_replica_size={self.contrastive_replica_size} must not be negative")
+        if self.contrastive_replica_size and self.contrastive_negatives != "replica":
+            raise ValueError(
+                "model.contrastive_replica_size applies only with model.contrastive_negatives=replica, "
+                f"got contrastive_negatives={self.contrastive_negatives!r}"
+            )
         _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
         if not self.norm_eps > 0:
             raise ValueError(f"model.norm_eps={self.norm_eps} must be positive")
@@ -385,10 +418,20 @@ class FinetuneConfig:
     # export instead of this config's (a model must be fed as it was trained).
     inherit_preprocessing: bool = True
     layer_decay: float = 0.75  # lr of layer i = lr x layer_decay^(depth - i); 1 disables
+    # The layer-decay group of the encoder's final norm: "last_block" (timm's ViT group_matcher)
+    # or "head", lr scale 1 as the heads (google-research/scenic
+    # scenic/projects/av_mae/optimizer_utils.py gives encoder_norm the top layer id, as
+    # facebookresearch/mae util/lr_decay.py its fc_norm)
+    final_norm_group: str = "last_block"
     label_smoothing: float = 0.1
     # Smooth multi-label targets too, as single-label ones: y (1 - s) + s / K (AV-MAE's AudioSet
     # finetuning); False leaves multi-hot targets unsmoothed.
     smooth_multi_label: bool = False
+    # The sigmoid cross-entropy of a multi-label head: "mean" over clips and classes (PyTorch's
+    # default; CAV-MAE, YuanGongND/cav-mae src/traintest_ft.py BCEWithLogitsLoss) or "sum" over
+    # the classes, then the mean over clips (AV-MAE: google-research/scenic
+    # scenic/model_lib/base_models/model_utils.py weighted_sigmoid_cross_entropy), K times larger.
+    multi_label_loss: str = "mean"
     # pool: mean-pooled tokens of the encoder as pretrained (AVClassifier); bottleneck: MBT, one
     # stack per modality exchanging through bottleneck tokens from layer fusion_layer on
     # (models/classifier.py, MBTClassifier)
@@ -396,6 +439,11 @@ class FinetuneConfig:
     fusion_layer: int = 8
     bottlenecks: int = 4
     test_with_bottlenecks: bool = True
+    # MBT's final norms: "pretrained" loads the export's final norm(s) (each stack's own, or the
+    # joint one copied into each); "init" leaves them at LayerNorm's initialisation (ones, zeros), as
+    # google-research/scenic scenic/projects/av_mae/mbt.py initialise_from_separate_encoders does
+    # with encoder_norm when starting from a separate_encoders pretraining
+    mbt_final_norm: str = "pretrained"
     # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
     # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
     pool: str = "modalities"
@@ -411,6 +459,10 @@ class FinetuneConfig:
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
     eval_split: str = "val"  # split scored during finetuning: val | test
+    # What multi-view evaluation averages over a record's views: "probs" (softmax / sigmoid of
+    # each view) or "logits" (then one softmax / sigmoid of the mean: AV-MAE, google-research/scenic
+    # scenic/projects/av_mae/train_utils.py test_step_multimodal)
+    eval_aggregate: str = "probs"
     # Linear probe: L2 weight sweep of the L-BFGS classifier, selected on the validation split.
     probe_weight_decays: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     probe_max_iter: int = 200
@@ -424,10 +476,14 @@ class FinetuneConfig:
         _check_choice("finetune.modalities", self.modalities, tuple(MODALITY_SETS))
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
+        _check_choice("finetune.eval_aggregate", self.eval_aggregate, EVAL_AGGREGATES)
+        _check_choice("finetune.final_norm_group", self.final_norm_group, FINAL_NORM_GROUPS)
+        _check_choice("finetune.mbt_final_norm", self.mbt_final_norm, MBT_FINAL_NORMS)
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
         _check_choice("finetune.head_init", self.head_init, HEAD_INITS)
         if self.fusion == "bottleneck" and self.head_init != "trunc_normal":
             raise ValueError("finetune.head_init applies to fusion=pool; MBT's heads (fusion=bottleneck) start at zero")
+        _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 
 
 @dataclass

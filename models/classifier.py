@@ -45,9 +45,11 @@ class AVClassifier(nn.Module):
 
     def __init__(
         self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0, pool: str = "modalities",
-        head_init: str = "trunc_normal",
+        final_norm_group: str = "last_block", head_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
+        # the layer-decay group of the encoder's final norm (``finetune.final_norm_group``)
+        self.final_norm_group = final_norm_group
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         if head_init not in HEAD_INITS:
@@ -95,8 +97,9 @@ class AVClassifier(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm layer groups: encoder embeddings, encoder blocks by depth, heads last (unmatched)."""
-        return self.encoder.group_matcher(coarse, prefix="encoder.")
+        """timm layer groups: encoder embeddings, encoder blocks by depth, heads last (unmatched);
+        the encoder's final norm with the last block or with the heads (``final_norm_group``)."""
+        return self.encoder.group_matcher(coarse, prefix="encoder.", final_norm=self.final_norm_group)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -114,6 +117,7 @@ class MBTClassifier(nn.Module):
             bottleneck tokens (0 = from the start; ``depth`` = never).
         num_bottlenecks: bottleneck tokens.
         test_with_bottlenecks: keep the bottlenecks in evaluation (False: the stacks run apart).
+        final_norm_group: the layer-decay group of the final norms: ``last_block`` or ``head``.
     """
 
     def __init__(
@@ -123,8 +127,10 @@ class MBTClassifier(nn.Module):
         fusion_layer: int,
         num_bottlenecks: int = 4,
         test_with_bottlenecks: bool = True,
+        final_norm_group: str = "last_block",
     ) -> None:
         super().__init__()
+        self.final_norm_group = final_norm_group
         if encoder.fusion != "late":
             raise ValueError(f"MBT needs an encoder with one block stack per modality (late fusion), got {encoder.fusion!r}")
         if not 0 <= fusion_layer <= encoder.depth:
@@ -183,8 +189,9 @@ class MBTClassifier(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm layer groups: as the encoder's; the bottleneck and heads last (unmatched)."""
-        return self.encoder.group_matcher(coarse, prefix="encoder.")
+        """timm layer groups: as the encoder's; the bottleneck and heads last (unmatched), the
+        final norms with them or with the last blocks (``final_norm_group``)."""
+        return self.encoder.group_matcher(coarse, prefix="encoder.", final_norm=self.final_norm_group)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -209,9 +216,11 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTCl
             )
         separate = replace(cfg, model=replace(cfg.model, fusion="late", stack_norms=False))
         encoder = build_encoder(separate, modality_set(ft.modalities))
-        return MBTClassifier(encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks)
+        return MBTClassifier(
+            encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks, ft.final_norm_group
+        )
     encoder = build_encoder(cfg, modality_set(ft.modalities))
-    return AVClassifier(encoder, heads, pool=ft.pool, head_init=ft.head_init)
+    return AVClassifier(encoder, heads, pool=ft.pool, final_norm_group=ft.final_norm_group, head_init=ft.head_init)
 
 
 def separate_stacks(state_dict: dict[str, torch.Tensor], modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -269,9 +278,13 @@ def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:
     )
 
 
-def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor]) -> LoadReport:
+def load_pretrained(
+    model: AVClassifier | AVEncoder, state_dict: dict[str, torch.Tensor], keep_init: tuple[str, ...] = ()
+) -> LoadReport:
     """Load the encoder weights of a pretraining (``AVMAE``), classifier or encoder state dict.
 
+    Model keys that start with one of ``keep_init`` (e.g. ``"encoder.norm."``) are not loaded:
+    they keep their initialisation and are reported as missing.
     Raises ``ValueError`` naming the keys when encoder weights are missing, a key is unexpected
     beyond ``decoder.*``, ``contrastive.*`` and the encoder parts of a modality the model does not
     use, or a shape differs. Returns a ``LoadReport``.
@@ -285,6 +298,8 @@ def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch
     if isinstance(model, MBTClassifier):
         source = separate_stacks(source, MODALITIES)
     target = {("encoder." + k if is_encoder else k): v for k, v in model.state_dict().items()}
+    kept = {k for k in target if keep_init and k.startswith(tuple(keep_init))}
+    source = {k: v for k, v in source.items() if k not in kept}
 
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
@@ -295,7 +310,8 @@ def load_pretrained(model: AVClassifier | AVEncoder, state_dict: dict[str, torch
     fixed_codes = not any(k.startswith("encoder.pos_embed.") for k in source)
     bad_missing = [
         k for k in missing
-        if not k.startswith(("heads.", "bottleneck")) and not (fixed_codes and re.match(r"^encoder\.pos_embed\.\w+\.table$", k))
+        if not k.startswith(("heads.", "bottleneck")) and k not in kept
+        and not (fixed_codes and re.match(r"^encoder\.pos_embed\.\w+\.table$", k))
     ]
     bad_unexpected = [
         k for k in unexpected

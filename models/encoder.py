@@ -43,7 +43,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from avmae.config import FUSIONS, JOINT_NORMS
+from avmae.config import FINAL_NORM_GROUPS, FUSIONS, JOINT_NORMS
 
 from .layers import (
     MODALITIES,
@@ -298,14 +298,20 @@ class AVEncoder(nn.Module):
         }
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict:
+    def group_matcher(self, coarse: bool = False, prefix: str = "", final_norm: str = "last_block") -> dict:
         """timm's layer grouping: embeddings, then blocks by depth (per-modality blocks of the
-        same index share a group), then the final norms with the last block."""
+        same index share a group), then the final norms with the last block (``final_norm=
+        "head"``: left unmatched, so with whatever follows the encoder, e.g. the heads)."""
+        if final_norm not in FINAL_NORM_GROUPS:
+            raise ValueError(f"final_norm must be one of {', '.join(FINAL_NORM_GROUPS)}, got {final_norm!r}")
         p = prefix.replace(".", r"\.")
+        blocks = [(rf"^{p}blocks\.(\d+)", None)]
+        if final_norm == "last_block":
+            blocks.append((rf"^{p}(?:norm|joint_norm)\.", (99999,)))
         return dict(
             stem=rf"^{p}(?:patch_embed|pos_embed|modality_embed|cls_token)",
             modality_blocks=[(rf"^{p}modality_blocks\.\w+\.(\d+)", None), (rf"^{p}stack_norm\.", (99998,))],
-            blocks=[(rf"^{p}blocks\.(\d+)", None), (rf"^{p}(?:norm|joint_norm)\.", (99999,))],
+            blocks=blocks,
         )
 
     @torch.jit.ignore

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from safetensors.torch import load_file
 from torch import nn
 
@@ -29,7 +30,9 @@ from avmae.engine.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from avmae.engine.optim import build_optimizer, build_scheduler, effective_batch_size, scaled_lr
+from avmae.engine.optim import (
+    build_optimizer, build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps,
+)
 from avmae.data import build_loader
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -271,16 +274,17 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert all(math.isfinite(v) for v in read_scalars(tmp_path, "train/loss").values())
 
 
+class Labelled(Clips):
+    """``Clips`` with records and classes, as balanced sampling needs: 18 common, 6 rare."""
+
+    classes, multi_label = {"label": ["common", "rare"]}, False
+
+    def __init__(self):
+        super().__init__(24)
+        self.records = [ClipRecord(id=str(i), video=None, targets={"label": 0 if i < 18 else 1}) for i in range(24)]
+
+
 def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_path):
-    records = [ClipRecord(id=str(i), video=None, targets={"label": 0 if i < 18 else 1}) for i in range(24)]
-
-    class Labelled(Clips):
-        classes, multi_label = {"label": ["common", "rare"]}, False
-
-        def __init__(self):
-            super().__init__(len(records))
-            self.records = records
-
     cfg = run_config(tmp_path, "data.balanced_sampling=true")
     loader = Accelerator(cpu=True).prepare(build_loader(cfg, Labelled(), train=True))
 
@@ -293,3 +297,35 @@ def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_pat
     # the 6 rare clips weigh as much as the 18 common ones together
     rare = sum(i >= 18 for e in range(6) for i in epoch_indices(e)) / (6 * len(first))
     assert 0.3 < rare < 0.7
+
+
+def test_balanced_epoch_size_sets_the_steps_per_epoch_and_the_warmup(tmp_path):
+    """scenic ``train_lib/train_utils.py`` ``get_num_training_steps``: steps_per_epoch = training
+    examples // batch; AV-MAE's finetuning configs warm up for 2.5 x steps_per_epoch
+    (projects/av_mae/configs/audioset/finetune.py). An epoch of 33 balanced draws at batch 4."""
+    epoch_size, batch, epochs, warmup_epochs = 33, 4, 2, 1.5
+    steps_per_epoch = epoch_size // batch  # 8, whatever the 24 records
+    num_steps, num_warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch  # 16, 12
+    cfg = run_config(
+        tmp_path, "data.balanced_sampling=true", f"data.balanced_epoch_size={epoch_size}", f"data.batch_size={batch}",
+        f"train.epochs={epochs}", f"train.warmup_epochs={warmup_epochs}", "train.base_lr=0.256",
+    )  # fmt: skip
+    pretrain(cfg, model=StandIn(), dataset=Labelled())
+    epoch, lr = read_scalars(tmp_path, "train/epoch"), read_scalars(tmp_path, "train/lr")
+    assert sorted(lr) == list(range(1, num_steps + 1))
+    assert epoch[steps_per_epoch] == pytest.approx(1.0) and epoch[num_steps] == pytest.approx(epochs)
+    peak = 0.256 * batch / 256
+    # update s runs at the lr of s - 1 completed updates: a linear warmup over num_warmup updates
+    for s in range(1, int(num_warmup) + 1):
+        assert lr[s] == pytest.approx(peak * (s - 1) / num_warmup)
+    assert lr[int(num_warmup) + 1] == pytest.approx(peak)
+
+    # the AudioSet recipe: 508994 // 128 steps per epoch across 8 processes of 16 clips
+    recipe = load_config(CONFIGS / "finetune" / "avmae_audioset_vitl.yaml", ["data.num_workers=0"])
+    loader = prepare_data_loader(
+        build_loader(recipe, Labelled(), train=True), num_processes=8, process_index=3, put_on_device=False
+    )
+    source_steps = 508994 // 128
+    assert len(loader) == source_steps == 3976
+    assert total_steps(recipe.train, len(loader)) == 50 * source_steps == 198800
+    assert warmup_steps(recipe.train, len(loader)) == 2.5 * source_steps == 9940

@@ -3,11 +3,18 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from torch import nn
 
-from avmae.evaluation.evaluate import aggregate_views, format_table, write_results
+from avmae.config import load_config
+from avmae.evaluation.evaluate import aggregate_views, evaluate, format_table, write_results
+from avmae.models import build_classifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _rows(num_records: int, num_views: int, num_classes: int, seed: int = 0):
@@ -57,6 +64,43 @@ def test_aggregate_views_multi_label_targets_and_shapes_checked():
     assert agg["targets"]["tags"].tolist() == [[0.0, 1.0], [1.0, 1.0]]
     with pytest.raises(ValueError, match="index and view"):
         aggregate_views(index, view[:3], {"tags": scores}, {"tags": multi_hot})
+
+
+@pytest.mark.parametrize("name,multi_label", [("avmae_vggsound_vitl", False), ("avmae_audioset_vitl", True)])
+def test_avmae_recipes_average_the_views_logits(name, multi_label, one_thread):
+    """scenic projects/av_mae/train_utils.py ``test_step_multimodal``: a record's logits summed
+    over its views and divided by their number, then scored; here softmax / sigmoid of that mean.
+    A micro MBT classifier of the recipe's kind, 2 records x 3 views in 2 batches."""
+    recipe = load_config(CONFIGS / "finetune" / f"{name}.yaml")
+    cfg = load_config(None, [
+        "model.size=micro", "model.patch_size=8", "data.video.num_frames=4", "data.video.size=32",
+        "data.audio.seconds=0.64", "data.audio.num_mel_bins=32", "finetune.fusion=bottleneck",
+        "finetune.fusion_layer=2",
+    ])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_classifier(cfg, {"label": 5})
+    with torch.no_grad():
+        nn.init.normal_(model.heads["label"].weight)  # MBT's zero-initialised head scores every view alike
+    g = torch.Generator().manual_seed(1)
+    video, audio = torch.randn(6, 3, 4, 32, 32, generator=g), torch.randn(6, 1, 64, 32, generator=g)
+    index, view = torch.arange(2).repeat_interleave(3), torch.arange(3).repeat(2)
+    targets = (torch.rand(6, 5, generator=g) > 0.5).float() if multi_label else torch.tensor([1, 1, 1, 3, 3, 3])
+    batches = [
+        {"video": video[rows], "audio": audio[rows], "index": index[rows], "view": view[rows],
+         "targets": {"label": targets[rows]}}
+        for rows in (slice(0, 4), slice(4, 6))
+    ]  # fmt: skip
+    _, agg = evaluate(model, batches, Accelerator(cpu=True), "audiovisual", multi_label,
+                      aggregate=recipe.finetune.eval_aggregate)
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(video=video, audio=audio)["label"].view(2, 3, 5)
+    mean_logits = logits.sum(dim=1) / 3
+    score = torch.sigmoid if multi_label else (lambda x: x.softmax(dim=-1))
+    torch.testing.assert_close(agg["scores"]["label"], score(mean_logits))
+    # the other order, averaging the views' probabilities, gives other scores
+    assert not torch.allclose(score(logits).mean(dim=1), score(mean_logits), atol=1e-4)
 
 
 def test_write_results_and_table(tmp_path):

@@ -153,6 +153,43 @@ def test_one_modality_export_refuses_audiovisual_finetuning(exported):
     assert model.modalities == ("audio",)
 
 
+@pytest.mark.parametrize("recipe,fusion", [("avmae_vggsound_vitl", "late"), ("avmae_audioset_vitl", "mid")])
+def test_mbt_final_norm_starts_as_scenic_initialises_it(recipe, fusion, tmp_path):
+    """scenic projects/av_mae/mbt.py: ``initialise_from_separate_encoders`` renames only the blocks
+    and embeddings, so MBT's ``encoder_norm`` keeps flax's LayerNorm initialisation (scale 1,
+    bias 0); ``initialise_from_mid_fusion`` renames ``Transformer_concat/encoder_norm`` to it. The
+    pretraining's final norms are moved away from that initialisation first."""
+    pre_cfg = load_config(DEMO, [f"model.fusion={fusion}", f"model.stack_norms={fusion == 'mid'}"])
+    torch.manual_seed(0)
+    pre = build_pretrain_model(pre_cfg)
+    with torch.no_grad():
+        for name, param in pre.encoder.named_parameters():
+            if name.startswith("norm."):
+                param.add_(torch.randn_like(param))
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(step / "model.safetensors"))
+    save_config(pre_cfg, step / "config.yaml")
+    exported = export(step, tmp_path / "export", part="encoder")
+
+    final_norm = load_config(REPO / "configs" / "finetune" / f"{recipe}.yaml").finetune.mbt_final_norm
+    cfg = prepare_config(load_config(FINETUNE, GEOMETRY + [
+        f"finetune.pretrained={exported}", "finetune.fusion=bottleneck", "finetune.fusion_layer=2",
+        f"finetune.mbt_final_norm={final_norm}",
+    ]))  # fmt: skip
+    model = build_model(cfg, {"label": 4}, log=lambda *_: None)
+    for m in ("video", "audio"):
+        norm = model.encoder.norm[m]
+        if fusion == "late":  # the source's fresh LayerNorm
+            assert torch.equal(norm.weight, torch.ones(norm.weight.shape))
+            assert torch.equal(norm.bias, torch.zeros(norm.bias.shape))
+            assert not torch.equal(pre.encoder.norm[m].weight, norm.weight)
+        else:  # the pretrained joint norm, in each modality's norm
+            assert torch.equal(norm.weight, pre.encoder.norm.weight) and torch.equal(norm.bias, pre.encoder.norm.bias)
+        block, pretrained_block = model.encoder.modality_blocks[m][0], pre.encoder.modality_blocks[m][0]
+        assert torch.equal(block.attn.qkv.weight, pretrained_block.attn.qkv.weight)
+
+
 def _tool(name: str):
     """A script of tools/ as a module, to call its ``main(argv)`` in this process."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")

@@ -5,11 +5,15 @@ multi-label smoothing."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from avmae.augment import build_transforms
 from avmae.augment.mixup import draw_lambda, mix_batch
 from avmae.config import load_config
 from avmae.engine.finetune import classification_loss
@@ -17,6 +21,8 @@ from avmae.engine.optim import build_optimizer
 from avmae.models import MBTClassifier, build_classifier, build_pretrain_model, load_pretrained
 from avmae.models.losses import masked_mse
 from avmae.models.pos_embed import SinCosPosEmbed
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # micro ViT (width 128, depth 4), 4 frames of 32 px and 64 x 32 fbank with 8 x 8 patches:
 # 32 video and 32 audio tokens
@@ -187,3 +193,98 @@ def test_multi_label_smoothing_spreads_s_over_the_classes():
     multi_hot = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0]])
     _, _, soft = mix_batch(None, None, {"tags": multi_hot}, {"tags": 5}, alpha=0.0, smoothing=0.3)
     torch.testing.assert_close(soft["tags"], torch.tensor([[0.76, 0.06, 0.06, 0.76, 0.06]]))
+
+
+def test_avmae_audioset_loss_sums_the_sigmoid_cross_entropy_over_classes():
+    """scenic ``weighted_sigmoid_cross_entropy`` (model_lib/base_models/model_utils.py): per clip
+    the sum over the K classes of -(t log s(x) + (1 - t) log s(-x)), averaged over clips; MBT
+    (projects/av_mae/mbt.py) averages it over the modalities' logits. CAV-MAE's BCE stays a mean."""
+    cfg = load_config(CONFIGS / "finetune" / "avmae_audioset_vitl.yaml")
+    clips, classes = 3, 527
+    g = torch.Generator().manual_seed(0)
+    logits = {"label": {m: 3 * torch.randn(clips, classes, generator=g, dtype=torch.float64)
+                        for m in ("video", "audio")}}
+    targets = {"label": {m: torch.rand(clips, classes, generator=g, dtype=torch.float64) for m in ("video", "audio")}}
+
+    def log_sigmoid(x):
+        return -np.log1p(np.exp(-x))
+
+    per_modality = []
+    for m in ("video", "audio"):
+        x, t = logits["label"][m].numpy(), targets["label"][m].numpy()
+        per_clip = -(t * log_sigmoid(x) + (1 - t) * log_sigmoid(-x)).sum(axis=1)
+        per_modality.append(per_clip.sum() / clips)
+    source = np.mean(per_modality)
+    ours = classification_loss(logits, targets, True, cfg.finetune.multi_label_loss)
+    assert ours.item() == pytest.approx(source, rel=1e-9)
+    cavmae = load_config(CONFIGS / "finetune" / "cavmae_audioset20k.yaml")
+    mean = classification_loss(logits, targets, True, cavmae.finetune.multi_label_loss)
+    assert mean.item() == pytest.approx(source / classes, rel=1e-9)
+
+
+# The spec_augment_params of scenic projects/av_mae/configs/{audioset,vggsound}/finetune.py
+SPEC_AUGMENT = {
+    "avmae_audioset_vitl": dict(freq_mask_max_bins=36, freq_mask_count=2, time_mask_max_frames=48,
+                                time_mask_count=4, time_mask_max_ratio=0.0),
+    "avmae_vggsound_vitl": dict(freq_mask_max_bins=48, freq_mask_count=1, time_mask_max_frames=48,
+                                time_mask_count=4, time_mask_max_ratio=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_AUGMENT))
+def test_avmae_specaugment_draws_the_masks_lingvo_draws(name):
+    """tensorflow/lingvo ``SpectrumAugmenter``: ``_TimeMask`` returns its input when
+    ``time_mask_max_frames`` is 0 or ``time_mask_max_ratio`` is not positive; ``_FrequencyMask``
+    draws ``freq_mask_count`` bands of fewer than ``freq_mask_max_bins`` bins."""
+    source = SPEC_AUGMENT[name]
+    time_masks = source["time_mask_count"]
+    if source["time_mask_max_frames"] == 0 or source["time_mask_max_ratio"] <= 0:
+        time_masks = 0
+    cfg = load_config(CONFIGS / "finetune" / f"{name}.yaml")
+    fbank_augment = build_transforms(cfg, train=True).fbank
+    frames, bins = cfg.data.audio.target_length, cfg.data.audio.num_mel_bins
+    fbank = torch.randn(frames, bins, generator=torch.Generator().manual_seed(0)) + 10.0  # no cell equals a fill
+    masked_frames, masked_bins = 0, 0
+    for seed in range(20):
+        masked = fbank_augment(fbank, torch.Generator().manual_seed(seed)) != fbank
+        # a frequency band covers every frame: bins masked in all frames are frequency-masked
+        whole_bins = masked.all(dim=0)
+        assert whole_bins.sum() <= source["freq_mask_count"] * source["freq_mask_max_bins"]
+        masked_bins += int(whole_bins.any())
+        # the frequency bands cannot cover all bins, so a frame masked across every bin is a time mask
+        masked_frames += int(masked.all(dim=1).sum())
+        # and no cell is masked outside the frequency bands
+        assert torch.equal(masked, whole_bins[None, :].expand_as(masked))
+    assert masked_frames == 0 if time_masks == 0 else masked_frames > 0
+    assert masked_bins > 0 and source["freq_mask_count"] > 0
+
+
+@pytest.mark.parametrize("name", ["avmae_audioset_vitl", "avmae_vggsound_vitl"])
+def test_avmae_layer_decay_scales_every_parameter_as_scenic(name):
+    """scenic projects/av_mae/optimizer_utils.py ``optimizer_with_layerwise_decay``: with L blocks,
+    embeddings take layer id 0, ``encoderblock_i`` (of every modality) id i + 1, and every other
+    parameter (``encoder_norm``, the bottleneck tokens, the output projection) id L + 1; the lr
+    scale of id k is decay^(L + 1 - k). Here on a micro MBT (L = 4) with the recipe's settings."""
+    recipe = load_config(CONFIGS / "finetune" / f"{name}.yaml")
+    decay = recipe.finetune.layer_decay
+    group = f"finetune.final_norm_group={recipe.finetune.final_norm_group}"
+    cfg = tiny("train.optimizer=sgd", "train.weight_decay=0.0", group)
+    model = mbt("finetune.fusion_layer=2", group)
+    depth = len(model.encoder.modality_blocks["video"])
+
+    def source_layer_id(name: str) -> int:
+        if name.startswith(("encoder.patch_embed.", "encoder.pos_embed.", "encoder.modality_embed.")):
+            return 0
+        block = re.match(r"encoder\.modality_blocks\.\w+\.(\d+)\.", name)
+        if block:
+            return int(block[1]) + 1
+        return depth + 1
+
+    optimizer = build_optimizer(model, cfg.train, lr=1.6, layer_decay=decay)
+    scale = {p: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(scale) == len(named)
+    for param_name, param in named.items():
+        expected = decay ** (depth + 1 - source_layer_id(param_name))
+        assert scale[param] == pytest.approx(expected), param_name
+    assert scale[named["encoder.norm.audio.weight"]] == 1.0

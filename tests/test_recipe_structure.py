@@ -126,7 +126,7 @@ def test_mbt_finetuning_model_has_the_published_size(name, variant, seconds, fus
 
     # MBT: tokenizers, one full stack per modality, 4 bottleneck tokens, one shared linear head
     # on the mean-pooled tokens of each modality. MBT closes both stacks with one shared
-    # LayerNorm; ours keeps one per modality (loaded from the pretrained norms): + 1 LayerNorm
+    # LayerNorm; ours keeps one per modality (finetune.mbt_final_norm): + 1 LayerNorm
     mbt = dense(VIDEO_PATCH, width) + dense(AUDIO_PATCH, width)
     mbt += 2 * depth * block(width, mlp) + layer_norm(width)
     mbt += 4 * width + dense(width, classes)

@@ -28,14 +28,16 @@ def _ignore_signals_in_worker(worker_id: int) -> None:
     os.setpgid(0, 0)
 
 
-def balanced_sampler(dataset: Dataset, seed: int) -> DistributedWeightedSampler:
+def balanced_sampler(dataset: Dataset, seed: int, epoch_size: int = 0) -> DistributedWeightedSampler:
     """AudioSet-style weighted sampling on the dataset's first head (``label``; ``verb`` for
-    EPIC-KITCHENS): one draw per epoch of the whole batch stream, the same in every process."""
+    EPIC-KITCHENS): one draw per epoch of the whole batch stream, the same in every process;
+    ``epoch_size`` clips per epoch (``data.balanced_epoch_size``; 0: as many as records)."""
     if not hasattr(dataset, "records"):
         raise ValueError("data.balanced_sampling needs a dataset with records and classes (an AVDataset)")
     manifest = Manifest(records=dataset.records, classes=dataset.classes, multi_label=dataset.multi_label)
     head = next(iter(dataset.classes))
-    return DistributedWeightedSampler(balanced_weights(manifest, head), num_replicas=1, rank=0, seed=seed)
+    weights = balanced_weights(manifest, head)
+    return DistributedWeightedSampler(weights, num_samples=epoch_size or None, num_replicas=1, rank=0, seed=seed)
 
 
 def build_loader(cfg: Config, dataset: Dataset, train: bool) -> DataLoader:
@@ -48,7 +50,9 @@ def build_loader(cfg: Config, dataset: Dataset, train: bool) -> DataLoader:
     """
     data = cfg.data
     workers = data.num_workers
-    sampler = balanced_sampler(dataset, cfg.train.seed) if train and data.balanced_sampling else None
+    sampler = None
+    if train and data.balanced_sampling:
+        sampler = balanced_sampler(dataset, cfg.train.seed, data.balanced_epoch_size)
     return DataLoader(
         dataset,
         batch_size=data.batch_size,

@@ -11,7 +11,7 @@ The published recipe (AV-MAE, MAE), all through timm and accelerate:
 - batch mixup with one ``lam`` for video and audio, or one per modality
   (``augment.mixup_per_modality``), and label smoothing (``avmae.augment.mixup``; for
   multi-label datasets only with ``finetune.smooth_multi_label``), soft-target cross-entropy, or
-  BCE for multi-label datasets;
+  BCE for multi-label datasets (mean over classes, or their sum: ``finetune.multi_label_loss``);
 - drop path (``model.drop_path``), SpecAugment and spatial augmentations through the training
   dataset's transforms (``augment.*``);
 - AudioSet-style balanced sampling across processes (``data.balanced_sampling``);
@@ -86,7 +86,10 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
                 f"{cfg.finetune.pretrained} holds only the {part} encoder; set finetune.modalities={part} "
                 "or export the encoder of both modalities (--part encoder)"
             )
-        report = load_pretrained(model, pretrained_encoder_weights(cfg.finetune.pretrained))
+        ft = cfg.finetune
+        # finetune.mbt_final_norm=init: MBT's final norms keep their initialisation
+        keep_init = ("encoder.norm.",) if ft.fusion == "bottleneck" and ft.mbt_final_norm == "init" else ()
+        report = load_pretrained(model, pretrained_encoder_weights(ft.pretrained), keep_init)
         log(f"pretrained weights from {cfg.finetune.pretrained}: {report}")
     else:
         log("no finetune.pretrained: the encoder starts from random initialisation")
@@ -94,7 +97,8 @@ def build_model(cfg: Config, heads: dict[str, int], log=print) -> nn.Module:
 
 
 def classification_loss(
-    logits: dict[str, torch.Tensor], soft_targets: dict[str, torch.Tensor], multi_label: bool
+    logits: dict[str, torch.Tensor], soft_targets: dict[str, torch.Tensor], multi_label: bool,
+    multi_label_loss: str = "mean",
 ) -> torch.Tensor:
     """Mean over heads of soft-target cross-entropy (single-label) or BCE (multi-label).
 
@@ -102,17 +106,23 @@ def classification_loss(
         logits: head -> ``(B, K)``; soft_targets: head -> ``(B, K)`` (mixed, smoothed).
             Either may instead map head -> ``{modality: (B, K)}`` (``MBTClassifier`` in training,
             per-modality mixup): each modality's logits then count as a head of their own.
+        multi_label_loss: ``finetune.multi_label_loss``: the BCE's mean over clips and classes
+            (``"mean"``), or its sum over the K classes averaged over clips (``"sum"``, K times
+            larger: AV-MAE's ``weighted_sigmoid_cross_entropy``).
     """
     if any(isinstance(x, dict) for x in logits.values()):
         return torch.stack([
             classification_loss({h: per[m] for h, per in logits.items()},
-                                {h: t[m] if isinstance(t, dict) else t for h, t in soft_targets.items()}, multi_label)
+                                {h: t[m] if isinstance(t, dict) else t for h, t in soft_targets.items()},
+                                multi_label, multi_label_loss)
             for m in next(iter(logits.values()))
         ]).mean()
     losses = []
     for head, x in logits.items():
         target = soft_targets[head].to(x.dtype)
-        if multi_label:
+        if multi_label and multi_label_loss == "sum":
+            losses.append(F.binary_cross_entropy_with_logits(x, target, reduction="none").sum(dim=-1).mean())
+        elif multi_label:
             losses.append(F.binary_cross_entropy_with_logits(x, target))
         else:
             losses.append(torch.sum(-target * F.log_softmax(x, dim=-1), dim=-1).mean())
@@ -160,7 +170,7 @@ def _finetune(cfg: Config) -> dict:
     smoothing = ft.label_smoothing if ft.smooth_multi_label or not multi_label else 0.0
     accelerator.print(
         f"finetuning {ft.modalities} on {cfg.data.format}: heads {heads}, "
-        f"{'multi' if multi_label else 'single'}-label; "
+        f"{'multi' if multi_label else 'single'}-label{f' ({ft.multi_label_loss} BCE)' if multi_label else ''}; "
         f"{train.optimizer}, layer decay {ft.layer_decay}, mixup alpha {alpha:g}"
         f"{' per modality' if cfg.augment.mixup_per_modality else ''}, label smoothing {smoothing:g}"
     )
@@ -174,12 +184,12 @@ def _finetune(cfg: Config) -> dict:
             per_modality=cfg.augment.mixup_per_modality,
         )
         mixed = {k: v for k, v in (("video", video), ("audio", audio)) if v is not None}
-        return {"loss": classification_loss(model(**mixed), soft, multi_label), "logs": {}}
+        return {"loss": classification_loss(model(**mixed), soft, multi_label, ft.multi_label_loss), "logs": {}}
 
     def run_evaluation(step: int, title: str) -> dict:
         metrics, _ = evaluate(
             model, eval_loader, accelerator, ft.modalities, multi_label, len(eval_set.records), trainer.input_dtype,
-            video_cfg=cfg.data.video,
+            video_cfg=cfg.data.video, aggregate=ft.eval_aggregate,
         )
         accelerator.log({f"{ft.eval_split}/{k}": v for k, v in summary(metrics).items()}, step=step)
         accelerator.print(format_table(metrics, f"{ft.eval_split} {title}, step {step}"))
@@ -225,7 +235,7 @@ def evaluate_finetuned(
     modalities, multi_label = cfg.finetune.modalities, dataset.multi_label
     metrics, _ = evaluate(
         model, loader, accelerator, modalities, multi_label, len(dataset.records), input_dtype(accelerator),
-        video_cfg=cfg.data.video,
+        video_cfg=cfg.data.video, aggregate=cfg.finetune.eval_aggregate,
     )
     out_dir = Path(out_dir) if out_dir else Path(model_dir) / f"eval_{split}"
     if accelerator.is_main_process:

@@ -3,8 +3,9 @@
 An evaluation dataset yields ``test_clips x test_crops`` items per record, each carrying the
 record's ``index`` and its ``view`` number. A distributed sampler pads the last batches with
 repeated items so that every process sees the same number; after gathering, rows are keyed by
-``(index, view)``, repeats are dropped, and the remaining views of each record are averaged
-(softmax for single-label tasks, sigmoid for multi-label ones).
+``(index, view)``, repeats are dropped, and the remaining views of each record are averaged:
+their probabilities (softmax for single-label tasks, sigmoid for multi-label ones), or their
+logits before one softmax / sigmoid (``finetune.eval_aggregate``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ def model_inputs(
     return inputs if dtype is None else {name: x.to(dtype) for name, x in inputs.items()}
 
 
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """float32 sigmoid (multi-label) or softmax (single-label) of ``(N, K)`` logits."""
+    return logits.float().sigmoid() if multi_label else logits.float().softmax(dim=-1)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -93,8 +99,10 @@ def predict(
     multi_label: bool,
     dtype: torch.dtype | None = None,
     video_cfg: VideoConfig | None = None,
+    aggregate: str = "probs",
 ) -> dict:
-    """Per-view probabilities of every item, gathered from all processes (padding included).
+    """Per-view probabilities (``aggregate="logits"``: float32 logits) of every item, gathered from
+    all processes (padding included).
 
     ``loader`` must be prepared by ``accelerator`` (or be a per-process shard). Returns, on every
     process, CPU tensors: ``index`` ``(N,)``, ``view`` ``(N,)``, ``scores`` head -> ``(N, K)``
@@ -104,9 +112,12 @@ def predict(
     chunks: dict[str, list] = {"index": [], "view": [], "scores": [], "targets": []}
     for batch in loader:
         logits = model(**model_inputs(batch, modalities, dtype, video_cfg))
-        probs = {h: (l.float().sigmoid() if multi_label else l.float().softmax(dim=-1)) for h, l in logits.items()}
+        if aggregate == "logits":
+            scores = {h: l.float() for h, l in logits.items()}
+        else:
+            scores = {h: probabilities(l, multi_label) for h, l in logits.items()}
         # Batches may differ in size across processes at the tail: pad, gather, then cut.
-        local = {"index": batch["index"], "view": batch["view"], "scores": probs, "targets": batch["targets"]}
+        local = {"index": batch["index"], "view": batch["view"], "scores": scores, "targets": batch["targets"]}
         sizes = accelerator.gather(torch.tensor([batch["index"].shape[0]], device=accelerator.device)).tolist()
         padded = accelerator.pad_across_processes(local, dim=0)
         gathered = accelerator.gather(padded)
@@ -139,10 +150,13 @@ def evaluate(
     num_records: int | None = None,
     dtype: torch.dtype | None = None,
     video_cfg: VideoConfig | None = None,
+    aggregate: str = "probs",
 ) -> tuple[dict, dict]:
     """Multi-view metrics of ``model`` on ``loader``.
 
     Args:
+        aggregate: ``finetune.eval_aggregate``: average the views' probabilities (``"probs"``), or
+            their logits and then take the probabilities of the mean (``"logits"``).
         dtype: the inputs' dtype, when it is not the loader's (DeepSpeed's bf16/fp16 weights).
         video_cfg: ``data.video``, whose mean and std normalise uint8 video on the device.
         num_records: records of the dataset. A clip that cannot be decoded is replaced by another
@@ -152,10 +166,15 @@ def evaluate(
     Returns:
         ``(metrics, aggregated)``: metrics per head (see ``classification_metrics``) plus
         ``records_scored``, ``records_unscored``, ``records_with_fewer_views``,
-        ``views_per_record`` and ``duplicates_dropped``; and the output of ``aggregate_views``.
+        ``views_per_record`` and ``duplicates_dropped``; and the output of ``aggregate_views``
+        (its ``scores`` probabilities either way).
     """
-    raw = predict(model, loader, accelerator, modalities, multi_label, dtype, video_cfg)
+    if aggregate not in ("probs", "logits"):
+        raise ValueError(f"aggregate must be probs or logits, got {aggregate!r}")
+    raw = predict(model, loader, accelerator, modalities, multi_label, dtype, video_cfg, aggregate)
     agg = aggregate_views(raw["index"], raw["view"], raw["scores"], raw["targets"])
+    if aggregate == "logits":
+        agg["scores"] = {h: probabilities(s, multi_label) for h, s in agg["scores"].items()}
     views = agg["views"]
     metrics = classification_metrics(agg["scores"], agg["targets"], multi_label)
     metrics["records_scored"] = int(agg["index"].numel())
