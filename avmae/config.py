@@ -22,10 +22,13 @@ FUSIONS = ("early", "late", "shared", "mid")
 DECODERS = ("separate", "shared", "joint", "same")
 VIDEO_MASKINGS = ("random", "tube")
 AUDIO_MASKINGS = ("random", "time", "freq", "time_freq")
-POS_EMBEDS = ("grid", "1d")
+POS_EMBEDS = ("grid", "1d", "2d")
 PATCH_LOSSES = ("mean", "sum")
 JOINT_NORMS = ("shared", "per_modality")
+SPEC_AUGMENT_FILLS = ("mean", "raw_zero")  # augment.spec_augment_fill
+MIXUP_DOMAINS = ("inputs", "waveform")  # augment.mixup_domain
 POOLS = ("modalities", "tokens")  # finetune.pool
+HEAD_INITS = ("trunc_normal", "xavier")  # finetune.head_init
 FINETUNE_FUSIONS = ("pool", "bottleneck")  # finetune.fusion
 MULTI_LABEL_LOSSES = ("mean", "sum")  # finetune.multi_label_loss
 EVAL_AGGREGATES = ("probs", "logits")  # finetune.eval_aggregate
@@ -206,7 +209,7 @@ class AugmentConfig:
     per_frame: bool = False  # draw the spatial parameters per frame
     frame_shuffle: float = 0.0
     time_reversal: float = 0.0  # at most 0.5, as hflip
-    # audio: waveform before the fbank, SpecAugment on the normalised fbank
+    # audio: waveform before the fbank, SpecAugment on the fbank (avmae/augment/audio.py)
     gain_db: float = 0.0  # +- range of random gain
     noise: float = 0.0  # probability of additive Gaussian noise
     noise_level: float = 0.1  # largest noise RMS relative to the clip's RMS
@@ -215,10 +218,29 @@ class AugmentConfig:
     time_mask: int = 0
     num_freq_masks: int = 2
     num_time_masks: int = 2
+    # What a SpecAugment mask leaves in its cells: "mean" the dataset mean (0 in the normalised
+    # fbank, SpecAugment's choice); "raw_zero" a raw log-mel value of 0, i.e. (0 - norm_mean) /
+    # norm_std, as CAV-MAE and AST mask the fbank before normalising it (YuanGongND/cav-mae
+    # src/dataloader.py).
+    spec_augment_fill: str = "mean"
     mixup: float = 0.0  # finetuning only: alpha of Beta(alpha, alpha); 0 disables
     mixup_per_modality: bool = False  # one lam per modality (AV-MAE's mixmod); avmae/augment/mixup.py
+    # Where mixup mixes (avmae/augment/mixup.py): "inputs" the model inputs of every batch on the
+    # device, each clip with the batch flipped (timm); "waveform" each training clip in the dataset,
+    # with probability mixup_prob, with a random other clip: waveforms before the fbank, normalised
+    # frames and targets (CAV-MAE, YuanGongND/cav-mae src/dataloader.py)
+    mixup_domain: str = "inputs"
+    mixup_prob: float = 1.0  # mixup_domain waveform: the probability that a clip is mixed
 
     def __post_init__(self) -> None:
+        _check_choice("augment.spec_augment_fill", self.spec_augment_fill, SPEC_AUGMENT_FILLS)
+        _check_choice("augment.mixup_domain", self.mixup_domain, MIXUP_DOMAINS)
+        if not 0.0 <= self.mixup_prob <= 1.0:
+            raise ValueError(f"augment.mixup_prob={self.mixup_prob} is not a probability in [0, 1]")
+        if self.mixup_domain == "inputs" and self.mixup_prob != 1.0:
+            raise ValueError("augment.mixup_prob applies to mixup_domain=waveform; the batch mixup mixes every batch")
+        if self.mixup_domain == "waveform" and self.mixup_per_modality:
+            raise ValueError("augment.mixup_per_modality needs mixup_domain=inputs (one lam per modality of a batch)")
         probabilities = (
             "crop", "hflip", "color_jitter", "grayscale", "blur", "downup", "frame_rate_reduction",
             "tube_cutout", "frame_shuffle", "time_reversal", "noise",
@@ -264,8 +286,9 @@ class ModelConfig:
     decoder_heads: int = 8
     reconstruction: str = "joint"  # joint | inpaint | both
     modality_embed: bool = True
-    # sin-cos positions of encoder and decoder: grid (separable over the token grid) | 1d (over the
-    # token sequence, AV-MAE's sinusoidal_1d)
+    # sin-cos positions of encoder and decoder (models/pos_embed.py): grid (separable over the
+    # token grid) | 1d (over the token sequence, AV-MAE's sinusoidal_1d) | 2d (MAE's 2-D code over
+    # all channels of one image: a single video frame, the fbank as frequency x time; CAV-MAE)
     pos_embed: str = "grid"
     # mid fusion built from complete encoders (AV-MAE's separate_encoders_and_concat): a LayerNorm
     # closes each modality's stack, one shared LayerNorm the joint stack (models/encoder.py)
@@ -315,6 +338,9 @@ class ModelConfig:
     cls_token: bool = False  # a learned class token per modality (MAE, AudioMAE)
     joint_norms: str = "shared"  # shared | per_modality (CAV-MAE's joint layer)
     final_norm: bool = True  # False: no LayerNorm after the last block (finetuned MAE-family models)
+    # eps of every LayerNorm of encoder, decoder and classifier heads: 1e-6 is MAE's, AudioMAE's,
+    # VideoMAE's and scenic's; CAV-MAE builds nn.LayerNorm with PyTorch's default, 1e-5
+    norm_eps: float = 1e-6
     # An export folder (e.g. tools/convert.py output) whose encoder weights start a pretraining
     # run (CAV-MAE starts from ImageNet MAE); empty = random initialisation. Read by the
     # pretraining engine at a fresh start only.
@@ -339,6 +365,8 @@ class ModelConfig:
                 f"got contrastive_negatives={self.contrastive_negatives!r}"
             )
         _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
+        if not self.norm_eps > 0:
+            raise ValueError(f"model.norm_eps={self.norm_eps} must be positive")
 
 
 @dataclass
@@ -419,6 +447,14 @@ class FinetuneConfig:
     # The pooled classifier's (fusion: pool) clip embedding: "modalities" averages each modality's
     # mean token; "tokens" averages all tokens (CAV-MAE's finetuning model, src/models/cav_mae.py CAVMAEFT)
     pool: str = "modalities"
+    # Learn the positional tables while finetuning: a fixed sine-cosine code becomes a parameter
+    # started from that code (CAV-MAE: YuanGongND/cav-mae src/models/cav_mae.py CAVMAEFT,
+    # tr_pos=True); stored tables (model.learned_pos_embed) are learned either way.
+    learn_pos_embed: bool = False
+    # The pooled classifier's (fusion: pool) Linear: trunc_normal (std 2e-5, zero bias:
+    # facebookresearch/mae main_finetune.py) | xavier (xavier-uniform, zero bias: CAV-MAE's
+    # CAVMAEFT._init_weights). MBT's heads (fusion: bottleneck) start at zero.
+    head_init: str = "trunc_normal"
     # Head name -> number of classes; empty means "as many as the dataset's label list".
     heads: dict[str, int] = field(default_factory=dict)
     eval_every: int = 1  # epochs between validation passes; 0 = only after the last epoch
@@ -444,6 +480,9 @@ class FinetuneConfig:
         _check_choice("finetune.final_norm_group", self.final_norm_group, FINAL_NORM_GROUPS)
         _check_choice("finetune.mbt_final_norm", self.mbt_final_norm, MBT_FINAL_NORMS)
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
+        _check_choice("finetune.head_init", self.head_init, HEAD_INITS)
+        if self.fusion == "bottleneck" and self.head_init != "trunc_normal":
+            raise ValueError("finetune.head_init applies to fusion=pool; MBT's heads (fusion=bottleneck) start at zero")
         _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
 
 

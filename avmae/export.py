@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ PARTS = ("model", "encoder", "audio", "video")
 # (masking, losses) or a finetuning choice (drop path).
 ARCHITECTURE_FIELDS = (
     "size", "patch_size", "tubelet", "fusion", "fusion_layers", "modality_embed", "pos_embed", "stack_norms",
-    "learned_pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm",
+    "learned_pos_embed", "pos_grid_video", "pos_grid_audio", "cls_token", "joint_norms", "final_norm", "norm_eps",
 )
 # Preprocessing a model was trained on and must be fed with, whatever the clip geometry.
 AUDIO_PREPROCESSING = ("sample_rate", "num_mel_bins", "frame_shift_ms", "frame_length_ms", "norm_mean", "norm_std")
@@ -292,6 +293,7 @@ def write_export(
         description["timm"] = {
             "class": "timm.models.vision_transformer.VisionTransformer",
             "kwargs": kwargs,
+            "norm_eps": module.norm_eps,  # of every LayerNorm: VisionTransformer(**kwargs, norm_layer=partial(LayerNorm, eps=...))
             "weights": TIMM_WEIGHTS,
         }
     with open(out_dir / EXPORT_CONFIG, "w") as f:
@@ -456,7 +458,8 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
         "mlp_ratio": first.mlp.fc1.out_features / encoder.embed_dim,
         "qkv_bias": first.attn.qkv.bias is not None,
     }
-    vit = VisionTransformer(**kwargs)
+    # timm's ViT takes its LayerNorm as a class, not JSON: its eps is recorded next to the kwargs
+    vit = VisionTransformer(**kwargs, norm_layer=partial(nn.LayerNorm, eps=encoder.norm_eps))
 
     pos = encoder.pos_embed["audio"](grid).detach()
     if encoder.modality_embed is not None:
@@ -490,6 +493,7 @@ def load_timm_audio_vit(path: str | Path) -> nn.Module:
     description = read_export(path)
     if "timm" not in description:
         raise ValueError(f"{path}: export of part {description['part']!r} has no timm audio model")
-    vit = VisionTransformer(**description["timm"]["kwargs"])
+    norm_eps = description["timm"].get("norm_eps", 1e-6)  # exports written before it was recorded: timm's own
+    vit = VisionTransformer(**description["timm"]["kwargs"], norm_layer=partial(nn.LayerNorm, eps=norm_eps))
     vit.load_state_dict(load_file(str(Path(path) / description["timm"]["weights"])), strict=True)
     return vit.eval()

@@ -16,7 +16,8 @@ loss each, against its own mixed targets); evaluation returns their mean.
 dict and states exactly which keys it did not use or did not find; anything beyond the expected
 (new heads missing; decoder, contrastive head and unused-modality keys unexpected) is an error.
 Fixed positional embeddings are not in state dicts: they are recomputed for the new geometry
-(stored tables, ``model.learned_pos_embed``, load like other weights and are resampled).
+(stored tables, ``model.learned_pos_embed``, load like other weights and are resampled; tables
+learned from a checkpoint with fixed codes, ``finetune.learn_pos_embed``, start from that code).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from avmae.config import POOLS, Config, modality_set, replace
+from avmae.config import HEAD_INITS, POOLS, Config, modality_set, replace
 
 from .encoder import AVEncoder
 from .layers import MODALITIES, norm_layer
@@ -44,13 +45,15 @@ class AVClassifier(nn.Module):
 
     def __init__(
         self, encoder: AVEncoder, heads: dict[str, int], drop_rate: float = 0.0, pool: str = "modalities",
-        final_norm_group: str = "last_block",
+        final_norm_group: str = "last_block", head_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         # the layer-decay group of the encoder's final norm (``finetune.final_norm_group``)
         self.final_norm_group = final_norm_group
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
         # modalities: each modality's mean token, averaged; tokens: the mean of all tokens
         # (CAV-MAE's CAVMAEFT, src/models/cav_mae.py), so each modality weighs by its token count
         self.pool = pool
@@ -60,11 +63,16 @@ class AVClassifier(nn.Module):
         self.modalities = encoder.modalities
         dim = encoder.embed_dim
         self.heads = nn.ModuleDict(
-            {name: nn.Sequential(norm_layer(dim), nn.Dropout(drop_rate), nn.Linear(dim, k)) for name, k in heads.items()}
+            {
+                name: nn.Sequential(norm_layer(dim, eps=encoder.norm_eps), nn.Dropout(drop_rate), nn.Linear(dim, k))
+                for name, k in heads.items()
+            }
         )
         for head in self.heads.values():
-            # MAE finetuning: a near-zero head so the first steps do not disturb the encoder
-            nn.init.trunc_normal_(head[-1].weight, std=2e-5)
+            if head_init == "xavier":  # CAV-MAE's CAVMAEFT (src/models/cav_mae.py _init_weights)
+                nn.init.xavier_uniform_(head[-1].weight)
+            else:  # MAE finetuning: a near-zero head so the first steps do not disturb the encoder
+                nn.init.trunc_normal_(head[-1].weight, std=2e-5)
             nn.init.zeros_(head[-1].bias)
 
     def forward_features(self, video: torch.Tensor | None = None, audio: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,8 +203,11 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTCl
     """Encoder of ``cfg.model`` for ``cfg.finetune.modalities`` at the geometry of ``cfg.data``;
     ``finetune.fusion: bottleneck`` gives an ``MBTClassifier`` (its encoder has one stack per
     modality whatever ``model.fusion`` says; ``load_pretrained`` copies joint pretrained blocks
-    into every stack)."""
+    into every stack). ``finetune.learn_pos_embed`` turns fixed positional codes into tables
+    (``model.learned_pos_embed``) that start from the same code."""
     ft = cfg.finetune
+    if ft.learn_pos_embed and not cfg.model.learned_pos_embed:
+        cfg = replace(cfg, model=replace(cfg.model, learned_pos_embed=True, pos_grid_video=(0, 0, 0), pos_grid_audio=(0, 0)))
     if ft.fusion == "bottleneck":
         if cfg.model.cls_token or cfg.model.joint_norms != "shared":
             raise ValueError(
@@ -209,7 +220,7 @@ def build_classifier(cfg: Config, heads: dict[str, int]) -> AVClassifier | MBTCl
             encoder, heads, ft.fusion_layer, ft.bottlenecks, ft.test_with_bottlenecks, ft.final_norm_group
         )
     encoder = build_encoder(cfg, modality_set(ft.modalities))
-    return AVClassifier(encoder, heads, pool=ft.pool, final_norm_group=ft.final_norm_group)
+    return AVClassifier(encoder, heads, pool=ft.pool, final_norm_group=ft.final_norm_group, head_init=ft.head_init)
 
 
 def separate_stacks(state_dict: dict[str, torch.Tensor], modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -294,7 +305,14 @@ def load_pretrained(
     unexpected = sorted(set(source) - set(target))
     unused_modality = _unused_modality_pattern(encoder)
     allowed_unexpected = re.compile(r"^(decoder|contrastive)\.")
-    bad_missing = [k for k in missing if not k.startswith(("heads.", "bottleneck")) and k not in kept]
+    # a checkpoint with fixed positional codes (no stored tables) starts learned tables
+    # (finetune.learn_pos_embed) from the same code, which they were built with
+    fixed_codes = not any(k.startswith("encoder.pos_embed.") for k in source)
+    bad_missing = [
+        k for k in missing
+        if not k.startswith(("heads.", "bottleneck")) and k not in kept
+        and not (fixed_codes and re.match(r"^encoder\.pos_embed\.\w+\.table$", k))
+    ]
     bad_unexpected = [
         k for k in unexpected
         if not allowed_unexpected.match(k) and not (unused_modality and unused_modality.match(k))

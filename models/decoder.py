@@ -25,7 +25,7 @@ from avmae.config import DECODERS
 
 from .masking import TokenMask, take_tokens
 
-from .layers import MODALITIES, init_weights, make_blocks, norm_layer, run_blocks
+from .layers import MODALITIES, NORM_EPS, init_weights, make_blocks, norm_layer, run_blocks
 from .pos_embed import SinCosPosEmbed
 
 
@@ -38,7 +38,8 @@ class AVDecoder(nn.Module):
     patch_dims: patch dimension per modality (the prediction targets).
     grids: token grid per modality of the configured geometry (pre-computes positions).
     modality_embed: learnable decoder modality embeddings.
-    pos_embed: ``grid`` or ``1d`` sin-cos positions (``pos_embed.SinCosPosEmbed``).
+    pos_embed: ``grid``, ``2d`` or ``1d`` sin-cos positions (``pos_embed.SinCosPosEmbed``).
+    norm_eps: the eps of every LayerNorm (``model.norm_eps``).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class AVDecoder(nn.Module):
         grids: dict[str, tuple[int, ...]],
         modality_embed: bool = True,
         pos_embed: str = "grid",
+        norm_eps: float = NORM_EPS,
     ) -> None:
         super().__init__()
         if kind not in DECODERS:
@@ -66,8 +68,8 @@ class AVDecoder(nn.Module):
             return nn.ModuleDict({m: make() for m in self.modalities}) if kind in each else make()
 
         self.embed = one_or_each(lambda: nn.Linear(encoder_dim, width), each=("separate", "same"))
-        self.blocks = one_or_each(lambda: make_blocks(depth, width, num_heads, mlp_ratio))
-        self.norm = one_or_each(lambda: norm_layer(width))
+        self.blocks = one_or_each(lambda: make_blocks(depth, width, num_heads, mlp_ratio, norm_eps=norm_eps))
+        self.norm = one_or_each(lambda: norm_layer(width, eps=norm_eps))
         self.pred = nn.ModuleDict({m: nn.Linear(width, patch_dims[m]) for m in self.modalities})
         if kind in ("separate", "same"):
             self.mask_token = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, width)) for m in self.modalities})

@@ -37,6 +37,8 @@ Options for the layouts of other MAE codebases (their checkpoints convert onto t
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -48,6 +50,7 @@ from .layers import (
     AudioPatchEmbed,
     VideoPatchEmbed,
     init_weights,
+    NORM_EPS,
     make_blocks,
     norm_layer,
     run_blocks,
@@ -61,11 +64,15 @@ class ModalityNormBlock(Block):
     attention and MLP weights behind ``modality_norm1[modality]``/``modality_norm2[modality]``.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, modalities: tuple[str, ...], drop_path: float = 0.0) -> None:
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=norm_layer)
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, modalities: tuple[str, ...], drop_path: float = 0.0,
+        norm_eps: float = NORM_EPS,
+    ) -> None:
+        norm = partial(norm_layer, eps=norm_eps)
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=norm)
         self.attn.fused_attn = True  # as make_blocks
-        self.modality_norm1 = nn.ModuleDict({m: norm_layer(dim) for m in modalities})
-        self.modality_norm2 = nn.ModuleDict({m: norm_layer(dim) for m in modalities})
+        self.modality_norm1 = nn.ModuleDict({m: norm(dim) for m in modalities})
+        self.modality_norm2 = nn.ModuleDict({m: norm(dim) for m in modalities})
 
     def forward(self, x: torch.Tensor, modality: str | None = None) -> torch.Tensor:
         if modality is None:
@@ -88,15 +95,17 @@ class AVEncoder(nn.Module):
         modalities: which modalities this encoder has tokenizers and blocks for.
         modality_embed: add a learnable embedding per modality to its tokens.
         drop_path: stochastic depth rate, rising linearly with depth.
-        pos_embed: ``grid`` (separable sin-cos of the token grid) or ``1d`` (sin-cos of the token
-            sequence, AV-MAE's ``sinusoidal_1d``); see ``pos_embed.py``.
+        pos_embed: ``grid`` (separable sin-cos of the token grid), ``2d`` (MAE's 2-D sin-cos of one
+            image: CAV-MAE's frame and fbank) or ``1d`` (sin-cos of the token sequence, AV-MAE's
+            ``sinusoidal_1d``); see ``pos_embed.py``.
         stack_norms: mid fusion only; see the module docstring.
         learned_pos: a stored (learned) positional table per modality instead of the fixed code
-            (``pos_embed`` is then unused).
+            (``pos_embed`` is then the code it starts from).
         pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).
         cls_token: a learned class token per modality (dropped from the outputs).
         joint_norms: ``shared`` or ``per_modality`` LayerNorms in the joint blocks (CAV-MAE).
         final_norm: a LayerNorm after the last block (per modality; one shared with ``stack_norms``).
+        norm_eps: the eps of every LayerNorm (``model.norm_eps``).
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class AVEncoder(nn.Module):
         cls_token: bool = False,
         joint_norms: str = "shared",
         final_norm: bool = True,
+        norm_eps: float = NORM_EPS,
     ) -> None:
         super().__init__()
         if joint_norms not in JOINT_NORMS:
@@ -139,6 +149,8 @@ class AVEncoder(nn.Module):
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         self.embed_dim = embed_dim
         self.depth = depth
+        self.norm_eps = norm_eps
+        norm = partial(norm_layer, eps=norm_eps)
         self.fusion = fusion
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.grad_checkpointing = False
@@ -148,7 +160,7 @@ class AVEncoder(nn.Module):
         self.patch_embed = nn.ModuleDict({m: tokenizers[m] for m in self.modalities})
         if learned_pos:
             grids = {**grids, **{m: tuple(g) for m, g in (pos_grids or {}).items() if g and any(g)}}
-            self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m]) for m in self.modalities})
+            self.pos_embed = nn.ModuleDict({m: LearnedPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         else:
             self.pos_embed = nn.ModuleDict({m: SinCosPosEmbed(m, embed_dim, grids[m], pos_embed) for m in self.modalities})
         self.cls_token = (
@@ -166,28 +178,29 @@ class AVEncoder(nn.Module):
         num_modality = {"early": 0, "mid": depth - fusion_layers, "late": depth, "shared": 0}[fusion]
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # as torch.linspace
         self.modality_blocks = nn.ModuleDict(
-            {m: make_blocks(num_modality, embed_dim, num_heads, mlp_ratio, rates) for m in self.modalities}
+            {m: make_blocks(num_modality, embed_dim, num_heads, mlp_ratio, rates, norm_eps) for m in self.modalities}
             if num_modality
             else {}
         )
         self.joint_norms = joint_norms
         if joint_norms == "per_modality" and fusion in ("early", "mid"):
             self.blocks = nn.ModuleList(
-                ModalityNormBlock(embed_dim, num_heads, mlp_ratio, self.modalities, rate) for rate in rates[num_modality:]
+                ModalityNormBlock(embed_dim, num_heads, mlp_ratio, self.modalities, rate, norm_eps)
+                for rate in rates[num_modality:]
             )
-            self.joint_norm = norm_layer(embed_dim) if final_norm else nn.Identity()
+            self.joint_norm = norm(embed_dim) if final_norm else nn.Identity()
         else:
             if joint_norms == "per_modality":
                 raise ValueError(f"joint_norms=per_modality needs early or mid fusion, got {fusion!r}")
-            self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:])
+            self.blocks = make_blocks(num_joint, embed_dim, num_heads, mlp_ratio, rates[num_modality:], norm_eps)
             self.joint_norm = None
 
         def final() -> nn.Module:  # final_norm=False: no LayerNorm after the last block
-            return norm_layer(embed_dim) if final_norm else nn.Identity()
+            return norm(embed_dim) if final_norm else nn.Identity()
 
         self.stack_norms = stack_norms
         if stack_norms:
-            self.stack_norm = nn.ModuleDict({m: norm_layer(embed_dim) for m in self.modalities})
+            self.stack_norm = nn.ModuleDict({m: norm(embed_dim) for m in self.modalities})
             self.norm = final()
         else:
             self.norm = nn.ModuleDict({m: final() for m in self.modalities})

@@ -19,8 +19,10 @@ from torch import nn
 
 MODALITIES = ("video", "audio")
 
-# MAE and timm's ViT use eps=1e-6 for every LayerNorm.
-norm_layer = partial(nn.LayerNorm, eps=1e-6)
+# LayerNorm with the eps of MAE, AudioMAE, VideoMAE, timm's ViT and scenic (1e-6); a model's
+# eps is `model.norm_eps` (PyTorch's default 1e-5 for CAV-MAE), passed as `norm_layer(dim, eps=...)`.
+NORM_EPS = 1e-6
+norm_layer = partial(nn.LayerNorm, eps=NORM_EPS)
 
 
 def video_grid(shape: tuple[int, ...], patch_size: int, tubelet: int) -> tuple[int, int, int]:
@@ -123,12 +125,14 @@ class AudioPatchEmbed(nn.Module):
 
 
 def make_blocks(
-    count: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: list[float] | None = None
+    count: int, dim: int, num_heads: int, mlp_ratio: float, drop_path: list[float] | None = None,
+    norm_eps: float = NORM_EPS,
 ) -> nn.ModuleList:
-    """``count`` timm ViT blocks (pre-norm, qkv bias as in MAE), attention through SDPA."""
+    """``count`` timm ViT blocks (pre-norm, qkv bias as in MAE, LayerNorms of eps ``norm_eps``),
+    attention through SDPA."""
     drop_path = drop_path or [0.0] * count
     blocks = nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=norm_layer)
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=partial(nn.LayerNorm, eps=norm_eps))
         for rate in drop_path[:count]
     )
     # timm reads TIMM_FUSED_ATTN at construction; this model always wants

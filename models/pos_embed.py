@@ -10,6 +10,12 @@ the second half the row index, each as ``[sin(pos * omega), cos(pos * omega)]`` 
   with the 2-D spatial code on ``D_s = 4 * (D // 6)`` channels (``D_t = D - D_s``), so every
   token carries its time step and its spatial position on separate channels.
 
+``kind="2d"`` is MAE's 2-D formula over all ``D`` channels of one image, as CAV-MAE lays its
+inputs out (YuanGongND/cav-mae ``src/models/cav_mae.py``, ``get_2d_sincos_pos_embed`` of its
+``src/models/pos_embed.py``): video must have one token step (``T' = 1``, one frame), its image
+is the ``H' x W'`` grid; the fbank is the image of ``F'`` frequency rows by ``T'`` time columns,
+so the first half of the channels codes time and the second frequency (the tokens stay time-major).
+
 ``kind="1d"`` instead numbers the tokens of a modality ``0 .. N - 1`` in token order and gives
 token ``n`` the channels ``[sin(n w_0), cos(n w_0), sin(n w_1), cos(n w_1), ...]`` (sine and
 cosine interleaved) with ``w_k = 1 / 10000 ** (2k / D)``: AV-MAE's ``sinusoidal_1d`` for every
@@ -73,6 +79,22 @@ def video_sincos(dim: int, grid: tuple[int, int, int], device=None) -> torch.Ten
     return torch.cat([temporal, spatial], dim=1)
 
 
+def video_sincos_2d(dim: int, grid: tuple[int, int, int], device=None) -> torch.Tensor:
+    """``(H' * W', dim)``: MAE's 2-D code of the one frame of a video grid ``(1, H', W')``."""
+    time, height, width = grid
+    if time != 1:
+        raise ValueError(f"pos_embed=2d codes a single video frame (T' = 1), got a token grid of {time} steps {tuple(grid)}")
+    return sincos_2d(dim, height, width, device)
+
+
+def audio_sincos_2d(dim: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """``(T' * F', dim)`` in time-major token order: MAE's 2-D code of the fbank image with
+    ``F'`` rows and ``T'`` columns (first half of the channels: time; second: frequency)."""
+    time, freq = grid
+    table = sincos_2d(dim, freq, time, device)  # (F' * T', dim), frequency-major
+    return table.reshape(freq, time, dim).transpose(0, 1).reshape(time * freq, dim)
+
+
 def sequence_sincos(dim: int, length: int, device=None) -> torch.Tensor:
     """``(length, dim)``: the 1-D code of positions ``0 .. length - 1``, sine and cosine
     interleaved on even / odd channels (AV-MAE's ``sinusoidal_1d``)."""
@@ -84,13 +106,23 @@ def sequence_sincos(dim: int, length: int, device=None) -> torch.Tensor:
 
 
 _BUILDERS = {"video": video_sincos, "audio": audio_sincos}
+_BUILDERS_2D = {"video": video_sincos_2d, "audio": audio_sincos_2d}
+
+
+def fixed_table(modality: str, dim: int, grid: tuple[int, ...], kind: str = "grid", device=None) -> torch.Tensor:
+    """``(N, dim)``: the fixed code of ``kind`` (``model.pos_embed``) for a token grid."""
+    if kind == "1d":
+        return sequence_sincos(dim, math.prod(grid), device)
+    if kind == "2d":
+        return _BUILDERS_2D[modality](dim, grid, device)
+    return _BUILDERS[modality](dim, grid, device)
 
 
 class SinCosPosEmbed(nn.Module):
     """The fixed embedding of one modality at one width.
 
-    ``kind``: ``"grid"`` (the separable grid code above) or ``"1d"`` (the 1-D code of the token
-    sequence). Holds the embedding of the configured grid as a non-persistent buffer (moved with
+    ``kind``: ``"grid"`` (the separable grid code above), ``"2d"`` (MAE's 2-D code of one image)
+    or ``"1d"`` (the 1-D code of the token sequence). Holds the embedding of the configured grid as a non-persistent buffer (moved with
     the model, never saved); any other grid is computed on the fly, so inputs of another length
     just work.
     """
@@ -108,9 +140,7 @@ class SinCosPosEmbed(nn.Module):
         self.register_buffer("pos_embed", self._build(self.grid)[None], persistent=False)
 
     def _build(self, grid: tuple[int, ...], device=None) -> torch.Tensor:
-        if self.kind == "1d":
-            return sequence_sincos(self.dim, math.prod(grid), device)
-        return _BUILDERS[self.modality](self.dim, grid, device)
+        return fixed_table(self.modality, self.dim, grid, self.kind, device)
 
     def forward(self, grid: tuple[int, ...]) -> torch.Tensor:
         """``(1, N, dim)`` for the given token grid."""
@@ -166,17 +196,20 @@ def resample_table(table: torch.Tensor, old_grid: tuple[int, ...], new_grid: tup
 
 class LearnedPosEmbed(nn.Module):
     """A stored positional table ``table (1, N, dim)`` for the token grid ``grid`` (a parameter,
-    trained and saved); another grid gets the table resampled on the fly (``resample_table``)."""
+    trained and saved); another grid gets the table resampled on the fly (``resample_table``).
+    It starts as the fixed code of ``kind``, so an untrained table is still a position code and a
+    table learned from a fixed-code checkpoint (``finetune.learn_pos_embed``) starts where it was."""
 
-    def __init__(self, modality: str, dim: int, grid: tuple[int, ...]) -> None:
+    def __init__(self, modality: str, dim: int, grid: tuple[int, ...], kind: str = "grid") -> None:
         super().__init__()
         if modality not in _BUILDERS:
             raise ValueError(f"no positional embedding for modality {modality!r}")
+        if kind not in POS_EMBEDS:
+            raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
         self.modality = modality
         self.dim = dim
         self.grid = tuple(grid)
-        # initialised with the fixed sine-cosine code, so an untrained table is still a position code
-        self.table = nn.Parameter(_BUILDERS[modality](dim, self.grid)[None])
+        self.table = nn.Parameter(fixed_table(modality, dim, self.grid, kind)[None])
 
     def forward(self, grid: tuple[int, ...]) -> torch.Tensor:
         """``(1, N, dim)`` for the given token grid."""

@@ -117,6 +117,7 @@ def build_encoder(cfg: Config, modalities: tuple[str, ...] = MODALITIES) -> AVEn
         cls_token=cfg.model.cls_token,
         joint_norms=cfg.model.joint_norms,
         final_norm=cfg.model.final_norm,
+        norm_eps=cfg.model.norm_eps,
     )
     encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
     return encoder
@@ -417,6 +418,7 @@ def build_decoder(cfg: Config, encoder: AVEncoder) -> AVDecoder:
         grids=model_grids(cfg),
         modality_embed=m.modality_embed,
         pos_embed=m.pos_embed,
+        norm_eps=m.norm_eps,
     )
 
 

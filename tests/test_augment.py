@@ -296,6 +296,27 @@ def test_specaugment_masks_whole_bands_and_keeps_shape():
     assert spec.shape == (10, 4)
 
 
+def test_cavmae_specaugment_fill_is_a_masked_raw_fbank_normalised():
+    # YuanGongND/cav-mae src/dataloader.py: FrequencyMasking / TimeMasking zero cells of the raw
+    # fbank, then (fbank - mean) / std; computed here by hand on the cells our transform masked
+    cfg = load_config(PRESETS.parent / "finetune" / "cavmae_vggsound.yaml")
+    audio = cfg.data.audio
+    raw = torch.randn(1024, 128, generator=generator(0)) * 4.0 - 5.0
+    normalised = (raw - audio.norm_mean) / audio.norm_std
+    out = build_transforms(cfg, train=True).fbank(normalised.clone(), generator(3))
+    masked = out != normalised
+    assert masked.any(dim=0).sum() > 0 and masked.any(dim=1).sum() > 0  # a frequency and a time band
+    expected = raw.clone()
+    expected[masked] = 0.0
+    expected = (expected - audio.norm_mean) / audio.norm_std
+    torch.testing.assert_close(out, expected)
+    assert out[masked].unique().tolist() == pytest.approx([(0 + 5.081) / 4.4849])  # 1.13
+    # avmae's default keeps the dataset mean (0 after normalising) in masked cells
+    default = build_transforms(load_config(None, ["augment.freq_mask=48"]), train=True)
+    out = default.fbank(normalised.clone(), generator(3))
+    assert (out[out != normalised] == 0).all() and (out == 0).any()
+
+
 # ---- mixup ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from avmae.config import AugmentConfig, Config, VideoConfig
 from avmae.augment.transforms import eval_video_transform
 
 from . import rng
-from .audio import FbankAugment, WaveformAugment
+from .audio import FbankAugment, WaveformAugment, fill_value
 from .mixup import mix_batch, mixup_alpha
 from .strength import apply_strength
 from .video import VideoAugment
@@ -59,7 +59,8 @@ def build_transforms(cfg: Config, train: bool) -> AVTransforms:
     if not (train and cfg.augment.enabled):
         return AVTransforms(partial(_eval_video, video_cfg=cfg.data.video), identity, identity)
     aug = apply_strength(cfg.augment)
-    return AVTransforms(VideoAugment(aug, cfg.data.video), WaveformAugment(aug), FbankAugment(aug))
+    fbank = FbankAugment(aug, fill_value(aug, cfg.data.audio))
+    return AVTransforms(VideoAugment(aug, cfg.data.video), WaveformAugment(aug), fbank)
 
 
 def sample_speed(aug: AugmentConfig, generator: torch.Generator) -> float:

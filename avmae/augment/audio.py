@@ -1,15 +1,17 @@
 """Audio augmentation: waveform gain, noise and circular roll before the fbank; SpecAugment after.
 
 The waveform is mono float32 ``(N,)``; the fbank is the normalised ``(T_a, F)`` image, in which 0
-is the dataset mean, so masks are filled with 0. SpecAugment is written here rather than taken
-from ``torchaudio.transforms.FrequencyMasking/TimeMasking``, which draw from the global RNG.
+is the dataset mean. SpecAugment masks fill their cells with ``fill_value`` of
+``augment.spec_augment_fill``: 0 (the mean), or the normalised value of a raw 0, which is what
+masking the raw fbank before normalising gives (CAV-MAE). SpecAugment is written here rather than
+taken from ``torchaudio.transforms.FrequencyMasking/TimeMasking``, which draw from the global RNG.
 """
 
 from __future__ import annotations
 
 import torch
 
-from avmae.config import AugmentConfig
+from avmae.config import AudioConfig, AugmentConfig
 
 from . import rng
 
@@ -39,10 +41,17 @@ def circular_roll(wave: torch.Tensor, generator: torch.Generator, max_fraction: 
     return torch.roll(wave, rng.randint(generator, -limit, limit), dims=-1)
 
 
+def fill_value(aug: AugmentConfig, audio_cfg: AudioConfig) -> float:
+    """The normalised value a SpecAugment mask writes (``augment.spec_augment_fill``)."""
+    if aug.spec_augment_fill == "raw_zero":
+        return (0.0 - audio_cfg.norm_mean) / audio_cfg.norm_std
+    return 0.0
+
+
 def mask_along_axis(
-    spec: torch.Tensor, generator: torch.Generator, axis: int, max_width: int, num_masks: int
+    spec: torch.Tensor, generator: torch.Generator, axis: int, max_width: int, num_masks: int, value: float = 0.0
 ) -> torch.Tensor:
-    """SpecAugment: ``num_masks`` bands of width uniform in ``[0, max_width]`` set to 0, in place.
+    """SpecAugment: ``num_masks`` bands of width uniform in ``[0, max_width]`` set to ``value``, in place.
 
     ``spec`` is ``(T_a, F)``; ``axis`` 0 masks time frames, 1 masks frequency bins.
     """
@@ -50,7 +59,7 @@ def mask_along_axis(
     for _ in range(num_masks):
         width = rng.randint(generator, 0, min(max_width, length))
         start = rng.randint(generator, 0, length - width)
-        spec.narrow(axis, start, width).zero_()
+        spec.narrow(axis, start, width).fill_(value)
     return spec
 
 
@@ -74,10 +83,12 @@ class WaveformAugment:
 
 
 class FbankAugment:
-    """Training fbank transform ``(T_a, F) -> (T_a, F)`` (SpecAugment); ``aug`` is effective."""
+    """Training fbank transform ``(T_a, F) -> (T_a, F)`` (SpecAugment); ``aug`` is effective,
+    ``fill`` the value masked cells take (``fill_value``)."""
 
-    def __init__(self, aug: AugmentConfig):
+    def __init__(self, aug: AugmentConfig, fill: float = 0.0):
         self.aug = aug
+        self.fill = fill
 
     def __call__(self, fbank: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if fbank.ndim != 2:
@@ -86,6 +97,6 @@ class FbankAugment:
         if aug.freq_mask == 0 and aug.time_mask == 0:
             return fbank
         fbank = fbank.clone()
-        mask_along_axis(fbank, generator, 1, aug.freq_mask, aug.num_freq_masks)
-        mask_along_axis(fbank, generator, 0, aug.time_mask, aug.num_time_masks)
+        mask_along_axis(fbank, generator, 1, aug.freq_mask, aug.num_freq_masks, self.fill)
+        mask_along_axis(fbank, generator, 0, aug.time_mask, aug.num_time_masks, self.fill)
         return fbank

@@ -14,6 +14,13 @@ each modality's logits against its own).
 Label smoothing is ``y (1 - s) + s / K`` for single-label (timm) and multi-label targets alike
 (the rule of scenic's ``apply_label_smoothing``; timm smooths multi-hot targets towards 1/2
 instead, which for AudioSet's 527 classes would put 0.15 on every absent class at s = 0.3).
+
+``augment.mixup_domain: waveform`` is CAV-MAE's mixup instead (YuanGongND/cav-mae
+``src/dataloader.py``, ``__getitem__`` and ``_wav2fbank``), done by the training dataset per clip:
+with probability ``augment.mixup_prob`` a clip is mixed with a random other clip, one
+``lam ~ Beta(alpha, alpha)`` for its waveform (``mix_waveforms``, before the fbank and the
+waveform augmentations), its normalised frames and its targets (float vectors, which
+``soft_targets`` then smooths as above). The batch is then not mixed again (``mixup_alpha`` is 0).
 """
 
 from __future__ import annotations
@@ -24,15 +31,37 @@ import numpy as np
 import torch
 from timm.data.mixup import mixup_target
 
-from avmae.config import Config
+from avmae.config import AugmentConfig, Config
 
 from .strength import apply_strength
 
 
 def mixup_alpha(cfg: Config) -> float:
-    """The Beta parameter a finetuning run uses: ``augment.mixup`` scaled by the strength rule,
-    0 when augmentation is disabled."""
-    return apply_strength(cfg.augment).mixup if cfg.augment.enabled else 0.0
+    """The Beta parameter of the finetuning loop's batch mixup: ``augment.mixup`` scaled by the
+    strength rule; 0 when augmentation is disabled or the dataset mixes (``mixup_domain: waveform``)."""
+    return _alpha(cfg.augment, "inputs")
+
+
+def waveform_mixup_alpha(aug: AugmentConfig) -> float:
+    """The Beta parameter of the training dataset's per-clip mixup (0: none)."""
+    return _alpha(aug, "waveform")
+
+
+def _alpha(aug: AugmentConfig, domain: str) -> float:
+    if not aug.enabled or aug.mixup_domain != domain:
+        return 0.0
+    return apply_strength(aug).mixup
+
+
+def mix_waveforms(wave: torch.Tensor, partner: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * wave + (1 - lam) * partner`` of ``(N,)`` waveforms, as CAV-MAE's ``_wav2fbank``:
+    each with its mean removed, ``partner`` zero-padded or cut to ``wave``'s length, and the
+    mixture's mean removed."""
+    wave, partner = wave - wave.mean(), partner - partner.mean()
+    if partner.numel() < wave.numel():
+        partner = torch.nn.functional.pad(partner, (0, wave.numel() - partner.numel()))
+    mixed = lam * wave + (1.0 - lam) * partner[: wave.numel()]
+    return mixed - mixed.mean()
 
 
 def draw_lambda(alpha: float, generator: torch.Generator) -> float:

@@ -25,6 +25,13 @@ item's ``failures`` counts the bad clips skipped to make it. Once more than
 ``data.max_decode_failures`` of the records have failed, ``TooManyDecodeFailures`` stops the run.
 Under ``audio.no_audio: silence`` a video without audio gets the fbank of a silent waveform and
 ``no_audio = 1``.
+
+Mixup in the dataset (``augment.mixup_domain: waveform``, CAV-MAE's; ``avmae.augment.mixup``). A
+training item is, with probability ``augment.mixup_prob``, mixed with a random other record
+(``mix_index``; -1 when not mixed) with ``mix_lambda ~ Beta(alpha, alpha)``: the waveforms before
+the waveform augmentations and the fbank, the normalised frames, and the targets. Every training
+item then carries normalised float frames and float target vectors, mixed or not, so that they
+batch together; a partner that fails to decode is counted as a bad clip and another is drawn.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from einops import rearrange
 from torch.utils.data import Dataset
 
 from avmae import augment
+from avmae.augment import rng
+from avmae.augment.mixup import draw_lambda, mix_waveforms, waveform_mixup_alpha
+from avmae.augment.transforms import normalize_video
 from avmae.config import AugmentConfig, Config, DataConfig
 from avmae.data.audio import (
     AudioDecodeError,
@@ -135,6 +145,7 @@ class AVDataset(Dataset):
         self.views = 1 if train else data_cfg.test_clips * len(self.crops)
         self.two_views = train and augment_cfg.two_views
         self.clips_per_video = data_cfg.clips_per_video if train else 1
+        self.mixup_alpha = waveform_mixup_alpha(augment_cfg) if train else 0.0  # see the module docstring
         # shared with DataLoader workers, so set_epoch reaches persistent workers and the failure
         # limit counts the bad clips of all workers together
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -221,8 +232,10 @@ class AVDataset(Dataset):
         clip = view // len(self.crops)
         return clip_starts(duration, span, num_clips=self.data_cfg.test_clips, segment=segment)[clip]
 
-    def _load(self, record_index: int, view: int, generator: torch.Generator) -> dict:
-        """Decode and transform one record: frames, audio window(s), targets."""
+    def _load(self, record_index: int, view: int, generator: torch.Generator, partner: bool = False) -> dict:
+        """Decode and transform one record: frames, audio window(s), targets. ``partner``: the
+        record a training item is mixed with, returned as ``{"videos", "waves", "targets"}``: its
+        transformed clips and their waveforms before the waveform augmentations."""
         record = self.records[record_index]
         video_cfg, audio_cfg = self.data_cfg.video, self.data_cfg.audio
         segment = (record.start, record.end) if record.start is not None else None
@@ -240,19 +253,29 @@ class AVDataset(Dataset):
             video_duration = reader.duration
         spans = [(start, span) for start, span, _ in clips]
         waves, silent = self._audio_windows(record_index, spans, video_duration, view)
+        mix = self._mixup_draw(view, generator) if self.mixup_alpha and not partner else None
 
         videos, audios = [], []
-        for clip_frames, wave in zip(frames, waves):
+        for k, (clip_frames, wave) in enumerate(zip(frames, waves)):
             clip_frames = rearrange(clip_frames, "t h w c -> t c h w")
             if self.train:
                 videos.append(self.transforms.video(clip_frames, generator))
+                if partner:
+                    audios.append(wave)
+                    continue
+                if self.mixup_alpha:
+                    videos[-1], wave = self._mix_clip(videos[-1], wave, mix, k)
                 wave = self.transforms.waveform(wave, generator)
                 audios.append(self.transforms.fbank(fbank(wave, audio_cfg), generator)[None])
             else:
                 videos.append(eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)]))
                 audios.append(fbank(wave, audio_cfg)[None])
 
+        if partner:
+            return {"videos": videos, "waves": audios, "targets": self._targets(record)}
         sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
+        if self.mixup_alpha:
+            sample.update(self._mix_targets(sample["targets"], mix))
         for v, suffix in enumerate(["", "2"][:views]):
             if self.clips_per_video == 1:
                 sample["video" + suffix], sample["audio" + suffix] = videos[v], audios[v]
@@ -262,6 +285,49 @@ class AVDataset(Dataset):
         if self.clips_per_video > 1:
             sample["clips"] = self.clips_per_video
         return sample
+
+    def _mixup_draw(self, view: int, generator: torch.Generator) -> tuple[float, int, dict] | None:
+        """Whether this item is mixed (``augment.mixup_prob``); if so ``(lam, partner index,
+        partner clips)``, the partner drawn uniformly among the records not known to be bad."""
+        if not rng.coin(generator, self.augment_cfg.mixup_prob):
+            return None
+        lam = draw_lambda(self.mixup_alpha, generator)
+        for _ in range(MAX_ATTEMPTS):
+            index = int(torch.randint(len(self.records), (), generator=generator))
+            if index in self._bad:
+                continue
+            try:
+                return lam, index, self._load(index, view, generator, partner=True)
+            except (VideoDecodeError, AudioDecodeError) as err:
+                self._mark_bad(index, err)
+        raise TooManyDecodeFailures(f"{self.split}: no decodable mixup partner in {MAX_ATTEMPTS} draws")
+
+    def _mix_clip(self, video: torch.Tensor, wave: torch.Tensor, mix, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip ``k``'s normalised frames and waveform, mixed with the partner's clip ``k`` when
+        ``mix`` is drawn (CAV-MAE mixes its normalised images with the waveforms' ``lam``)."""
+        video_cfg = self.data_cfg.video
+        video = normalize_video(video, video_cfg.mean, video_cfg.std)
+        if mix is None:
+            return video, wave
+        lam, _, partner = mix
+        other = normalize_video(partner["videos"][k], video_cfg.mean, video_cfg.std)
+        return lam * video + (1.0 - lam) * other, mix_waveforms(wave, partner["waves"][k], lam)
+
+    def _mix_targets(self, targets: dict[str, torch.Tensor], mix) -> dict:
+        """Float target vectors ``{head: (K,)}``, mixed as the clips (``lam y + (1 - lam) y_partner``),
+        and ``mix_index`` / ``mix_lambda`` (-1 / 1.0 when not mixed)."""
+
+        def vector(head: str, target: torch.Tensor) -> torch.Tensor:
+            if target.is_floating_point():
+                return target
+            return torch.nn.functional.one_hot(target, len(self.classes[head])).float()
+
+        soft = {head: vector(head, t) for head, t in targets.items()}
+        if mix is None:
+            return {"targets": soft, "mix_index": -1, "mix_lambda": 1.0}
+        lam, index, partner = mix
+        soft = {h: lam * t + (1.0 - lam) * vector(h, partner["targets"][h]) for h, t in soft.items()}
+        return {"targets": soft, "mix_index": index, "mix_lambda": lam}
 
     def _audio_windows(
         self, record_index: int, clips: list[tuple[float, float]], video_duration: float, view: int
