@@ -24,7 +24,7 @@ from avmae.data.manifests import ClipRecord, Manifest
 def load_pretraining_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """The ``AVMAE`` (decoder included) of a pretraining checkpoint (``step_XXXXXXXX/``) or of a
     ``--part model`` export folder, in eval mode, and its config."""
-    from avmae.export import EXPORT_CONFIG, build_part, export_config, from_pretrained, load_part, read_checkpoint
+    from avmae.formats import EXPORT_CONFIG, build_part, export_config, from_pretrained, load_part, read_checkpoint
     from avmae.models import AVMAE
 
     path = Path(path)
