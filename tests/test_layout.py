@@ -202,3 +202,11 @@ def test_package_data_files_exist():
     missing = [str(dirs[pkg] / name) for pkg, names in setuptools["package-data"].items() for name in names
                if not (dirs[pkg] / name).is_file()]  # fmt: skip
     assert not missing, f"listed in package-data but absent: {missing}"
+
+
+def test_every_library_package_is_installed():
+    # a package folder missing from pyproject's list imports in a checkout but not once installed
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in _sources().items() if p.name == "__init__.py"}
+    assert packages <= listed, f"add to [tool.setuptools] packages: {sorted(packages - listed)}"
+

@@ -24,24 +24,18 @@ def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
             cfg.data.clips_per_video, cfg.model.contrastive,
         )
     if cfg.data.format == "shards":
-        store = ShardStore(split_location(cfg.data, split), cfg.data.shard_cache)
-        return ShardDataset(
-            store,
-            cfg.data,
-            cfg.augment,
-            train=train,
-            transforms=augment.build_transforms(cfg, train=True) if train else None,
-            seed=cfg.train.seed,
-            split=split,
-        )
-    manifest = read_manifest(cfg.data, split)
-    return AVDataset(
-        manifest,
+        source = ShardStore(split_location(cfg.data, split), cfg.data.shard_cache)
+        dataset_class, extra = ShardDataset, {}
+    else:
+        source = read_manifest(cfg.data, split)
+        dataset_class, extra = AVDataset, {"missing_list": missing_list_path(cfg, split)}
+    return dataset_class(
+        source,
         cfg.data,
         cfg.augment,
         train=train,
         transforms=augment.build_transforms(cfg, train=True) if train else None,
         seed=cfg.train.seed,
-        missing_list=missing_list_path(cfg, split),
         split=split,
+        **extra,
     )
