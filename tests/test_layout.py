@@ -210,3 +210,21 @@ def test_every_library_package_is_installed():
     packages = {m for m, p in _sources().items() if p.name == "__init__.py"}
     assert packages <= listed, f"add to [tool.setuptools] packages: {sorted(packages - listed)}"
 
+
+
+def test_the_public_api_is_what_type_checkers_see():
+    # avmae.__all__ resolves lazily at run time; the `if TYPE_CHECKING:` imports must name the same
+    # objects, or editors offer something else than what runs
+    import importlib
+
+    import avmae
+
+    tree = ast.parse((REPO / "avmae" / "__init__.py").read_text())
+    seen = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for imp in node.body:
+                seen.update({alias.asname or alias.name: imp.module for alias in imp.names})
+    assert sorted(seen) == sorted(avmae.__all__)
+    for name, module in seen.items():
+        assert getattr(avmae, name) is getattr(importlib.import_module(module), name), name
