@@ -90,6 +90,11 @@ class AudioConfig:
     # - "centred": always centred on the clip's centre, zero samples where it leaves the file;
     #   keeps sound and picture aligned, right for long videos (EPIC-KITCHENS) whose clips are
     #   short segments far from the file's ends.
+    # - "wrap": AV-MAE's DMVR sampling. In training the window starts where the video clip starts
+    #   (at the same proportion of the file); in evaluation temporal view k starts at the k-th of
+    #   data.test_clips evenly spaced offsets over the audio, whatever the video clip. A window that
+    #   runs past the end continues from the file's start, a file shorter than the window loops
+    #   (avmae/data/audio.py wrap_starts, linspace_starts, loop_windows). Whole files only.
     window: str = "inside"
     num_mel_bins: int = 128
     frame_shift_ms: float = 10.0
@@ -102,7 +107,7 @@ class AudioConfig:
 
     def __post_init__(self) -> None:
         _check_choice("audio.no_audio", self.no_audio, ("skip", "silence"))
-        _check_choice("audio.window", self.window, ("inside", "centred"))
+        _check_choice("audio.window", self.window, ("inside", "centred", "wrap"))
 
     @property
     def target_length(self) -> int:
@@ -279,6 +284,14 @@ class ModelConfig:
     # InfoNCE over modality pairs: both directions averaged, or only video -> audio (each video
     # picks its audio: CAV-MAE's default, src/models/cav_mae.py bidirect_contrast=False)
     contrastive_symmetric: bool = True
+    # InfoNCE negatives: "global" = every other clip of the global batch (all processes);
+    # "replica" = only the other clips of its replica: consecutive groups of
+    # contrastive_replica_size clips of the global batch in rank order (0 = each process's own
+    # batch), as CAV-MAE computes its loss inside each nn.DataParallel replica
+    # (src/models/cav_mae.py forward_contrastive, src/traintest_cavmae.py). The loss is the mean
+    # over groups of each group's mean.
+    contrastive_negatives: str = "global"
+    contrastive_replica_size: int = 0
     proj_dim: int = 256  # SimSiam / MoCo v3 projector output
     proj_hidden_dim: int = 2048  # SimSiam / MoCo v3 projector hidden width
     pred_dim: int = 1024  # SimSiam / MoCo v3 predictor hidden width
@@ -305,6 +318,14 @@ class ModelConfig:
         _check_choice("model.audio_masking", self.audio_masking, AUDIO_MASKINGS)
         _check_choice("model.contrastive", self.contrastive, ("none", "infonce", "simsiam", "mocov3"))
         _check_choice("model.contrastive_pairs", self.contrastive_pairs, ("modalities", "views"))
+        _check_choice("model.contrastive_negatives", self.contrastive_negatives, ("global", "replica"))
+        if self.contrastive_replica_size < 0:
+            raise ValueError(f"model.contrastive_replica_size={self.contrastive_replica_size} must not be negative")
+        if self.contrastive_replica_size and self.contrastive_negatives != "replica":
+            raise ValueError(
+                "model.contrastive_replica_size applies only with model.contrastive_negatives=replica, "
+                f"got contrastive_negatives={self.contrastive_negatives!r}"
+            )
         _check_choice("model.joint_norms", self.joint_norms, JOINT_NORMS)
 
 

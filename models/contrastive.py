@@ -6,7 +6,8 @@ of one clip, ``("clip", "clip")`` when it is two augmented views. Projectors and
 kept per name, so audio and video get their own.
 
 - ``InfoNCEHead``: CAV-MAE's audio-visual contrast, L2-normalised embeddings, fixed or learnable
-  temperature, negatives from all processes (``avmae.models.losses.info_nce``).
+  temperature, negatives from all processes or from each clip's replica group
+  (``avmae.models.losses.info_nce``).
 - ``SimSiamHead``: projector + predictor, negative cosine against the stop-gradient projection.
 - ``MoCoV3Head``: projector + predictor on the query side; a momentum copy of the encoder and
   projector (EMA, never trained by gradient) produces the keys.
@@ -37,9 +38,14 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_
 
 
 class InfoNCEHead(nn.Module):
-    def __init__(self, temperature: float = 0.05, learnable: bool = False, symmetric: bool = True) -> None:
+    def __init__(
+        self, temperature: float = 0.05, learnable: bool = False, symmetric: bool = True, group: int | None = None
+    ) -> None:
         super().__init__()
         self.symmetric = symmetric  # False: only x1 -> x2 (video picks its audio), CAV-MAE's default
+        # None: negatives from the global batch; 0: from this process's batch; G: from consecutive
+        # groups of G clips of the global batch (model.contrastive_negatives / _replica_size)
+        self.group = group
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         scale = torch.tensor(math.log(1.0 / temperature))
@@ -60,7 +66,8 @@ class InfoNCEHead(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, names: tuple[str, str]) -> torch.Tensor:
         x1 = nn.functional.normalize(x1.float(), dim=-1)
         x2 = nn.functional.normalize(x2.float(), dim=-1)
-        return info_nce(x1, x2, self.logit_scale(), self.symmetric)
+        group = 0 if self.group is None else self.group or x1.shape[0]
+        return info_nce(x1, x2, self.logit_scale(), self.symmetric, group)
 
 
 class SimSiamHead(nn.Module):

@@ -3,8 +3,10 @@
 Cross-process negatives: under ``torch.distributed``, InfoNCE gathers both sides from every
 process *with* gradient (``torch.distributed.nn.functional.all_gather``), so each process scores
 its own rows against the global batch and the gradient flows back to the process that produced
-each embedding. MoCo v3 gathers only its keys, which come from the momentum encoder and carry no
-gradient. Without an initialised process group the local batch is the global batch.
+each embedding; with ``group`` (CAV-MAE's per-replica negatives) a row's negatives are its group's
+rows only, gathered only when a group spans processes. MoCo v3 gathers only its keys, which come
+from the momentum encoder and carry no gradient. Without an initialised process group the local
+batch is the global batch.
 """
 
 from __future__ import annotations
@@ -96,24 +98,45 @@ def masked_patch_mse(
 
 
 def info_nce(
-    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, symmetric: bool = True
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, symmetric: bool = True, group: int = 0
 ) -> torch.Tensor:
-    """Symmetric InfoNCE between paired embeddings, negatives from every process.
+    """Symmetric InfoNCE between paired embeddings, negatives from every process or from a group.
 
-    a, b: ``(B, D)`` L2-normalised; row i of ``a`` and row i of ``b`` are a positive pair, all
-    other rows of the global batch are negatives. ``logit_scale`` = 1 / temperature.
-    Returns ``(CE(a -> b) + CE(b -> a)) / 2``, averaged over the local rows; with
-    ``symmetric=False`` only ``CE(a -> b)`` (each ``a`` picks its ``b`` among all ``b``), which
-    is CAV-MAE's default (``src/models/cav_mae.py``, ``bidirect_contrast=False``: a softmax over
-    the audios for each video).
+    a, b: ``(B, D)`` L2-normalised; row i of ``a`` and row i of ``b`` are a positive pair.
+    ``logit_scale`` = 1 / temperature. Returns ``(CE(a -> b) + CE(b -> a)) / 2``; with
+    ``symmetric=False`` only ``CE(a -> b)`` (each ``a`` picks its ``b``), which is CAV-MAE's
+    default (``src/models/cav_mae.py``, ``bidirect_contrast=False``: a softmax over the audios for
+    each video).
+
+    ``group``: 0 = every other row of the global batch is a negative. ``G > 0`` = the global batch,
+    in rank order, is cut into consecutive groups of ``G`` rows (the last one may be smaller) and a
+    row's negatives are the other rows of its group: CAV-MAE computes its loss inside each
+    ``nn.DataParallel`` replica. The loss is then the mean over groups of each group's mean (under
+    DDP, whose gradient averaging over processes makes the global loss the mean of the local ones).
     """
-    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
-    labels = _local_labels(a.shape[0], a.device)
-    logits_ab = logit_scale * a @ all_b.t()  # (B, world * B)
-    if not symmetric:
-        return F.cross_entropy(logits_ab, labels)
-    logits_ba = logit_scale * b @ all_a.t()
-    return 0.5 * (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels))
+    rows = a.shape[0]
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+    if group and rows % group == 0:  # every group lies inside this process: nothing to gather
+        all_a, all_b, first_column = a, b, rank * rows
+    else:
+        all_a, all_b, first_column = gather_with_grad(a), gather_with_grad(b), 0
+    labels = torch.arange(rows, device=a.device) + rank * rows - first_column
+    logits = [logit_scale * a @ all_b.t()]  # (B, columns)
+    if symmetric:
+        logits.append(logit_scale * b @ all_a.t())
+    if not group:
+        return sum(F.cross_entropy(x, labels) for x in logits) / len(logits)
+
+    row_group = (torch.arange(rows, device=a.device) + rank * rows) // group
+    column_group = (torch.arange(all_b.shape[0], device=a.device) + first_column) // group
+    outside = row_group[:, None] != column_group[None, :]
+    per_row = sum(F.cross_entropy(x.masked_fill(outside, float("-inf")), labels, reduction="none") for x in logits)
+    # weights that make the mean over processes (DDP averages their gradients) the mean over
+    # groups of each group's mean; with equal groups, the mean over this process's rows
+    total = world * rows
+    size = (total - row_group * group).clamp(max=group)
+    weight = world / (math.ceil(total / group) * size * len(logits))
+    return (per_row * weight).sum()
 
 
 def simsiam_loss(p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:

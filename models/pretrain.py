@@ -147,7 +147,8 @@ class AVMAE(nn.Module):
         names = ("video", "audio") if cfg.contrastive_pairs == "modalities" else ("clip",)
         dim = encoder.embed_dim
         if cfg.contrastive == "infonce":
-            return InfoNCEHead(cfg.temperature, cfg.learn_temperature, cfg.contrastive_symmetric)
+            group = cfg.contrastive_replica_size if cfg.contrastive_negatives == "replica" else None
+            return InfoNCEHead(cfg.temperature, cfg.learn_temperature, cfg.contrastive_symmetric, group)
         if cfg.contrastive == "simsiam":
             return SimSiamHead(names, dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.pred_dim)
         if cfg.contrastive == "mocov3":

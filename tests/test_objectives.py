@@ -1,7 +1,8 @@
-"""Losses: masked MSE, patch normalisation, InfoNCE (by hand, and across 2 real processes),
-SimSiam's stop-gradient, MoCo v3's loss and momentum schedule."""
+"""Losses: masked MSE, patch normalisation, InfoNCE (by hand, with CAV-MAE's per-replica negatives,
+across 2 real processes), SimSiam's stop-gradient, MoCo v3's loss and momentum schedule."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from avmae.models.losses import (
     simsiam_loss,
 )
 
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # tiny models: one torch thread is faster than two competing for a shared CPU
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,6 +103,117 @@ def test_info_nce_gathers_negatives_with_gradient_across_two_processes(tmp_path)
         rows = slice(rank * 2, rank * 2 + 2)
         assert torch.allclose(out[rank][1], 2 * full_a.grad[rows], atol=1e-6)
         assert torch.allclose(out[rank][2], 2 * full_b.grad[rows], atol=1e-6)
+
+
+def _cavmae_forward_contrastive(audio: torch.Tensor, video: torch.Tensor, temperature: float) -> float:
+    """CAV-MAE's ``forward_contrastive`` (src/models/cav_mae.py, bidirect_contrast=False) on one
+    DataParallel replica, in plain Python: ``total[i][j] = audio_i . video_j / T``, a log-softmax
+    down each column (over the audios for video j), minus the mean of the diagonal."""
+    n = audio.shape[0]
+    total = [[float(audio[i] @ video[j]) / temperature for j in range(n)] for i in range(n)]
+    diagonal = [total[j][j] - math.log(sum(math.exp(total[i][j]) for i in range(n))) for j in range(n)]
+    return -sum(diagonal) / n
+
+
+def _pairs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, 8, generator=generator), dim=1), F.normalize(torch.randn(n, 8, generator=generator), dim=1)
+
+
+def _head(negatives: str, replica_size: int = 0):
+    from types import SimpleNamespace
+
+    from avmae.config import load_config
+    from avmae.models.pretrain import AVMAE
+
+    cfg = load_config(CONFIGS / "pretrain" / "cavmae_base.yaml", [
+        f"model.contrastive_negatives={negatives}", f"model.contrastive_replica_size={replica_size}",
+    ])
+    return AVMAE._build_head(cfg.model, SimpleNamespace(embed_dim=8))
+
+
+def test_info_nce_replica_negatives_equal_cavmae_per_replica():
+    """CAV-MAE's batch of 6 on 2 DataParallel replicas of 3 clips: each replica's
+    forward_contrastive, averaged over the replicas (traintest_cavmae.py sums them; summing every
+    replica's loss only scales the step, which Adam does not see). ``global`` is one matrix
+    over all 6."""
+    video, audio = _pairs(6)
+    temperature = 0.05
+    replicas = [_cavmae_forward_contrastive(audio[r], video[r], temperature) for r in (slice(0, 3), slice(3, 6))]
+    head = _head("replica", 3)
+    assert head(video, audio, ("video", "audio")).item() == pytest.approx(sum(replicas) / 2, rel=1e-5)
+    whole = _cavmae_forward_contrastive(audio, video, temperature)
+    assert _head("global")(video, audio, ("video", "audio")).item() == pytest.approx(whole, rel=1e-5)
+    assert abs(whole - sum(replicas) / 2) > 0.1  # the two choices differ on this batch
+    # replica size 0: each process's batch is a replica (here the whole batch, one process)
+    assert _head("replica", 0)(video, audio, ("video", "audio")).item() == pytest.approx(whole, rel=1e-5)
+
+
+def test_info_nce_groups_uneven_and_symmetric_by_hand():
+    """5 clips in groups of 2: {0, 1}, {2, 3} and {4} (a clip alone: loss 0); the mean over the 3
+    groups of each group's mean, both directions."""
+    a, b = _pairs(5, seed=1)
+    groups = [slice(0, 2), slice(2, 4), slice(4, 5)]
+    per_group = [
+        0.5 * (_cavmae_forward_contrastive(b[g], a[g], 0.1) + _cavmae_forward_contrastive(a[g], b[g], 0.1)) for g in groups
+    ]
+    assert per_group[2] == 0.0
+    assert info_nce(a, b, 10.0, symmetric=True, group=2).item() == pytest.approx(sum(per_group) / 3, rel=1e-5)
+
+
+def _group_worker(rank: int, world: int, folder: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * 3, rank * 3 + 3)
+        local_a = a[rows].clone().requires_grad_(True)
+        local_b = b[rows].clone().requires_grad_(True)
+        losses = {}
+        for group in (2, 3):  # 2: the group {2, 3} spans both processes; 3: one group per process
+            loss = info_nce(local_a, local_b, 10.0, symmetric=False, group=group)
+            grads = torch.autograd.grad(loss, (local_a, local_b))
+            losses[group] = (loss.detach(), *grads)
+        torch.save(losses, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_info_nce_replica_groups_across_two_processes(tmp_path):
+    """2 processes of 3 clips: the mean of their losses is the one-process loss of the same 6
+    clips, groups of 2 (one spanning the processes) or of 3; the gradient reaches each clip's
+    own process."""
+    a, b = _pairs(6, seed=2)
+    mp.start_processes(_group_worker, args=(2, str(tmp_path), a, b), nprocs=2, join=True, start_method="fork")
+    out = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    for group in (2, 3):
+        full_a, full_b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        full = info_nce(full_a, full_b, 10.0, symmetric=False, group=group)
+        full.backward()
+        by_hand = [_cavmae_forward_contrastive(b[g], a[g], 0.1) for g in map(lambda i: slice(i, i + group), range(0, 6, group))]
+        assert full.item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5)
+        assert torch.allclose((out[0][group][0] + out[1][group][0]) / 2, full.detach(), atol=1e-6)
+        for rank in (0, 1):
+            rows = slice(rank * 3, rank * 3 + 3)
+            assert torch.allclose(out[rank][group][1], 2 * full_a.grad[rows], atol=1e-6)
+            assert torch.allclose(out[rank][group][2], 2 * full_b.grad[rows], atol=1e-6)
+
+
+def test_contrastive_negatives_config_is_checked():
+    from avmae.config import load_config
+
+    with pytest.raises(ValueError, match="contrastive_negatives"):
+        load_config(None, ["model.contrastive_negatives=batch"])
+    with pytest.raises(ValueError, match="only with model.contrastive_negatives=replica"):
+        load_config(None, ["model.contrastive_replica_size=4"])
+
+
+@pytest.mark.parametrize("name, replica", [("cavmae_audioset", 64), ("cavmae_vggsound", 30)])
+def test_cavmae_recipes_use_replica_negatives(name, replica):
+    """run_cavmae_pretrain_scale++.sh: batch 256 on 4 GPUs; vggsound/run_cavmae_pretrain.sh: 120 on 4."""
+    from avmae.config import load_config
+
+    cfg = load_config(CONFIGS / "pretrain" / f"{name}.yaml")
+    assert (cfg.model.contrastive_negatives, cfg.model.contrastive_replica_size) == ("replica", replica)
 
 
 def test_simsiam_stops_gradient_at_the_projections():

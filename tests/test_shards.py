@@ -154,6 +154,23 @@ def test_shard_items_mean_what_mp4_items_mean(prepared, tmp_path, augmented):
         assert (_inputs(stored[0], overrides)["video"] - _inputs(mp4[0], overrides)["video"]).abs().mean() > 5 * video_error
 
 
+def test_wrap_window_on_shards_equals_mp4(prepared, tmp_path):
+    """audio.window=wrap reads the stored whole track: a 2.56 s window over 2.5 s files starts at
+    each random clip start and loops, from the shards as from the mp4s."""
+    window = ["data.audio.seconds=2.56", "data.audio.window=wrap", "data.audio.no_audio=silence"]
+    stored = build_dataset(load_config(DEMO, [*prepared["train"], *window]), "train", train=True)
+    with open(prepared["root"] / "train.csv") as f:
+        rows = {row["id"]: row for row in csv.DictReader(f)}
+    manifest = write_manifests(prepared["root"], tmp_path, {"train": [rows[r.id] for r in stored.records]})
+    mp4 = build_dataset(load_config(DEMO, [*manifest, f"train.output_dir={tmp_path}", *TINY, *window]), "train", train=True)
+    for index in range(4):
+        a, b = stored[index]["audio"], mp4[index]["audio"]
+        assert a.shape == b.shape == (1, 256, 128)
+        assert (a - b).abs().mean() < 0.02, index
+    # the tolerance tells windows apart: another record's window is far off
+    assert (stored[0]["audio"] - mp4[1]["audio"]).abs().mean() > 0.1
+
+
 def test_evaluation_views_in_order(prepared, tmp_path):
     """Multi-view evaluation on shards: every record's test_clips x test_crops views, in order,
     the same clips as from the mp4s."""

@@ -5,7 +5,9 @@
 window leaves the file. A video's own audio track is read with PyAV; wav/flac/ogg files with
 soundfile. A file without an audio stream raises ``NoAudioError``.
 
-``place_windows`` decides where the windows of a clip sit (``AudioConfig.window``).
+``place_windows`` decides where the windows of a clip sit (``AudioConfig.window`` inside /
+centred); ``wrap_starts``, ``linspace_starts`` and ``loop_windows`` are ``window: wrap``, the
+windows of DMVR's samplers that AV-MAE reads through (docs/recipes.md, "The audio window").
 
 ``fbank(waveform, audio_cfg)`` is the ``(target_length, num_mel_bins)`` model input: the
 features of YuanGongND/cav-mae src/dataloader.py (torchaudio's Kaldi fbank, 128 mel bins, 10 ms
@@ -99,6 +101,61 @@ def place_windows(
         return [0.0 for _ in centres], duration
     latest = duration - seconds
     return [min(max(c - seconds / 2, 0.0), latest) for c in centres], seconds
+
+
+def _frames(seconds: float, hop: float) -> int:
+    """Spectrogram frames of ``seconds`` at one frame every ``hop`` seconds."""
+    return int(round(seconds / hop))
+
+
+def wrap_starts(clip_starts: list[float], video_duration: float, duration: float, hop: float) -> list[float]:
+    """Training starts of ``audio.window: wrap``: each window starts where its video clip starts.
+
+    DMVR's ``sample_sequence`` (google-deepmind/dmvr ``dmvr/processors.py``) samples the frames
+    first and keeps their offset as a proportion of the video's length in a state shared with the
+    spectrogram, whose window then starts at ``round(proportion x its own length)`` frames. Here:
+    ``round(clip_start / video_duration x F) x hop`` seconds, ``F`` the audio's frames of ``hop``
+    seconds, taken modulo the audio's ``duration``. ``loop_windows`` reads them.
+    """
+    if video_duration <= 0 or duration <= 0:
+        raise ValueError(f"wrapping windows needs positive durations, got video {video_duration}, audio {duration}")
+    frames = _frames(duration, hop)
+    return [(round(start / video_duration * frames) % max(frames, 1)) * hop for start in clip_starts]
+
+
+def linspace_starts(num_views: int, duration: float, seconds: float, hop: float) -> list[float]:
+    """Evaluation starts of ``audio.window: wrap``, one per temporal view, independent of the video.
+
+    DMVR's ``sample_linspace_sequence`` (several views): ``num_views`` offsets from 0 to
+    ``max(0, F - W)`` frames, ``tf.linspace`` in float32 cast to int (truncated); one view:
+    ``sample_sequence`` without randomness, the centred ``max(0, (F - W) // 2)``. ``F`` is the
+    audio's frames and ``W`` the window's, of ``hop`` seconds; a window past the end wraps
+    (``loop_windows``). VGGSound (10 s, 8 s window, 4 views): 0, 66, 133, 200 frames.
+    """
+    frames, window = _frames(duration, hop), _frames(seconds, hop)
+    latest = max(0, frames - window)
+    if num_views == 1:
+        return [(latest // 2) * hop]
+    # tf.linspace: start + k * ((stop - start) / (num - 1)) in float32, the last one exactly stop
+    step = np.float32(latest) / np.float32(num_views - 1)
+    offsets = (np.arange(num_views, dtype=np.float32) * step).astype(np.int64)
+    offsets[-1] = latest
+    return [int(offset) * hop for offset in offsets]
+
+
+def loop_windows(track: torch.Tensor, starts: list[float], seconds: float, rate: int) -> list[torch.Tensor]:
+    """``(round(seconds * rate),)`` windows of the looped ``track`` (the whole file's samples).
+
+    A window that runs past the end continues from the file's start, and a file shorter than the
+    window repeats as often as needed: DMVR's ``sample_or_pad_sequence_indices`` with
+    ``repeat_sequence=True`` tiles the spectrogram frames the same way. Ours tiles samples, so the
+    one or two fbank frames that straddle a seam mix the end and the start of the file.
+    """
+    if track.ndim != 1 or track.numel() == 0:
+        raise ValueError(f"looping needs a non-empty (N,) track, got shape {tuple(track.shape)}")
+    length = int(round(seconds * rate))
+    steps = torch.arange(length)
+    return [track[(int(round(start * rate)) + steps) % track.numel()] for start in starts]
 
 
 def _source_span(start: float, seconds: float) -> tuple[float, float]:

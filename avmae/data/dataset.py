@@ -40,7 +40,17 @@ from torch.utils.data import Dataset
 
 from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
-from avmae.data.audio import AudioDecodeError, NoAudioError, audio_duration, fbank, place_windows, read_audio
+from avmae.data.audio import (
+    AudioDecodeError,
+    NoAudioError,
+    audio_duration,
+    fbank,
+    linspace_starts,
+    loop_windows,
+    place_windows,
+    read_audio,
+    wrap_starts,
+)
 from avmae.data.manifests import ClipRecord, Manifest, is_present
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
@@ -223,7 +233,9 @@ class AVDataset(Dataset):
                 clips.append((start, span, speed))
             times = [frame_times(start, video_cfg.num_frames, video_cfg.frame_rate, speed) for start, _, speed in clips]
             frames = _read_clips(reader, times)
-        waves, silent = self._audio_windows(record_index, [start + span / 2 for start, span, _ in clips])
+            video_duration = reader.duration
+        spans = [(start, span) for start, span, _ in clips]
+        waves, silent = self._audio_windows(record_index, spans, video_duration, view)
 
         videos, audios = [], []
         for clip_frames, wave in zip(frames, waves):
@@ -247,16 +259,27 @@ class AVDataset(Dataset):
             sample["clips"] = self.clips_per_video
         return sample
 
-    def _audio_windows(self, record_index: int, centres: list[float]) -> tuple[list[torch.Tensor], bool]:
-        """The waveform of each clip's audio window, placed by ``audio.window`` around the clip
-        centres ``centres`` (``avmae.data.audio.place_windows``), and whether they are the
-        silence fed for a file without audio (``audio.no_audio: silence``). A file shorter than
-        the window gives its whole, shorter waveform (the fbank appends zero frames)."""
+    def _audio_windows(
+        self, record_index: int, clips: list[tuple[float, float]], video_duration: float, view: int
+    ) -> tuple[list[torch.Tensor], bool]:
+        """The waveform of each clip's audio window, and whether they are the silence fed for a file
+        without audio (``audio.no_audio: silence``).
+
+        ``clips``: ``(start, span)`` of each video clip in seconds. ``audio.window`` inside /
+        centred places a window around each clip's centre (``avmae.data.audio.place_windows``); a
+        file shorter than an ``inside`` window gives its whole, shorter waveform (the fbank appends
+        zero frames). ``wrap`` starts each training window where its clip starts and evaluation
+        view ``view``'s at its temporal view's offset over the audio, looping the whole file
+        (``wrap_starts``, ``linspace_starts``, ``loop_windows``).
+        """
         record = self.records[record_index]
         audio_cfg = self.data_cfg.audio
         rate, seconds = audio_cfg.sample_rate, audio_cfg.seconds
         try:
+            if audio_cfg.window == "wrap":
+                return self._wrapped_windows(record_index, clips, video_duration, view), False
             duration = self._audio_duration(record_index) if audio_cfg.window == "inside" else None
+            centres = [start + span / 2 for start, span in clips]
             starts, length = place_windows(centres, seconds, duration, audio_cfg.window)
             return self._read_windows(record_index, starts, length, rate), False
         except NoAudioError as err:
@@ -265,7 +288,27 @@ class AVDataset(Dataset):
             if record_index not in self._silent:
                 self._silent.add(record_index)
                 log.warning("feeding silence for %s (audio.no_audio=silence): %s", record.id, err)
-            return [torch.zeros(int(round(seconds * rate))) for _ in centres], True
+            return [torch.zeros(int(round(seconds * rate))) for _ in clips], True
+
+    def _wrapped_windows(
+        self, record_index: int, clips: list[tuple[float, float]], video_duration: float, view: int
+    ) -> list[torch.Tensor]:
+        """``audio.window: wrap``: the windows cut from the looped whole file."""
+        record = self.records[record_index]
+        if record.start is not None:
+            raise ValueError(
+                f"{record.video}: audio.window=wrap loops whole files; segment record {record.id} "
+                "needs audio.window=inside or centred"
+            )
+        audio_cfg = self.data_cfg.audio
+        rate, seconds, hop = audio_cfg.sample_rate, audio_cfg.seconds, audio_cfg.frame_shift_ms / 1000.0
+        duration = self._audio_duration(record_index)
+        if self.train:
+            starts = wrap_starts([start for start, _ in clips], video_duration, duration, hop)
+        else:
+            starts = [linspace_starts(self.data_cfg.test_clips, duration, seconds, hop)[view // len(self.crops)]]
+        track = self._read_windows(record_index, [0.0], duration, rate)[0]
+        return loop_windows(track, starts, seconds, rate)
 
     # The reads of a record's media; a dataset over another store of the same clips
     # (avmae.data.shards.ShardDataset) overrides them and keeps everything else.
@@ -278,13 +321,13 @@ class AVDataset(Dataset):
         return _read_windows(record.audio or record.video, starts, seconds, rate)
 
     def _audio_duration(self, record_index: int) -> float:
-        """Seconds of the record's audio, which ``audio.window: inside`` places the windows in."""
+        """Seconds of the record's audio, which ``audio.window`` inside / wrap place the windows in."""
         record = self.records[record_index]
         path = record.audio or record.video
         duration = audio_duration(path)
         if duration <= 0:
             raise AudioDecodeError(
-                f"{path}: the audio states no duration, so audio.window=inside cannot place the "
+                f"{path}: the audio states no duration, so audio.window=inside or wrap cannot place the "
                 "window (audio.window=centred does not need it)"
             )
         return duration
