@@ -41,6 +41,10 @@ def read(kind: str, path: str | Path) -> Source:
     return source
 
 
+# ---------------------------------------------------------------------------------------------
+# the avmae config a source maps to
+
+
 def size_name(embed_dim: int, depth: int) -> str:
     for name, size in SIZES.items():
         if size.embed_dim == embed_dim and size.depth == depth:
@@ -88,6 +92,10 @@ def default_config(source: Source) -> Config:
     for group in ("video", "audio"):
         raw["data"][group].update(data[group])
     return config_from_dict(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# filling an avmae encoder
 
 
 def _inflate(weight: torch.Tensor, tubelet: int, notes: dict) -> torch.Tensor:
@@ -237,6 +245,10 @@ def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> t
     for key in initialised:
         out[key] = target[key]
     return {k: v.contiguous() for k, v in out.items()}, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole conversion
 
 
 def _with_geometry(cfg: Config, num_frames: int | None, image_size: int | None, audio_seconds: float | None) -> Config:
