@@ -14,7 +14,7 @@ each (MAE, MAE + InfoNCE, SimSiam, MoCo v3) and run through the same function; t
 each run's objective (``objective_name``) next to its augmentation setting.
 
 Each step is the library call a researcher would make by hand (``avmae.engine.pretrain``,
-``avmae.export.export``, ``avmae.evaluation.probe.run_linear_probes``). An interrupted ablation
+``avmae.formats.export``, ``avmae.evaluation.probe.run_linear_probes``). An interrupted ablation
 continues where it stopped: pretraining resumes from a run's newest checkpoint (a finished run is
 not retrained), and a run whose probe result is saved for the same checkpoint and probe config is
 not probed again.
@@ -130,7 +130,7 @@ def run_one(
     from avmae.engine import latest_checkpoint, pretrain
     from avmae.engine.finetune import prepare_config
     from avmae.evaluation.probe import run_linear_probes
-    from avmae.export import export, from_pretrained
+    from avmae.formats import export, from_pretrained
 
     name = Path(config).stem
     cfg = load_config(config, overrides)

@@ -2,7 +2,7 @@
 
 ``run_demo`` is what ``python tools/demo.py`` runs. Every step is the library call a researcher
 would make by hand (``avmae.data.synthetic.generate_dataset``, ``avmae.engine.pretrain``,
-``avmae.export.export``, ``avmae.evaluation.probe.run_linear_probes``,
+``avmae.formats.export``, ``avmae.evaluation.probe.run_linear_probes``,
 ``avmae.visualize.visualize``); the recipe is ``configs/pretrain/demo.yaml`` and
 ``configs/probe/synthetic.yaml``. The demo asks one question, with numbers: does a linear
 classifier on the pretrained encoder's features beat the same classifier on a randomly
@@ -64,7 +64,7 @@ def run_demo(
     from avmae.engine import pretrain
     from avmae.engine.finetune import prepare_config
     from avmae.evaluation.probe import run_linear_probes
-    from avmae.export import export, from_pretrained
+    from avmae.formats import export, from_pretrained
     from avmae.visualize import visualize
 
     data_root, out_dir = Path(data_root), Path(out_dir)

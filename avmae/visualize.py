@@ -19,14 +19,13 @@ from avmae.config import Config, replace
 from avmae.data.dataset import AVDataset
 from avmae.data.device import normalize_inputs
 from avmae.data.manifests import ClipRecord, Manifest
+from avmae.formats import EXPORT_CONFIG, build_part, export_config, from_pretrained, load_part, read_checkpoint
+from avmae.models import AVMAE, unpatchify_audio, unpatchify_video
 
 
 def load_pretraining_model(path: str | Path) -> tuple[torch.nn.Module, Config]:
     """The ``AVMAE`` (decoder included) of a pretraining checkpoint (``step_XXXXXXXX/``) or of a
     ``--part model`` export folder, in eval mode, and its config."""
-    from avmae.export import EXPORT_CONFIG, build_part, export_config, from_pretrained, load_part, read_checkpoint
-    from avmae.models import AVMAE
-
     path = Path(path)
     if (path / EXPORT_CONFIG).is_file():
         model, cfg = from_pretrained(path), export_config(path)
@@ -66,8 +65,6 @@ def reconstruct(model: torch.nn.Module, inputs: dict[str, torch.Tensor], seed: i
     Returns, per modality, ``input``, ``masked``, ``reconstruction`` and ``target`` in the input's
     layout (``(C, T, H, W)`` or ``(1, T_a, F)``), the ``mask_ratio`` and the masked-patch ``mse``.
     """
-    from avmae.models import unpatchify_audio, unpatchify_video
-
     batch = {m: x[None] for m, x in inputs.items()}
     out = model(**batch, generator=torch.Generator().manual_seed(seed))
     result = {}

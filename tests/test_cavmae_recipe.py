@@ -122,7 +122,7 @@ def test_cavmae_layer_norm_eps_is_pytorchs_default_in_every_norm(tmp_path):
 
     # every export's config.json records it, and what is rebuilt from one uses it
     from avmae.config import Config
-    from avmae.export import apply_pretrained, from_pretrained, load_timm_audio_vit, read_export, write_export
+    from avmae.formats import apply_pretrained, from_pretrained, load_timm_audio_vit, read_export, write_export
     from avmae.models import build_encoder
 
     model_dir = write_export(model, pretrain_cfg, "model", tmp_path / "model", {"checkpoint": "test"})

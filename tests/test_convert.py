@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 import avmae
 from avmae.config import load_config
 from avmae.convert import ConversionError, convert, read, sinusoid_table
-from avmae.export import read_export
+from avmae.formats import read_export
 
 REPO = Path(__file__).resolve().parents[1]
 DIM, DEPTH, HEADS, HIDDEN = 128, 4, 4, 512  # avmae's "micro" size
@@ -199,7 +199,7 @@ def test_audiomae_finetuned_matches_timm_and_keeps_its_head(tmp_path):
     vit = VisionTransformer(img_size=(128, 128), patch_size=16, in_chans=1, embed_dim=DIM, depth=DEPTH,
                             num_heads=HEADS, num_classes=5, global_pool="avg")  # fmt: skip
     vit.load_state_dict(checkpoint_filter_fn({"model": state}, vit))
-    from avmae.engine.finetune import load_finetuned
+    from avmae.formats import load_finetuned
 
     classifier, cfg = load_finetuned(out / "classifier")
     assert cfg.finetune.heads == {"label": 5} and cfg.finetune.modalities == "audio"
@@ -209,7 +209,7 @@ def test_audiomae_finetuned_matches_timm_and_keeps_its_head(tmp_path):
         assert (tokens[:, 1:] - classifier.encoder.forward_features(audio=x)["audio"]).abs().max() < 1e-5
         assert (vit.forward_head(tokens) - classifier(audio=x)["label"]).abs().max() < 1e-5
         # the stock timm audio ViT written next to the export computes the same tokens
-        timm_vit = avmae.export.load_timm_audio_vit(out)
+        timm_vit = avmae.formats.load_timm_audio_vit(out)
         assert (timm_vit.forward_features(x)[:, 1:] - tokens[:, 1:]).abs().max() < 1e-5
 
 
@@ -248,7 +248,7 @@ def test_cavmae_audio_branch_reordered_to_time_major(tmp_path):
     # the audio part alone, and the stock timm ViT written with it
     audio_out = convert("cavmae", path, tmp_path / "audio", part="audio")
     with torch.no_grad():
-        timm_tokens = avmae.export.load_timm_audio_vit(audio_out).forward_features(fbank[:, None])
+        timm_tokens = avmae.formats.load_timm_audio_vit(audio_out).forward_features(fbank[:, None])
     assert (timm_tokens - ours).abs().max() < 1e-5
     # the joint sequence ends in the joint norm, a lone modality in its own
     with torch.no_grad():
@@ -384,7 +384,7 @@ def test_tools_convert_then_eval_a_finetuned_source(clean_data, tmp_path, capsys
 def test_cavmae_finetuned_keeps_its_head_and_pools_all_tokens(tmp_path):
     """CAVMAEFT's mlp_head becomes the classifier head; its multimodal mode averages all tokens
     of the joint sequence, so the converted classifier pools over tokens, not modalities."""
-    from avmae.engine.finetune import load_finetuned
+    from avmae.formats import load_finetuned
 
     torch.manual_seed(5)
     state = cavmae_checkpoint(finetuned=True, num_classes=3)

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 from avmae.config import load_config
 from avmae.data.audio import fbank, read_audio
 from avmae.data.collate import collate_clips
-from avmae.data.dataset import AVDataset, TooManyDecodeFailures, _read_clips, _read_windows, build_dataset
+from avmae.data import build_dataset
+from avmae.data.dataset import AVDataset, TooManyDecodeFailures, _read_clips, _read_windows
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights
 from avmae.augment.transforms import eval_video_transform, normalize_video

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import avmae
 from avmae.config import load_config, save_config
-from avmae.export import (
+from avmae.formats import (
     TIMM_WEIGHTS,
     export,
     load_timm_audio_vit,

@@ -31,7 +31,7 @@ from avmae.config import load_config, save_config
 from avmae.engine import read_scalars
 from avmae.engine.finetune import build_model, classification_loss, prepare_config
 from avmae.engine.optim import build_optimizer, build_scheduler
-from avmae.export import export
+from avmae.formats import export
 from avmae.models import build_classifier, build_pretrain_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -378,7 +378,8 @@ def test_mbt_recipe_options_finetune_from_a_mid_fusion_export(exported, clean_da
     """The MBT recipe's pieces together in one process: bottleneck fusion started from the demo's
     mid-fusion export, momentum SGD with layer decay, gradient clipping, per-modality mixup; the
     saved classifier reloads as an MBT classifier with the trained weights."""
-    from avmae.engine.finetune import finetune, load_finetuned
+    from avmae.engine.finetune import finetune
+    from avmae.formats import load_finetuned
     from avmae.models import MBTClassifier
 
     out = tmp_path / "run"

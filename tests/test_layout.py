@@ -1,9 +1,10 @@
 """The import graph of the library, read from the source with ``ast``: the packages form layers,
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
-The order (docs/architecture.md, "Layers"): config < models < augment < data < export <
-evaluation < engine < visualize, demo, ablation, benchmark, convert < tools. Imports inside functions
-count as much as top-level ones.
+The order (docs/architecture.md, "Layers"): config < models < augment < data < formats <
+evaluation, convert < engine < visualize, demo, ablation, benchmark < tools. Imports inside functions
+count as much as top-level ones; no two modules import each other, none imports another's private
+name, and no library file is over 600 lines.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ LAYERS = [
     {"avmae.models"},
     {"avmae.augment"},
     {"avmae.data"},
-    {"avmae.export"},
-    {"avmae.evaluation"},
+    {"avmae.formats"},
+    {"avmae.evaluation", "avmae.convert"},
     {"avmae.engine"},
-    {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark", "avmae.convert"},
+    {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 
@@ -45,26 +46,32 @@ def _unit(module: str) -> str:
     return ".".join(module.split(".")[:2])
 
 
+def _imports(module: str, path: Path, sources: dict[str, Path]):
+    """``(target module, imported name or None)`` for every import of an avmae module in ``path``,
+    those inside functions included; ``from pkg import sub`` resolves to ``pkg.sub``."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((a.name, None) for a in node.names if a.name.startswith("avmae"))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("avmae"):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                yield (sub, None) if sub in sources else (target, alias.name)
+
+
 def module_imports() -> dict[str, set[str]]:
-    """Module -> the avmae modules it imports (``from pkg import sub`` resolved to ``pkg.sub``)."""
+    """Module -> the avmae modules it imports."""
     sources = _sources()
     graph: dict[str, set[str]] = defaultdict(set)
     for module, path in sources.items():
-        package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                graph[module].update(a.name for a in node.names if a.name.startswith("avmae"))
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                if not target.startswith("avmae"):
-                    continue
-                for alias in node.names:
-                    sub = f"{target}.{alias.name}"
-                    graph[module].add(sub if sub in sources else target)
+        graph[module].update(target for target, _ in _imports(module, path, sources))
     return graph
 
 
@@ -125,6 +132,32 @@ def test_no_import_cycle_between_packages():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_no_import_cycle_between_modules():
+    # within a package as well: two modules that import each other (one inside a function) are one
+    # module in two files
+    cycle = find_cycle({m: targets - {m} for m, targets in module_imports().items()})
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    sources = _sources()
+    private = [
+        f"{module} imports {name} from {target}"
+        for module, path in sorted(sources.items())
+        for target, name in _imports(module, path, sources)
+        if name and name.startswith("_") and target != module
+    ]
+    assert not private, "make these public or move them:\n" + "\n".join(private)
+
+
+MAX_LINES = 600
+
+
+def test_no_library_file_is_over_600_lines():
+    long = {str(p.relative_to(REPO)): n for p in _sources().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these files (over {MAX_LINES} lines): {long}"
+
+
 def test_the_cycle_finder_finds_a_cycle():
     # the check above would pass vacuously with a finder that never finds anything
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -169,3 +202,29 @@ def test_package_data_files_exist():
     missing = [str(dirs[pkg] / name) for pkg, names in setuptools["package-data"].items() for name in names
                if not (dirs[pkg] / name).is_file()]  # fmt: skip
     assert not missing, f"listed in package-data but absent: {missing}"
+
+
+def test_every_library_package_is_installed():
+    # a package folder missing from pyproject's list imports in a checkout but not once installed
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    packages = {m for m, p in _sources().items() if p.name == "__init__.py"}
+    assert packages <= listed, f"add to [tool.setuptools] packages: {sorted(packages - listed)}"
+
+
+
+def test_the_public_api_is_what_type_checkers_see():
+    # avmae.__all__ resolves lazily at run time; the `if TYPE_CHECKING:` imports must name the same
+    # objects, or editors offer something else than what runs
+    import importlib
+
+    import avmae
+
+    tree = ast.parse((REPO / "avmae" / "__init__.py").read_text())
+    seen = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for imp in node.body:
+                seen.update({alias.asname or alias.name: imp.module for alias in imp.names})
+    assert sorted(seen) == sorted(avmae.__all__)
+    for name, module in seen.items():
+        assert getattr(avmae, name) is getattr(importlib.import_module(module), name), name

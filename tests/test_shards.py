@@ -30,7 +30,7 @@ from test_engine_launch import DEMO, REPO, free_port, launch_command, losses, ru
 from avmae.config import load_config
 from avmae.data import Manifest, balanced_weights, build_dataset, read_manifest
 from avmae.data.device import normalize_inputs
-from avmae.data.shards import REPORT_FILE
+from avmae.data.shard_writer import REPORT_FILE
 from avmae.engine import read_scalars
 
 # The session dataset (conftest.SYNTHETIC, written by the function tools/make_synthetic.py calls)

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from avmae.export import EXPORT_CONFIG, PARTS, export
+from avmae.formats import EXPORT_CONFIG, PARTS, export
 
 
 def main(argv: list[str] | None = None) -> int:

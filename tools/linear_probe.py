@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pretrained = None
     if cfg.finetune.pretrained:
-        from avmae.export import from_pretrained
+        from avmae.formats import from_pretrained
 
         pretrained = from_pretrained(cfg.finetune.pretrained)
     if args.sources:

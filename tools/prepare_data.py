@@ -17,7 +17,7 @@ import sys
 import time
 
 from avmae.config import load_config
-from avmae.data.shards import DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_SIZE, REPORT_FILE, prepare_shards
+from avmae.data.shard_writer import DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_SIZE, REPORT_FILE, prepare_shards
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,7 +18,7 @@ The split into stages (ms per clip) comes from wrapping, for the timed items onl
 (``_read_windows``: demux, decode, resample), ``fbank``, ``augment`` (the three training
 transforms) and ``other`` (the rest: seeding, layout, targets).
 
-The ``shards`` setting reads the same clips prepared once by ``avmae.data.shards.prepare_shards``
+The ``shards`` setting reads the same clips prepared once by ``avmae.data.shard_writer.prepare_shards``
 (JPEG frames at the config's short side and needed frame rate, 16-bit PCM audio) through
 ``ShardDataset``, the same item pipeline with another source; its ``_open_video`` includes
 fetching the stored sample. The preparation itself is timed when the shards are first written
@@ -55,15 +55,17 @@ import numpy as np
 import torch
 
 from avmae.augment import AVTransforms
+from avmae.augment.transforms import resize_short_side
 from avmae.config import Config, replace
 from avmae.data import AVDataset, build_dataset
 from avmae.data import dataset as dataset_module
 from avmae.data.synthetic import DEFAULT_NUISANCE, VIDEO_CRF, class_specs, render_clip, write_av_file
-from avmae.data.shards import needed_frame_rate, prepare_shards
-from avmae.data.video import DECODERS
+from avmae.data.shard_writer import encode_frame, frame_step, prepare_shards
+from avmae.data.shards import decode_frame, needed_frame_rate
+from avmae.data.video import DECODERS, open_video
 
 from .machine import environment, finish
-from .train_step import _rounds
+from .train_step import split_rounds
 
 # Targets: 30 clips/s per CPU core on 360p H.264; on prepared shards 40 clips/s per core and 6x
 # the raw-mp4 path (decord) of the same run.
@@ -319,7 +321,7 @@ def measure_data_pipeline(
     info_path = clips_dir / SPEC_FILE
     if not info_path.is_file():
         raise FileNotFoundError(f"{clips_dir}: no {SPEC_FILE}; write the clips with write_benchmark_clips first")
-    per_round = _rounds(items, rounds)
+    per_round = split_rounds(items, rounds)
     settings = [(d, k) for d in dict.fromkeys(decoders) for k in dict.fromkeys(clips_per_video)]
 
     previous_threads = torch.get_num_threads()
@@ -387,10 +389,6 @@ def measure_data_pipeline(
 def _stored_frames(cfg: Config, path: Path) -> tuple[np.ndarray, float]:
     """``(T, H, W, 3)`` frames of ``path`` as the shards keep them (every ``step``-th frame, short
     side ``video.resize``) and their rate."""
-    from avmae.augment.transforms import resize_short_side
-    from avmae.data.shards import frame_step
-    from avmae.data.video import open_video
-
     with open_video(path) as reader:
         step = frame_step(reader.fps, needed_frame_rate(cfg.data.video, cfg.augment))
         indices = np.arange(0, reader.num_frames, step)
@@ -400,14 +398,10 @@ def _stored_frames(cfg: Config, path: Path) -> tuple[np.ndarray, float]:
 
 
 def _encode_jpeg(frames: np.ndarray, quality: int) -> list[bytes]:
-    from avmae.data.shards import encode_frame
-
     return [encode_frame(f, quality) for f in frames]
 
 
 def _decode_jpeg(jpegs: list[bytes], first: int, count: int) -> np.ndarray:
-    from avmae.data.shards import decode_frame
-
     return np.stack([decode_frame(j) for j in jpegs[first : first + count]])
 
 

@@ -187,7 +187,7 @@ def count_step_flops(cfg: Config, name: str, batch: int = 2) -> dict[str, int]:
     }
 
 
-def _rounds(steps: int, rounds: int) -> list[int]:
+def split_rounds(steps: int, rounds: int) -> list[int]:
     """``steps`` split into ``rounds`` near-equal positive parts."""
     if steps < 1 or not 1 <= rounds <= steps:
         raise ValueError(f"need 1 <= rounds <= steps, got steps={steps}, rounds={rounds}")
@@ -217,7 +217,7 @@ def measure_train_step(
     check_variants(cfg, variants)
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
-    per_round = _rounds(steps, rounds)
+    per_round = split_rounds(steps, rounds)
     batch = cfg.data.batch_size
     env = environment(device, torch.get_num_threads())
     tokens = num_tokens(cfg)

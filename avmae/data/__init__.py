@@ -3,18 +3,20 @@
 - ``manifests``: ``ClipRecord``, ``Manifest``, ``read_manifest(data_cfg, split)``, one reader per format.
 - ``video``: ``open_video(path, decoder)`` and clip sampling in seconds.
 - ``audio``: ``read_audio`` windows, ``fbank`` (CAV-MAE / AST / AudioMAE features), ``NoAudioError``.
-- ``dataset``: ``AVDataset``, ``build_dataset(cfg, split, train)``.
+- ``dataset``: ``AVDataset``, the clips of mp4 files.
+- ``factory``: ``build_dataset(cfg, split, train)``, over mp4s or shards (``data.format``).
 - ``collate``: ``collate_clips``, the batching of items holding several clips of one video.
 - ``sampler``: ``DistributedWeightedSampler``, ``balanced_weights`` (AudioSet balanced sampling).
 - ``loader``: ``build_loader(cfg, dataset, train)``, the one DataLoader factory.
 - ``synthetic``: the embedded synthetic audiovisual dataset.
-- ``shards``: ``prepare_shards`` (decode once into litdata chunks) and ``ShardDataset``, the
-  ``AVDataset`` that reads them (``data.format: shards``); docs/data.md.
+- ``shards``: ``ShardDataset``, the ``AVDataset`` that reads prepared shards (``data.format: shards``);
+  ``shard_writer``: ``prepare_shards``, which decodes every clip once into them; docs/data.md.
 """
 
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
 from avmae.data.collate import collate_clips
-from avmae.data.dataset import AVDataset, TooManyDecodeFailures, build_dataset
+from avmae.data.dataset import AVDataset, TooManyDecodeFailures
+from avmae.data.factory import build_dataset
 from avmae.data.loader import build_loader
 from avmae.data.manifests import ClipRecord, Manifest, ManifestError, read_manifest
 from avmae.data.sampler import DistributedWeightedSampler, balanced_weights

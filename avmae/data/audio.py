@@ -54,7 +54,7 @@ def read_audio(path: str | Path, start: float, seconds: float, sample_rate: int)
         source, source_rate, source_start = _read_soundfile(path, start, seconds)
     else:
         source, source_rate, source_start = _read_av(path, start, seconds)
-    return _window(source, source_rate, source_start, start, seconds, sample_rate)
+    return cut_window(source, source_rate, source_start, start, seconds, sample_rate)
 
 
 def audio_duration(path: str | Path) -> float:
@@ -243,7 +243,7 @@ def _first_channel(frame: av.AudioFrame) -> np.ndarray:
     return channel.astype(np.float32, copy=False)
 
 
-def _window(
+def cut_window(
     source: np.ndarray, source_rate: int, source_start: float, start: float, seconds: float, sample_rate: int
 ) -> torch.Tensor:
     """Cut ``[start, start + seconds)`` out of ``source`` (sample 0 at ``source_start`` seconds),

@@ -61,7 +61,7 @@ from avmae.data.audio import (
     read_audio,
     wrap_starts,
 )
-from avmae.data.manifests import ClipRecord, Manifest, read_manifest
+from avmae.data.manifests import ClipRecord, Manifest, is_present
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
     DecordReader,
@@ -97,10 +97,6 @@ def missing_list_path(cfg: Config, split: str) -> Path:
     """``data.missing_list`` (``{split}`` is filled in), default ``<train.output_dir>/missing_<split>.txt``."""
     template = cfg.data.missing_list or str(Path(cfg.train.output_dir) / "missing_{split}.txt")
     return Path(template.format(split=split))
-
-
-def _is_present(record: ClipRecord) -> bool:
-    return record.video is not None and record.video.is_file() and (record.audio is None or record.audio.is_file())
 
 
 class AVDataset(Dataset):
@@ -156,7 +152,7 @@ class AVDataset(Dataset):
     def _present_records(self, manifest: Manifest, missing_list: Path | None) -> list[ClipRecord]:
         present, missing = [], []
         for record in manifest.records:
-            (present if _is_present(record) else missing).append(record)
+            (present if is_present(record) else missing).append(record)
         where = ""
         if missing_list is not None:
             _write_missing(missing_list, missing)
@@ -462,28 +458,3 @@ def _write_missing(path: Path, missing: list[ClipRecord]) -> None:
         for record in missing:
             f.write(f"{record.id}\t{record.video}\t{record.audio or ''}\n")
     os.replace(partial, path)
-
-
-def build_dataset(cfg: Config, split: str, train: bool) -> AVDataset:
-    """The dataset of ``split`` (train/val/test): training clips when ``train``, else multi-view."""
-    if train and cfg.data.clips_per_video > 1 and cfg.model.contrastive in ("infonce", "mocov3"):
-        log.warning(
-            "data.clips_per_video=%d with model.contrastive=%s: the clips of one video share a batch "
-            "and are negatives of each other in the contrastive loss",
-            cfg.data.clips_per_video, cfg.model.contrastive,
-        )
-    if cfg.data.format == "shards":
-        from avmae.data.shards import build_shard_dataset  # imported here: that module builds on this one
-
-        return build_shard_dataset(cfg, split, train)
-    manifest = read_manifest(cfg.data, split)
-    return AVDataset(
-        manifest,
-        cfg.data,
-        cfg.augment,
-        train=train,
-        transforms=augment.build_transforms(cfg, train=True) if train else None,
-        seed=cfg.train.seed,
-        missing_list=missing_list_path(cfg, split),
-        split=split,
-    )

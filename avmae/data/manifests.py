@@ -77,6 +77,11 @@ class ClipRecord:
     end: float | None = None
 
 
+def is_present(record: ClipRecord) -> bool:
+    """Whether the record's media files exist (its video, and its separate audio file if any)."""
+    return record.video is not None and record.video.is_file() and (record.audio is None or record.audio.is_file())
+
+
 @dataclass
 class Manifest:
     """The records of one split, the class names of each head, and whether heads are multi-label."""

@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 
 from avmae.config import Config, save_config
-from avmae.export import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, plain_state_dict, write_safetensors
+from avmae.formats import CONFIG_FILE, TRAINER_STATE_FILE, WEIGHTS_FILE, plain_state_dict, write_safetensors
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_DIR = "state"

@@ -37,23 +37,13 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from torch import nn
 
-from safetensors.torch import load_file
-
 from avmae.augment.mixup import mix_batch, mixup_alpha
-from avmae.config import Config, load_config, modality_set, replace, save_config
+from avmae.config import Config, modality_set, replace
 from avmae.data import build_dataset, build_loader
 from avmae.engine.loop import Trainer, Update, build_accelerator, build_in_every_process, input_dtype
 from avmae.engine.optim import build_optimizer
 from avmae.evaluation.evaluate import evaluate, format_table, model_inputs, summary, write_results
-from avmae.export import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    apply_pretrained,
-    plain_state_dict,
-    pretrained_encoder_weights,
-    read_export,
-    write_safetensors,
-)
+from avmae.formats import apply_pretrained, load_finetuned, pretrained_encoder_weights, read_export, save_finetuned
 from avmae.models import build_classifier, load_pretrained
 
 
@@ -244,31 +234,3 @@ def evaluate_finetuned(
     accelerator.print(format_table(metrics, title))
     accelerator.wait_for_everyone()
     return metrics
-
-
-def save_finetuned(model: nn.Module | dict[str, torch.Tensor], cfg: Config, out_dir: str | Path) -> Path:
-    """``model.safetensors`` and ``config.yaml`` of a finetuned classifier (the input of tools/eval.py),
-    from the model or its state dict."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state_dict = model.state_dict() if isinstance(model, nn.Module) else model
-    metadata = {"format": "pt", "avmae_part": "classifier"}
-    write_safetensors(plain_state_dict(state_dict), out_dir / WEIGHTS_FILE, metadata)
-    save_config(cfg, out_dir / CONFIG_FILE)
-    return out_dir
-
-
-def load_finetuned(path: str | Path, overrides: list[str] | None = None) -> tuple[nn.Module, Config]:
-    """A classifier saved by ``finetune`` and its config (``overrides`` applied, e.g. evaluation
-    geometry); the weights must fit exactly."""
-    path = Path(path)
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path}: not a finetuned model folder (no {name})")
-    cfg = load_config(path / CONFIG_FILE, overrides)
-    if not cfg.finetune.heads:
-        raise ValueError(f"{path / CONFIG_FILE}: finetune.heads is empty; was it written by finetuning?")
-    model = build_classifier(cfg, dict(cfg.finetune.heads))
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
-    return model.eval(), cfg
-

@@ -19,7 +19,7 @@ from avmae.config import Config
 from avmae.data import build_dataset
 from avmae.engine.loop import MODEL_INPUTS, Trainer, TrainingInterrupted, build_accelerator, build_in_every_process
 from avmae.engine.optim import build_optimizer
-from avmae.export import pretrained_encoder_weights
+from avmae.formats import pretrained_encoder_weights
 from avmae.models import build_pretrain_model, load_pretrained
 
 __all__ = ["TrainingInterrupted", "build_accelerator", "pretrain"]

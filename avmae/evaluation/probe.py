@@ -30,6 +30,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from avmae.config import Config, modality_set
+from avmae.data import build_dataset, build_loader
+from avmae.models import AVEncoder, build_encoder
 from .evaluate import aggregate_views, model_inputs
 from .metrics import multilabel_metrics, topk_accuracy
 
@@ -207,8 +209,6 @@ def holdout_split(num: int, fraction: float, seed: int) -> tuple[torch.Tensor, t
 
 def encoder_of(module: nn.Module) -> nn.Module:
     """The ``AVEncoder`` of an ``AVEncoder``, ``AVMAE`` or ``AVClassifier`` (what exports hold)."""
-    from avmae.models import AVEncoder
-
     if isinstance(module, AVEncoder):
         return module
     inner = getattr(module, "encoder", None)
@@ -234,8 +234,6 @@ def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[
         per source, ``train_probe``'s result plus ``source``, ``modalities``, ``dim`` and
         ``records`` per split. Accuracies are percentages.
     """
-    from avmae.data import build_dataset, build_loader
-
     unknown = set(sources) - set(SOURCES)
     if unknown or not sources:
         raise ValueError(f"probe sources must be among {SOURCES}, got {sources}")
@@ -247,8 +245,6 @@ def run_linear_probes(cfg: Config, pretrained: nn.Module | None, sources: tuple[
                 raise ValueError("the pretrained probe needs a pretrained model (finetune.pretrained)")
             extractors[source] = encoder_of(pretrained)
         elif source == "random":
-            from avmae.models import build_encoder
-
             torch.manual_seed(cfg.train.seed)
             extractors[source] = build_encoder(cfg, modality_set(ft.modalities))
         else:

@@ -1,46 +1,25 @@
-"""Export a pretraining checkpoint to a self-contained folder, and rebuild a model from one.
-
-An export folder holds exactly:
-
-- ``model.safetensors``: the weights of the exported part, nothing else (no optimiser, no pickle);
-- ``config.json``: what is needed to rebuild and feed the model: the part, the architecture, the
-  input geometry (frames, frame rate, crop size, patch and tubelet sizes, audio length), the
-  fbank settings and normalisation statistics, and the full resolved pretraining config.
-
-Parts: ``model`` (the whole pretraining ``AVMAE``: encoder, decoder, contrastive head),
-``encoder`` (the ``AVEncoder`` of both modalities), ``audio`` / ``video`` (the encoder of one
-modality). An ``audio`` export also holds ``timm_vit.safetensors``: the same network as a stock
-``timm.models.vision_transformer.VisionTransformer`` (see ``timm_audio_vit``), whose constructor
-arguments are ``config.json["timm"]["kwargs"]``.
-
-Nothing on the loading path unpickles: weights are read with safetensors, or with
-``torch.load(weights_only=True)`` for ``.pt`` / ``.pth`` / ``.bin`` files; configs with
-``yaml.safe_load`` or ``json``.
+"""Export folders: ``model.safetensors`` + ``config.json``, written from a training checkpoint
+(``export``) or a filled module (``write_export``), read back by ``from_pretrained``; an ``audio``
+export also holds the branch as a stock timm ViT. The layout is in docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from functools import partial
 from pathlib import Path
 
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from avmae.config import Config, config_from_dict, config_to_dict, replace
-from avmae.models.state_dict import unwrap_state_dict
+from avmae.formats.weights import TRAINER_STATE_FILE, WEIGHTS_FILE, read_checkpoint, write_safetensors
+from avmae.models import build_encoder, build_pretrain_model, get_size, load_pretrained, num_tokens
 
 log = logging.getLogger(__name__)
-
-# The files of a training checkpoint that an export reads (the engine writes them; the final
-# folder of a finetuning run holds the first two as well).
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TRAINER_STATE_FILE = "trainer_state.json"
 
 EXPORT_CONFIG = "config.json"
 TIMM_WEIGHTS = "timm_vit.safetensors"
@@ -58,117 +37,11 @@ VIDEO_PREPROCESSING = ("mean", "std")
 
 
 # ---------------------------------------------------------------------------------------------
-# writing and reading weights and configs safely
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> Path:
-    """``safetensors.torch.save_file``, with the file's mode following the umask as ``torch.save``'s
-    and every other file's does (safetensors itself creates it readable by its owner only, which
-    hides exports and checkpoints from colleagues on a shared cluster)."""
-    path = Path(path)
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
-    return path
-
-
-def plain_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Wrapper prefixes removed (``avmae.models.unwrap_state_dict``); contiguous CPU copies
-    (safetensors refuses shared storage)."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in unwrap_state_dict(state_dict).items()}
-
-
-def read_state_dict(
-    path: str | Path,
-    allowed_globals: tuple[type, ...] = (),
-    wrappers: tuple[str, ...] = ("model", "state_dict"),
-) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth``/``.bin`` file read with
-    ``torch.load(weights_only=True)``. ``allowed_globals``: classes the restricted unpickler may
-    also build (training checkpoints of other codebases store an ``argparse.Namespace``);
-    ``wrappers``: keys under which a state dict is nested, opened as deep as they go; wrapper
-    prefixes such as ``module.`` are removed. Errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    elif path.suffix in (".pt", ".pth", ".bin"):
-        try:
-            with torch.serialization.safe_globals(list(allowed_globals)):
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickled objects beyond tensors are refused, by design
-            raise ValueError(
-                f"{path}: not loadable with torch.load(weights_only=True): {err}. Re-save only its "
-                "state dict (torch.save(ckpt['model'], ...)) or convert it to safetensors."
-            ) from err
-    else:
-        raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, .pt, .pth, .bin)")
-    while isinstance(state, dict):
-        inner = next((state[k] for k in wrappers if isinstance(state.get(k), dict)), None)
-        if inner is None:
-            break
-        state = inner
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a mapping of names to tensors")
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
-    try:
-        return unwrap_state_dict(state)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
-def read_config(path: str | Path) -> Config:
-    """A run config from ``config.yaml`` (safe YAML) or an export's ``config.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
-            raw = json.load(f) if path.suffix == ".json" else yaml.safe_load(f)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: cannot parse: {err}") from err
-    if isinstance(raw, dict) and "config" in raw and "part" in raw:  # an export's config.json
-        raw = raw["config"]
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    try:
-        return config_from_dict(raw)
-    except Exception as err:
-        raise ValueError(f"{path}: not a valid avmae config: {err}") from err
-
-
-def read_checkpoint(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """Weights and config of a pretraining checkpoint directory (``step_XXXXXXXX/``).
-
-    The directory holds ``model.safetensors`` (or ``model.pt`` / ``model.pth``) and
-    ``config.yaml``; nothing else is read.
-    """
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
-    candidates = [checkpoint / name for name in (WEIGHTS_FILE, "model.pt", "model.pth")]
-    weights = next((p for p in candidates if p.is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"{checkpoint}: no {WEIGHTS_FILE} (or model.pt / model.pth)")
-    return read_state_dict(weights), read_config(checkpoint / CONFIG_FILE)
-
-
-# ---------------------------------------------------------------------------------------------
 # building and filling the parts
 
 
 def build_part(cfg: Config, part: str) -> nn.Module:
     """An untrained module of ``part`` for ``cfg``'s architecture and input geometry."""
-    from avmae.models import build_encoder, build_pretrain_model
-
     if part == "model":
         return build_pretrain_model(cfg)
     if part == "encoder":
@@ -180,8 +53,6 @@ def build_part(cfg: Config, part: str) -> nn.Module:
 
 def load_part(module: nn.Module, state_dict: dict[str, torch.Tensor], part: str) -> None:
     """Fill ``module`` from a pretraining (or encoder) state dict; every needed key must be there."""
-    from avmae.models import load_pretrained
-
     if part == "model":
         missing, unexpected = module.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
@@ -195,8 +66,6 @@ def load_part(module: nn.Module, state_dict: dict[str, torch.Tensor], part: str)
 
 
 def _input_description(cfg: Config) -> dict:
-    from avmae.models import num_tokens
-
     video, audio, model = cfg.data.video, cfg.data.audio, cfg.model
     return {
         "video": {
@@ -239,8 +108,6 @@ def _input_description(cfg: Config) -> dict:
 
 
 def _architecture(cfg: Config, module: nn.Module) -> dict:
-    from avmae.models import get_size
-
     size = get_size(cfg.model.size)
     encoder = module.encoder if hasattr(module, "encoder") else module
     return {
@@ -430,8 +297,6 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
     Returns ``(model, kwargs)``: the filled model (eval mode) and its JSON-serialisable
     constructor arguments.
     """
-    from timm.models.vision_transformer import VisionTransformer
-
     if "audio" not in encoder.modalities:
         raise ValueError(f"the encoder has no audio branch (modalities {encoder.modalities})")
     if encoder.stack_norms:
@@ -488,8 +353,6 @@ def timm_audio_vit(encoder: nn.Module, audio_grid: tuple[int, int] | None = None
 
 def load_timm_audio_vit(path: str | Path) -> nn.Module:
     """The stock timm ViT of an ``audio`` export folder (``timm_vit.safetensors``), in eval mode."""
-    from timm.models.vision_transformer import VisionTransformer
-
     description = read_export(path)
     if "timm" not in description:
         raise ValueError(f"{path}: export of part {description['part']!r} has no timm audio model")
