@@ -145,6 +145,10 @@ class DataConfig:
     test_crops: int = 1  # multi-view evaluation: spatial crops (1 or 3)
     balanced_sampling: bool = False  # AudioSet-style weighted sampling
     max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
+    # Training clips: true = workers only decode and crop; fbank, SpecAugment and the video
+    # augmentations after the crop run batched on the device in the training step
+    # (avmae.data.device); false = all in the workers; None = true where a GPU is present.
+    device_transforms: Optional[bool] = None
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 

@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 from avmae import augment
 from avmae.config import AugmentConfig, Config, DataConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, audio_duration, fbank, place_windows, read_audio
+from avmae.data.device import draw_for_device, use_device_transforms
 from avmae.data.manifests import ClipRecord, Manifest, read_manifest
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
@@ -116,6 +117,8 @@ class AVDataset(Dataset):
         self.augment_cfg = augment_cfg
         self.train = train
         self.transforms = transforms
+        # workers only decode and crop; the device does the rest (avmae.data.device)
+        self.device_transforms = train and use_device_transforms(data_cfg)
         self.seed = seed
         self.split = split
         self.classes = manifest.classes
@@ -229,24 +232,24 @@ class AVDataset(Dataset):
             frames = _read_clips(reader, times)
         waves, silent = self._audio_windows(record_index, [start + span / 2 for start, span, _ in clips])
 
-        videos, audios = [], []
+        outputs = []  # per clip: video, audio (and the draws for the device)
         for clip_frames, wave in zip(frames, waves):
             clip_frames = rearrange(clip_frames, "t h w c -> t c h w")
-            if self.train:
-                videos.append(self.transforms.video(clip_frames, generator))
+            if self.train and self.device_transforms:
+                outputs.append(draw_for_device(self.transforms, clip_frames, wave, generator, self.data_cfg))
+            elif self.train:
+                video = self.transforms.video(clip_frames, generator)
                 wave = self.transforms.waveform(wave, generator)
-                audios.append(self.transforms.fbank(fbank(wave, audio_cfg), generator)[None])
+                outputs.append({"video": video, "audio": self.transforms.fbank(fbank(wave, audio_cfg), generator)[None]})
             else:
-                videos.append(eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)]))
-                audios.append(fbank(wave, audio_cfg)[None])
+                video = eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)])
+                outputs.append({"video": video, "audio": fbank(wave, audio_cfg)[None]})
 
         sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
         for v, suffix in enumerate(["", "2"][:views]):
-            if self.clips_per_video == 1:
-                sample["video" + suffix], sample["audio" + suffix] = videos[v], audios[v]
-            else:
-                sample["video" + suffix] = torch.stack(videos[v::views])
-                sample["audio" + suffix] = torch.stack(audios[v::views])
+            for key in outputs[v]:
+                mine = [clip[key] for clip in outputs[v::views]]
+                sample[key + suffix] = mine[0] if self.clips_per_video == 1 else torch.stack(mine)
         if self.clips_per_video > 1:
             sample["clips"] = self.clips_per_video
         return sample
