@@ -3,7 +3,7 @@
 - The tools from a fresh clone: make_synthetic (with bad clips) -> prepare_data (the bad files
   reported, the rest written; a rerun keeps finished shards and rewrites a broken one) ->
   2-process pretraining on the shards, killed with SIGKILL and resumed by the same command, ends
-  with the weights of the uninterrupted run.
+  with the weights of the uninterrupted run (transforms in the workers, and on the device).
 - Same meaning on both sources: items read from the shards equal the items read from the mp4s
   (same clip sampling, augmentation draws, normalisation) within the JPEG tolerance.
 - An S3-compatible server (moto) on 127.0.0.1: the shards uploaded with boto3 read back through
@@ -206,10 +206,12 @@ def test_object_store_reads_the_same_items(prepared, tmp_path, monkeypatch):
         server.stop()
 
 
-def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, tmp_path):
+@pytest.mark.parametrize("device_transforms", [False, True], ids=["worker_transforms", "device_transforms"])
+def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, tmp_path, device_transforms):
     def command(out: Path) -> list[str]:
         return launch_command("cpu_2proc.yaml", REPO / "tools" / "pretrain.py", "--config", DEMO, *prepared["train"],
-                              f"train.output_dir={out}", f"train.max_steps={STEPS}")  # fmt: skip
+                              f"train.output_dir={out}", f"train.max_steps={STEPS}",
+                              f"data.device_transforms={device_transforms}")  # fmt: skip
 
     whole = tmp_path / "whole"
     run(command(whole))
