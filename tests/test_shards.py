@@ -246,9 +246,13 @@ def test_benchmark_times_shards_against_mp4_in_one_run(tmp_path):
     clips = tmp_path / "clips"
     write_benchmark_clips(clips, clips_spec(num_clips=2, duration=2.5, fps=(25.0, 30.0), width=96, height=64))
     cfg = load_config(DEMO, ["data.batch_size=2"])
-    record = measure_data_pipeline(cfg, clips, ("decord", "shards"), (1,), items=2, warmup=1, rounds=1)
+    record = measure_data_pipeline(cfg, clips, ("decord", "shards", "shards-device"), (1,), items=2, warmup=1, rounds=1)
     settings = {s["decoder"]: s for s in record["settings"]}
-    assert set(settings) == {"decord", "shards"}
+    assert set(settings) == {"decord", "shards", "shards-device"}
+    device = settings["shards-device"]  # the worker decodes and crops; the rest is timed as the device's batch work
+    assert device["clips"] == 2 and device["device_ms_per_clip"] > 0 and device["batch_clips"] == 2
+    assert device["speedup"]["shards"] == pytest.approx(device["clips_per_cpu_s"] / settings["shards"]["clips_per_cpu_s"])
+    assert device["stage_ms_per_clip"]["fbank"] == 0 < device["stage_ms_per_clip"]["augment"]
     shards = settings["shards"]
     assert shards["clips"] == 2 and shards["failures"] == 0 and shards["clips_per_cpu_s"] > 0
     assert shards["speedup"]["decord"] == pytest.approx(shards["clips_per_cpu_s"] / settings["decord"]["clips_per_cpu_s"])
