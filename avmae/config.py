@@ -160,6 +160,10 @@ class DataConfig:
     # records. Steps per epoch, train.epochs and train.warmup_epochs count in these epochs.
     balanced_epoch_size: int = 0
     max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
+    # Training clips: true = workers only decode and crop; fbank, SpecAugment and the video
+    # augmentations after the crop run batched on the device in the training step
+    # (avmae.data.device); false = all in the workers; None = true where a GPU is present.
+    device_transforms: Optional[bool] = None
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 

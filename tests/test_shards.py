@@ -3,7 +3,7 @@
 - The tools from a fresh clone: make_synthetic (with bad clips) -> prepare_data (the bad files
   reported, the rest written; a rerun keeps finished shards and rewrites a broken one) ->
   2-process pretraining on the shards, killed with SIGKILL and resumed by the same command, ends
-  with the weights of the uninterrupted run.
+  with the weights of the uninterrupted run (transforms in the workers, and on the device).
 - Same meaning on both sources: items read from the shards equal the items read from the mp4s
   (same clip sampling, augmentation draws, normalisation) within the JPEG tolerance.
 - An S3-compatible server (moto) on 127.0.0.1: the shards uploaded with boto3 read back through
@@ -223,10 +223,12 @@ def test_object_store_reads_the_same_items(prepared, tmp_path, monkeypatch):
         server.stop()
 
 
-def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, tmp_path):
+@pytest.mark.parametrize("device_transforms", [False, True], ids=["worker_transforms", "device_transforms"])
+def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, tmp_path, device_transforms):
     def command(out: Path) -> list[str]:
         return launch_command("cpu_2proc.yaml", REPO / "tools" / "pretrain.py", "--config", DEMO, *prepared["train"],
-                              f"train.output_dir={out}", f"train.max_steps={STEPS}")  # fmt: skip
+                              f"train.output_dir={out}", f"train.max_steps={STEPS}",
+                              f"data.device_transforms={device_transforms}")  # fmt: skip
 
     whole = tmp_path / "whole"
     run(command(whole))
@@ -261,9 +263,13 @@ def test_benchmark_times_shards_against_mp4_in_one_run(tmp_path):
     clips = tmp_path / "clips"
     write_benchmark_clips(clips, clips_spec(num_clips=2, duration=2.5, fps=(25.0, 30.0), width=96, height=64))
     cfg = load_config(DEMO, ["data.batch_size=2"])
-    record = measure_data_pipeline(cfg, clips, ("decord", "shards"), (1,), items=2, warmup=1, rounds=1)
+    record = measure_data_pipeline(cfg, clips, ("decord", "shards", "shards-device"), (1,), items=2, warmup=1, rounds=1)
     settings = {s["decoder"]: s for s in record["settings"]}
-    assert set(settings) == {"decord", "shards"}
+    assert set(settings) == {"decord", "shards", "shards-device"}
+    device = settings["shards-device"]  # the worker decodes and crops; the rest is timed as the device's batch work
+    assert device["clips"] == 2 and device["device_ms_per_clip"] > 0 and device["batch_clips"] == 2
+    assert device["speedup"]["shards"] == pytest.approx(device["clips_per_cpu_s"] / settings["shards"]["clips_per_cpu_s"])
+    assert device["stage_ms_per_clip"]["fbank"] == 0 < device["stage_ms_per_clip"]["augment"]
     shards = settings["shards"]
     assert shards["clips"] == 2 and shards["failures"] == 0 and shards["clips_per_cpu_s"] > 0
     assert shards["speedup"]["decord"] == pytest.approx(shards["clips_per_cpu_s"] / settings["decord"]["clips_per_cpu_s"])

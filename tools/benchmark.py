@@ -8,7 +8,7 @@ its rows to docs/benchmarks.md.
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
         --config configs/pretrain/ours_vitb_vggsound.yaml [--data-source device|dataset] [key.sub=value ...]
     python tools/benchmark.py data [--config configs/pretrain/ours_vitb_vggsound.yaml]
-        [--decoders decord pyav shards] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
+        [--decoders decord pyav shards shards-device] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
         [key.sub=value ...]
     python tools/benchmark.py profile --config CONFIG [--variant avmae] [--steps N] [key.sub=value ...]
     python tools/benchmark.py input-copy --config CONFIG [key.sub=value ...]
@@ -54,7 +54,7 @@ from avmae.benchmark import (
 from avmae.benchmark.engine import SOURCES
 from avmae.benchmark.input_copy import measure_input_copy
 from avmae.benchmark.profile import profile_train_step
-from avmae.benchmark.data_pipeline import SHARDS, measure_stored_forms
+from avmae.benchmark.data_pipeline import SHARDS, SHARDS_DEVICE, measure_stored_forms
 from avmae.benchmark.report import format_row, header_lines
 from avmae.benchmark.suite import FULL, TINY, run_suite, suite_steps
 from avmae.config import load_config
@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
     data.add_argument("--config", default="configs/pretrain/ours_vitb_vggsound.yaml",
                       help="YAML whose data and augment settings are timed")
-    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS], default=[*DECODERS, SHARDS],
-                      help="video decoders of the mp4 path, and shards (the clips prepared by prepare_data)")
+    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS, SHARDS_DEVICE], default=[*DECODERS, SHARDS],
+                      help="video decoders of the mp4 path, shards (the clips prepared by prepare_data), and "
+                      "shards-device (the shards with data.device_transforms: the worker decodes and crops only)")
     data.add_argument("--stored-forms", action="store_true",
                       help="also time reading one clip's frames stored as JPEG vs short-GOP H.264")
     data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")

@@ -42,9 +42,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from avmae.config import Config, VideoConfig, config_to_dict
+from avmae.config import Config, DataConfig, config_to_dict
 from avmae.data import build_loader
-from avmae.data.device import normalize_inputs
+from avmae.data.device import device_inputs
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -199,15 +199,14 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
-def batch_to_device(
-    batch: dict, device: torch.device, video_cfg: VideoConfig, dtype: torch.dtype | None = None
-) -> dict:
+def batch_to_device(batch: dict, device: torch.device, data_cfg: DataConfig, dtype: torch.dtype | None = None) -> dict:
     """The one place a training batch meets the device: tensors moved (a no-op for batches that a
-    prepared loader already placed; ``non_blocking`` from pinned memory on a GPU), uint8 video
-    normalised there by ``video_cfg`` (``avmae.data.device.normalize_inputs``), and the model
-    inputs cast to ``dtype`` when given."""
+    prepared loader already placed; ``non_blocking`` from pinned memory on a GPU), the device
+    transforms run there (``data.device_transforms``) and uint8 video normalised by
+    ``data_cfg.video`` (``avmae.data.device.device_inputs``), and the model inputs cast to
+    ``dtype`` when given."""
     batch = send_to_device(batch, device, non_blocking=torch.device(device).type == "cuda")
-    batch = normalize_inputs(batch, video_cfg)
+    batch = device_inputs(batch, data_cfg)
     if dtype is not None:
         batch = {k: v.to(dtype) if k in MODEL_INPUTS and v.is_floating_point() else v for k, v in batch.items()}
     return batch
@@ -357,7 +356,7 @@ class Trainer:
                 for batch in epoch_loader:
                     if state.batch_in_epoch >= micro_per_epoch:
                         break  # the last, incomplete accumulation window of the epoch is dropped
-                    batch = batch_to_device(batch, accelerator.device, cfg.data.video, self.input_dtype)
+                    batch = batch_to_device(batch, accelerator.device, cfg.data, self.input_dtype)
                     with accelerator.accumulate(model):
                         output = loss_fn(self.forward, batch)
                         accelerator.backward(output["loss"])
