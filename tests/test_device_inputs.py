@@ -101,8 +101,9 @@ SMALL = ["data.video.num_frames=4", "data.video.frame_rate=8.0", "data.video.res
     "variant",
     [[*ALL_SPATIAL, *AUDIO, "augment.frame_shuffle=0.5"],
      [*ALL_SPATIAL, "augment.per_frame=true", "augment.two_views=true", "data.clips_per_video=2"],
+     [*AUDIO, "augment.spec_augment_fill=raw_zero"],
      ["augment.enabled=false"]],
-    ids=["all_transforms", "per_frame_two_views_two_clips", "augment_off"],
+    ids=["all_transforms", "per_frame_two_views_two_clips", "raw_zero_fill", "augment_off"],
 )  # fmt: skip
 def test_device_transforms_give_the_workers_batches(synthetic_root, tmp_path, variant):
     """Real mp4 items through both paths, same items and seeds: the workers' batch (transforms in
@@ -131,6 +132,21 @@ def test_device_transforms_give_the_workers_batches(synthetic_root, tmp_path, va
         assert (a.flatten(1).std(1) > 0.1).all()  # real spectra, not silence
     if len(views) == 2:  # the views were augmented differently
         assert not torch.equal(device["video"], device["video2"])
+    if "augment.spec_augment_fill=raw_zero" in variant:  # masked cells hold the normalised raw 0
+        audio_cfg = cfg.data.audio
+        assert (device["audio"] == (0.0 - audio_cfg.norm_mean) / audio_cfg.norm_std).any()
+
+
+def test_device_transforms_refuse_waveform_mixup(synthetic_root, tmp_path):
+    """Waveform mixup (CAV-MAE's finetuning) mixes in the workers before the fbank: asked for
+    together with device transforms, the dataset says which settings clash."""
+    rows = decodable_rows(synthetic_root)["train"][:2]
+    overrides = [*write_manifests(synthetic_root, tmp_path, {"train": rows}), f"train.output_dir={tmp_path}", *SMALL,
+                 "augment.mixup_domain=waveform", "augment.mixup=0.5"]  # fmt: skip
+    cfg = load_config(DEMO, [*overrides, "data.device_transforms=false"])
+    assert not build_dataset(cfg, "train", train=True).device_transforms
+    with pytest.raises(ValueError, match="device_transforms.*mixup_domain"):
+        build_dataset(load_config(DEMO, [*overrides, "data.device_transforms=true"]), "train", train=True)
 
 
 def test_batched_fbank_is_torchaudios_for_each_waveform():
