@@ -333,6 +333,11 @@ class TrainConfig:
     compile: Optional[bool] = None
     compile_mode: str = "default"
     log_every: int = 10  # optimiser steps between logs (and NaN checks)
+    # Where stderr is not a terminal (a scheduler's log file, nohup, CI), one plain progress line
+    # instead of the bar, at the first log step after this many optimiser steps or seconds since
+    # the previous line (avmae/engine/progress.py)
+    progress_every: int = 100
+    progress_seconds: float = 300.0
     checkpoint_every: int = 500  # optimiser steps
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint directory

@@ -293,3 +293,35 @@ def test_balanced_sampling_follows_the_epoch_through_the_prepared_loader(tmp_pat
     # the 6 rare clips weigh as much as the 18 common ones together
     rare = sum(i >= 18 for e in range(6) for i in epoch_indices(e)) / (6 * len(first))
     assert 0.3 < rare < 0.7
+
+
+# ---- logs -----------------------------------------------------------------------------------------
+
+
+def test_a_log_file_gets_plain_progress_lines_not_bar_redraws(tmp_path):
+    """stderr into a file, as under a job scheduler: one line per `progress_every` steps, each with
+    the step, loss, lr, clips/s, data wait and ETA, and no bar."""
+    import contextlib
+    import re
+
+    steps = 120
+    cfg = run_config(tmp_path / "run", f"train.max_steps={steps}", "train.log_every=10", "train.progress_every=30",
+                     "train.progress_seconds=1000")  # fmt: skip
+    log = tmp_path / "stderr.log"
+    torch.manual_seed(0)
+    with open(log, "w") as stream, contextlib.redirect_stderr(stream):
+        pretrain(cfg, model=StandIn(), dataset=Clips())
+    text = log.read_text()
+    assert "\r" not in text and "step/s" not in text  # no bar, redrawn or not
+    line = re.compile(
+        r"^pretrain step (\d+)/120 \(\d+%\) \| loss (\S+) \| lr (\S+) \| ([\d.]+) clips/s \| data wait (\d+)% \| ETA (\S+)$"
+    )
+    found = [m for m in map(line.match, text.splitlines()) if m]
+    assert [int(m.group(1)) for m in found] == [30, 60, 90, 120]
+    losses = read_scalars(tmp_path / "run", "train/loss")
+    for m in found:
+        step = int(m.group(1))
+        assert float(m.group(2)) == pytest.approx(losses[step], rel=1e-3)
+        assert float(m.group(4)) > 0 and 0 <= int(m.group(5)) <= 100
+    assert found[-1].group(6) == "0:00:00"
+    assert len(text.splitlines()) <= len(found) + 5 and len(text) < 1000  # nothing else of note

@@ -15,8 +15,9 @@ says how a batch becomes a loss; the ``Trainer`` does everything else, the same 
 - SIGTERM/SIGINT finish the update, save and raise ``TrainingInterrupted``; a NaN or inf loss
   raises ``NonFiniteLossError`` naming the update, without saving;
 - TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
-  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``) and a
-  progress bar.
+  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``,
+  ``train/data_wait_share``) and a progress bar on a terminal, plain lines in a log file
+  (``avmae.engine.progress``).
 
 Exact resume rests on three things: the sampler's order is a function of (seed, epoch)
 (accelerate's seedable sampler, or the balanced sampler's own seeded draw), the dataset's
@@ -33,14 +34,13 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, parse_flag_from_env, send_to_device
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from avmae.config import Config, VideoConfig, config_to_dict
 from avmae.data import build_loader
@@ -55,6 +55,7 @@ from avmae.engine.checkpoint import (
 )
 from avmae.engine.compile import compile_model
 from avmae.engine.faults import NonFiniteGuard, StopSignal
+from avmae.engine.progress import Progress
 from avmae.engine.optim import build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps
 
 # The tensors of a batch that are model inputs (cast to DeepSpeed's dtype).
@@ -166,6 +167,7 @@ class LogWindow:
         self.sums: dict[str, torch.Tensor] = defaultdict(float)
         self.micro_batches = 0
         self.failures: torch.Tensor | int = 0
+        self.data_wait = 0.0  # seconds this process waited for the loader
         self.start = time.perf_counter()
         self.updates = 0
 
@@ -178,17 +180,33 @@ class LogWindow:
         self.micro_batches += 1
 
     def reduce(self, accelerator: Accelerator, clips_per_update: int) -> dict[str, float]:
-        """Means over micro-batches and processes, the summed skipped clips, and throughput."""
+        """Means over micro-batches and processes, the summed skipped clips, throughput, and the
+        share of the time spent waiting for data (mean over processes)."""
         names = sorted(self.sums)
         device = accelerator.device
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
         values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names])
-        values = torch.cat([values, torch.as_tensor(self.failures, device=device).float().view(1)])
-        totals = accelerator.reduce(values, reduction="sum").tolist()
+        extra = torch.stack([torch.as_tensor(self.failures, device=device).float(),
+                             torch.tensor(self.data_wait / elapsed, device=device).float()])  # fmt: skip
+        totals = accelerator.reduce(torch.cat([values, extra]), reduction="sum").tolist()
         count = max(self.micro_batches, 1) * accelerator.num_processes
         logs = {name: total / count for name, total in zip(names, totals)}
-        logs["skipped_clips"] = totals[-1]
-        logs["clips_per_s"] = self.updates * clips_per_update / max(time.perf_counter() - self.start, 1e-9)
+        logs["skipped_clips"] = totals[-2]
+        logs["data_wait_share"] = totals[-1] / accelerator.num_processes
+        logs["clips_per_s"] = self.updates * clips_per_update / elapsed
         return logs
+
+
+def timed(batches) -> Iterator[tuple[dict, float]]:
+    """``(batch, seconds waited for it)`` for each batch of ``batches``."""
+    batches = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -327,10 +345,8 @@ class Trainer:
         micro_per_epoch, num_steps = self.micro_per_epoch, self.num_steps
 
         accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
-        progress = tqdm(
-            total=num_steps, initial=state.step, desc=self.name, unit="step", dynamic_ncols=True,
-            disable=not accelerator.is_local_main_process,
-        )  # fmt: skip
+        progress = Progress(self.name, num_steps, state.step, accelerator.is_local_main_process,
+                            train.progress_every, train.progress_seconds)  # fmt: skip
         guard = NonFiniteGuard(accelerator.device)
         window = LogWindow()
         last_saved = self.resume_from
@@ -354,9 +370,10 @@ class Trainer:
                 skip = state.batch_in_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
 
-                for batch in epoch_loader:
+                for batch, waited in timed(epoch_loader):
                     if state.batch_in_epoch >= micro_per_epoch:
                         break  # the last, incomplete accumulation window of the epoch is dropped
+                    window.data_wait += waited
                     batch = batch_to_device(batch, accelerator.device, cfg.data.video, self.input_dtype)
                     with accelerator.accumulate(model):
                         output = loss_fn(self.forward, batch)
@@ -377,7 +394,7 @@ class Trainer:
                     scheduler.step_update(state.step)
                     if hasattr(self.core, "after_optimizer_step"):
                         self.core.after_optimizer_step(state.step / num_steps)
-                    progress.update(1)
+                    progress.update(state.step)
 
                     if state.step % train.log_every == 0 or state.step == num_steps:
                         guard.check(accelerator, str(last_saved) if last_saved else None)
@@ -385,7 +402,7 @@ class Trainer:
                         logs["lr"] = lr_used
                         logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
                         accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+                        progress.log(state.step, logs)
                         window = LogWindow()
 
                     if on_update is not None:
