@@ -339,6 +339,12 @@ class TrainConfig:
     progress_every: int = 100
     progress_seconds: float = 300.0
     checkpoint_every: int = 500  # optimiser steps
+    # A NaN or inf loss: stop (raise, naming the update); skip (discard that update, counted: one
+    # host-device sync per update to decide before the optimiser steps); rollback (restore the last
+    # checkpoint and go on from it, discarding the update that went bad; checked every log_every
+    # updates). More than max_nonfinite such updates stop the run. docs/pretraining.md, "Stopping".
+    on_nonfinite: str = "stop"
+    max_nonfinite: int = 3
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint directory
 
@@ -347,6 +353,7 @@ class TrainConfig:
             self.mixed_precision = "no"
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip", "rollback"))
 
 
 @dataclass

@@ -325,3 +325,59 @@ def test_a_log_file_gets_plain_progress_lines_not_bar_redraws(tmp_path):
         assert float(m.group(4)) > 0 and 0 <= int(m.group(5)) <= 100
     assert found[-1].group(6) == "0:00:00"
     assert len(text.splitlines()) <= len(found) + 5 and len(text) < 1000  # nothing else of note
+
+
+# ---- non-finite losses: stop, skip, rollback ------------------------------------------------------
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+NONFINITE = ["train.max_steps=9", "train.base_lr=0.1", "train.warmup_epochs=0.5", "data.num_workers=1",
+             "train.keep_checkpoints=0"]  # fmt: skip
+
+
+def test_skip_discards_the_update_whose_loss_is_not_finite_and_counts_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = run_config(tmp_path, *NONFINITE, "train.on_nonfinite=skip", "train.checkpoint_every=1", "train.grad_accum=2")
+    pretrain(cfg, model=StandIn(nan_at=9), dataset=Clips())  # the first micro-batch of update 5
+    assert _same(_weights(tmp_path, 4), _weights(tmp_path, 5))  # update 5 left every weight as it was
+    assert not _same(_weights(tmp_path, 5), _weights(tmp_path, 6))
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path, 9).values())
+    state = json.loads((tmp_path / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert (state["nonfinite"], state["discarded_steps"]) == (1, [5])
+    assert read_scalars(tmp_path, "train/nonfinite_updates") == {s: float(s >= 5) for s in range(1, 10)}
+    assert all(math.isfinite(v) for v in read_scalars(tmp_path, "train/loss").values())
+    assert "non-finite loss at update 5: update skipped (1 of train.max_nonfinite=3)" in capsys.readouterr().out
+
+
+def test_rollback_restores_the_last_checkpoint_and_goes_on_past_the_bad_update(tmp_path):
+    """Rollback, checked every 3 updates: the NaN of update 5 is seen at update 6 (weights already
+    poisoned), the run goes back to step 3 and replays, passing over update 5. It ends bit for bit
+    where a run that discarded update 5 as it happened ends (the same batches; the same RNG draws)."""
+    overrides = [*NONFINITE, "train.log_every=3", "train.checkpoint_every=3"]
+    torch.manual_seed(0)
+    pretrain(run_config(tmp_path / "skip", *overrides, "train.on_nonfinite=skip"), model=StandIn(nan_at=5),
+             dataset=Clips())  # fmt: skip
+    torch.manual_seed(0)
+    model = StandIn(nan_at=5)
+    pretrain(run_config(tmp_path / "rollback", *overrides, "train.on_nonfinite=rollback"), model=model, dataset=Clips())
+    assert model.calls == 9 + 3  # updates 4, 5 and 6 ran twice
+    assert _same(_weights(tmp_path / "skip", 9), _weights(tmp_path / "rollback", 9))
+    assert read_scalars(tmp_path / "rollback", "train/loss") == read_scalars(tmp_path / "skip", "train/loss")
+    state = json.loads((tmp_path / "rollback" / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert (state["nonfinite"], state["discarded_steps"]) == (1, [5])
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_more_non_finite_updates_than_allowed_stop_the_run(tmp_path, policy):
+    cfg = run_config(tmp_path, *NONFINITE, f"train.on_nonfinite={policy}", "train.max_nonfinite=0",
+                     "train.checkpoint_every=2", "train.log_every=2")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="step 3; 1 non-finite updates, more than train.max_nonfinite=0"):
+        pretrain(cfg, model=StandIn(nan_at=3), dataset=Clips())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]

@@ -13,7 +13,8 @@ says how a batch becomes a loss; the ``Trainer`` does everything else, the same 
 - checkpoints every ``train.checkpoint_every`` updates, written atomically
   (``avmae.engine.checkpoint``); the same command resumes from the newest one exactly;
 - SIGTERM/SIGINT finish the update, save and raise ``TrainingInterrupted``; a NaN or inf loss
-  raises ``NonFiniteLossError`` naming the update, without saving;
+  raises ``NonFiniteLossError`` naming the update, without saving, or (``train.on_nonfinite``)
+  discards that update, or goes back to the last checkpoint and on past that update;
 - TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
   ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``,
   ``train/data_wait_share``) and a progress bar on a terminal, plain lines in a log file
@@ -54,7 +55,7 @@ from avmae.engine.checkpoint import (
     save_checkpoint,
 )
 from avmae.engine.compile import compile_model
-from avmae.engine.faults import NonFiniteGuard, StopSignal
+from avmae.engine.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 from avmae.engine.progress import Progress
 from avmae.engine.optim import build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps
 
@@ -171,12 +172,15 @@ class LogWindow:
         self.start = time.perf_counter()
         self.updates = 0
 
-    def add(self, output: dict, batch: dict) -> None:
+    def add(self, output: dict, batch: dict, loss: bool = True) -> None:
+        """One micro-batch; ``loss=False`` (a discarded update) counts only its skipped clips."""
+        if "failures" in batch:
+            self.failures = self.failures + batch["failures"].sum()
+        if not loss:
+            return
         self.sums["loss"] = self.sums["loss"] + output["loss"].detach().float()
         for name, value in output.get("logs", {}).items():
             self.sums[name] = self.sums[name] + value.detach().float()
-        if "failures" in batch:
-            self.failures = self.failures + batch["failures"].sum()
         self.micro_batches += 1
 
     def reduce(self, accelerator: Accelerator, clips_per_update: int) -> dict[str, float]:
@@ -185,7 +189,9 @@ class LogWindow:
         names = sorted(self.sums)
         device = accelerator.device
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names])
+        # (no names when every update of the window was discarded: train.on_nonfinite=skip)
+        values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names] or
+                             [torch.zeros((), device=device)])[: len(names)]  # fmt: skip
         extra = torch.stack([torch.as_tensor(self.failures, device=device).float(),
                              torch.tensor(self.data_wait / elapsed, device=device).float()])  # fmt: skip
         totals = accelerator.reduce(torch.cat([values, extra]), reduction="sum").tolist()
@@ -283,6 +289,10 @@ class Trainer:
         self.input_dtype = input_dtype(accelerator)
         optimizer = build_optimizer(model, self.lr, accelerator.device.type == "cuda" and not self.deepspeed)
         _configure_deepspeed(accelerator, cfg)
+        if self.deepspeed and train.on_nonfinite != "stop":
+            # DeepSpeed steps its optimiser inside backward: an update cannot be held back
+            raise ValueError(f"train.on_nonfinite={train.on_nonfinite} needs an optimiser step the loop can "
+                             "withhold, which DeepSpeed does not allow; use stop (DeepSpeed's fp16 skips overflows itself)")
         self.model, self.optimizer, self.loader, *extras = accelerator.prepare(model, optimizer, loader, *extras)
         self.core = accelerator.unwrap_model(self.model)
         # what loss_fn calls: the prepared model, or its compiled step (train.compile)
@@ -309,6 +319,22 @@ class Trainer:
             f"peak lr {self.lr:.3g}"
         )
         return (self.model, *extras)
+
+    def _count_nonfinite(self, step: int, last_checkpoint: str | None) -> None:
+        """One more update with a non-finite loss; past ``train.max_nonfinite`` the run stops."""
+        self.state.nonfinite += 1
+        limit = self.cfg.train.max_nonfinite
+        if self.state.nonfinite > limit:
+            why = f"{self.state.nonfinite} non-finite updates, more than train.max_nonfinite={limit}"
+            raise NonFiniteLossError(step, last_checkpoint, why)
+        if self.cfg.train.on_nonfinite == "skip":
+            self.accelerator.print(
+                f"non-finite loss at update {step}: update skipped ({self.state.nonfinite} of train.max_nonfinite={limit})"
+            )
+
+    def _load(self, checkpoint: Path) -> None:
+        """Model, optimiser, schedule, RNG and ``self.state`` as they were saved in ``checkpoint``."""
+        self.state = load_checkpoint(self.accelerator, checkpoint)
 
     def _resume(self) -> None:
         state, saved = self.state, load_checkpoint(self.accelerator, self.resume_from)
@@ -350,6 +376,7 @@ class Trainer:
         guard = NonFiniteGuard(accelerator.device)
         window = LogWindow()
         last_saved = self.resume_from
+        policy = train.on_nonfinite
 
         def save() -> Path:
             guard.check(accelerator, str(last_saved) if last_saved else None)  # never save poisoned weights
@@ -357,6 +384,32 @@ class Trainer:
             if at.batch_in_epoch >= micro_per_epoch:
                 at = dataclasses.replace(at, epoch=at.epoch + 1, batch_in_epoch=0)
             return save_checkpoint(accelerator, model, cfg, at, self.checkpoints, train.keep_checkpoints)
+
+        def rolled_back() -> bool:
+            """on_nonfinite=rollback: a non-finite loss since the last check sends the run back to
+            the last checkpoint, with the bad update marked to be discarded when it comes again."""
+            nonlocal state, window
+            if policy != "rollback":
+                return False
+            try:
+                guard.check(accelerator, str(last_saved) if last_saved else None)
+                return False
+            except NonFiniteLossError as err:
+                if last_saved is None:
+                    raise NonFiniteLossError(err.step, None, "no checkpoint to roll back to") from None
+                self._count_nonfinite(err.step, str(last_saved))
+                counts = state.nonfinite, sorted({*state.discarded_steps, err.step})
+                self._load(last_saved)
+                state = self.state
+                state.nonfinite, state.discarded_steps = counts
+                guard.reset()
+                window = LogWindow()
+                progress.restart(state.step)
+                accelerator.print(
+                    f"non-finite loss at update {err.step}: back to {last_saved} (step {state.step}), the batches of "
+                    f"update {err.step} will be discarded ({state.nonfinite} of train.max_nonfinite={train.max_nonfinite})"
+                )
+                return True
 
         model.train()
         stop_signal = 0
@@ -369,38 +422,55 @@ class Trainer:
                     self.dataset.set_epoch(state.epoch)
                 skip = state.batch_in_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                held: list[tuple[dict, dict]] = []  # the micro-batches of the update in progress
 
                 for batch, waited in timed(epoch_loader):
                     if state.batch_in_epoch >= micro_per_epoch:
                         break  # the last, incomplete accumulation window of the epoch is dropped
                     window.data_wait += waited
                     batch = batch_to_device(batch, accelerator.device, cfg.data.video, self.input_dtype)
+                    # a rolled-back (or resumed) run passes over the update that went bad
+                    discard = state.step + 1 in state.discarded_steps
                     with accelerator.accumulate(model):
                         output = loss_fn(self.forward, batch)
                         accelerator.backward(output["loss"])
-                        if accelerator.sync_gradients and train.clip_grad > 0 and not self.deepspeed:
-                            accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
-                        optimizer.step()
+                        if policy == "skip" and not discard:
+                            guard.note(output["loss"])
+                            if accelerator.sync_gradients and guard.update_is_bad(accelerator):
+                                discard = True
+                                self._count_nonfinite(state.step + 1, str(last_saved) if last_saved else None)
+                                state.discarded_steps.append(state.step + 1)
+                        if not discard:
+                            if accelerator.sync_gradients and train.clip_grad > 0 and not self.deepspeed:
+                                accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
+                            optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
-                    guard.update(output["loss"], state.step + 1)
-                    window.add(output, batch)
+                    if policy != "skip" and not discard:  # skip decides per update (above)
+                        guard.update(output["loss"], state.step + 1)
+                    held.append((output, batch))
                     if not accelerator.sync_gradients:
                         continue
 
                     state.step += 1
                     window.updates += 1
+                    for output, batch in held:
+                        window.add(output, batch, loss=not discard)
+                    held.clear()
                     lr_used = self.lr_now()
                     scheduler.step_update(state.step)
-                    if hasattr(self.core, "after_optimizer_step"):
+                    if hasattr(self.core, "after_optimizer_step") and not discard:
                         self.core.after_optimizer_step(state.step / num_steps)
                     progress.update(state.step)
 
                     if state.step % train.log_every == 0 or state.step == num_steps:
+                        if rolled_back():
+                            break
                         guard.check(accelerator, str(last_saved) if last_saved else None)
                         logs = window.reduce(accelerator, self.clips_per_update)
                         logs["lr"] = lr_used
                         logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
+                        logs["nonfinite_updates"] = state.nonfinite
                         accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                         progress.log(state.step, logs)
                         window = LogWindow()
@@ -412,6 +482,8 @@ class Trainer:
 
                     stop_signal = stop.requested()
                     if state.step % train.checkpoint_every == 0 or state.step == num_steps or stop_signal:
+                        if rolled_back():
+                            break
                         last_saved = save()
                     if state.step >= num_steps or stop_signal:
                         break

@@ -29,7 +29,7 @@ def progress_line(name: str, step: int, total: int, logs: dict[str, float], eta_
     """One line of a run's state (see the module doc)."""
     parts = [
         f"{name} step {step}/{total} ({100 * step / max(total, 1):.0f}%)",
-        f"loss {logs['loss']:.4f}",
+        f"loss {logs.get('loss', float('nan')):.4f}",
         f"lr {logs['lr']:.2e}",
         f"{logs['clips_per_s']:.1f} clips/s",
         f"data wait {100 * logs['data_wait_share']:.0f}%",
@@ -88,7 +88,7 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+            self.bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
             return
         now = time.perf_counter()
         due = (
