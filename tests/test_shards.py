@@ -102,6 +102,26 @@ def test_prepare_reports_bad_files_skips_them_and_resumes(prepared, capsys):
     assert torch.equal(balanced_weights(Manifest(dataset.records, dataset.classes)), balanced_weights(Manifest(kept, source.classes)))
 
 
+def test_prepare_exits_non_zero_when_the_work_was_not_done(prepared, tmp_path, capsys):
+    out = prepared["shards"] / "train"
+    # the session split has 2 failed files (one missing, one truncated): a rerun (finished shards kept)
+    # allowed 1 writes and reports as before, then exits with status 1
+    for limit in ("1", "10%"):
+        with pytest.raises(SystemExit, match=r"2 of \d+ files failed, more than --max-failed " + limit) as err:
+            prepare_data("--config", DEMO, "--out", out, "--shard-size", 4, "--max-failed", limit, *prepared["source"])
+        assert err.value.code != 0
+    assert prepare_data("--config", DEMO, "--out", out, "--shard-size", 4, "--max-failed", "2", *prepared["source"])
+    assert json.loads((out / "meta.json").read_text())["num_samples"] > 0
+
+    # a manifest of missing files only: nothing written, status 1 naming the report
+    rows = [{"id": f"gone{i}", "video": f"gone{i}.mp4", "label": 0} for i in range(2)]
+    manifests = write_manifests(tmp_path, tmp_path, {"train": rows})
+    (tmp_path / "classes.txt").write_text("a\n")
+    with pytest.raises(SystemExit, match="no sample written from the 2 records of train") as err:
+        prepare_data("--config", DEMO, "--out", tmp_path / "shards", *manifests, *TINY)
+    assert err.value.code != 0 and str(tmp_path / "shards" / REPORT_FILE) in str(err.value.code)
+
+
 def _pairs(overrides: list[str], root: Path, tmp_path: Path):
     """Shards of the session dataset for ``overrides``, and an mp4 dataset over the same records
     in the same order (the undecodable clip left out of its manifest), so item ``i`` of both has
