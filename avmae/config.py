@@ -401,6 +401,10 @@ class FinetuneConfig:
         _check_choice("finetune.pool", self.pool, POOLS)
         _check_choice("finetune.eval_split", self.eval_split, ("val", "test"))
         _check_choice("finetune.fusion", self.fusion, FINETUNE_FUSIONS)
+        if self.fusion == "bottleneck" and self.pool != "modalities":
+            # MBT pools each stack's tokens itself (models/classifier.py, MBTClassifier)
+            raise ValueError(f"finetune.pool={self.pool} applies to finetune.fusion=pool; the bottleneck classifier "
+                             "pools each modality's stack itself (leave finetune.pool at modalities)")
 
 
 @dataclass

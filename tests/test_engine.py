@@ -381,3 +381,23 @@ def test_more_non_finite_updates_than_allowed_stop_the_run(tmp_path, policy):
     with pytest.raises(NonFiniteLossError, match="step 3; 1 non-finite updates, more than train.max_nonfinite=0"):
         pretrain(cfg, model=StandIn(nan_at=3), dataset=Clips())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_cpu_run_without_deepspeed_prints_no_deepspeed_warning(tmp_path):
+    """accelerate imports DeepSpeed wherever it is installed; its accelerator detection must not
+    warn on every CPU run (a fresh process: this one may have imported DeepSpeed already)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available():
+        pytest.skip("DeepSpeed not installed, or not a CPU-only machine")
+    code = (
+        "import torch; from avmae.config import load_config; from avmae.engine.loop import build_accelerator; "
+        f"a = build_accelerator(load_config(None, ['train.output_dir={tmp_path}'])); "
+        "a.unwrap_model(a.prepare(torch.nn.Linear(2, 2))); import deepspeed; print('unwrapped')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "unwrapped" in done.stdout, done.stderr[-2000:]
+    assert "WARNING" not in done.stdout + done.stderr and "accelerator" not in done.stdout + done.stderr, done.stdout + done.stderr

@@ -169,3 +169,14 @@ def test_package_data_files_exist():
     missing = [str(dirs[pkg] / name) for pkg, names in setuptools["package-data"].items() for name in names
                if not (dirs[pkg] / name).is_file()]  # fmt: skip
     assert not missing, f"listed in package-data but absent: {missing}"
+
+
+def test_the_build_backend_reads_the_license_field():
+    """`license = "Apache-2.0"` (an SPDX string, PEP 639) needs setuptools >= 77 to build."""
+    import re
+
+    project = _pyproject()
+    assert isinstance(project["project"]["license"], str)
+    (requirement,) = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    bound = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement.replace(" ", ""))
+    assert bound and int(bound.group(1)) >= 77, requirement

@@ -84,6 +84,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     sharded = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or fsdp
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        # what DeepSpeed's own detection would choose, said up front: accelerate imports DeepSpeed
+        # wherever it is installed (to unwrap models), and its detection warns on every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     handlers = [InitProcessGroupKwargs(backend="gloo")] if sharded and on_cpu else []
     accelerator = Accelerator(
         cpu=on_cpu and not sharded,
