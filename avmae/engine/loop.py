@@ -17,8 +17,8 @@ says how a batch becomes a loss; the ``Trainer`` does everything else, the same 
   discards that update, or goes back to the last checkpoint and on past that update;
 - TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
   ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``,
-  ``train/data_wait_share``) and a progress bar on a terminal, plain lines in a log file
-  (``avmae.engine.progress``).
+  ``train/data_wait_share``, ``train/store_retries`` over an object store) and a progress bar on
+  a terminal, plain lines in a log file (``avmae.engine.progress``).
 
 Exact resume rests on three things: the sampler's order is a function of (seed, epoch)
 (accelerate's seedable sampler, or the balanced sampler's own seeded draw), the dataset's
@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from avmae.config import Config, VideoConfig, config_to_dict
 from avmae.data import build_loader
 from avmae.data.device import normalize_inputs
+from avmae.data.object_store import store_retries
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -475,6 +476,9 @@ class Trainer:
                         logs["lr"] = lr_used
                         logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
                         logs["nonfinite_updates"] = state.nonfinite
+                        retries = store_retries(self.dataset)
+                        if retries is not None:  # object-store requests retried so far, all processes and workers
+                            logs["store_retries"] = accelerator.reduce(retries.to(accelerator.device), "sum").item()
                         accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
                         progress.log(state.step, logs)
                         window = LogWindow()
