@@ -1,7 +1,8 @@
 """Prepared shards, read as the mp4s are: ``ShardDataset`` is an ``AVDataset`` whose media reads
 come from litdata chunks (a folder or an ``s3://`` URL) written by ``avmae.data.shard_writer``;
 clip sampling, fbank, augmentations and the bad-clip policy are AVDataset's own, and items are
-fetched by global index so samplers and exact resume work unchanged. docs/data.md.
+fetched by global index so samplers and exact resume work unchanged. S3 errors are classified and passing faults retried by
+``avmae.data.object_store``. docs/data.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from avmae.config import AugmentConfig, DataConfig, VideoConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, cut_window
+from avmae.data import object_store
 from avmae.data.dataset import AVDataset
 from avmae.data.manifests import ClipRecord, Manifest
 from avmae.data.video import VideoDecodeError, VideoReader
@@ -72,14 +74,7 @@ def _read_small_file(location: str, name: str) -> bytes:
         return path.read_bytes()
     if not location.startswith("s3://"):
         raise ValueError(f"{location}: shards are read from a folder or an s3:// URL")
-    import boto3  # credentials and endpoint from the environment (AWS_ENDPOINT_URL for non-AWS stores)
-
-    bucket, _, prefix = location[len("s3://") :].partition("/")
-    key = f"{prefix.rstrip('/')}/{name}" if prefix else name
-    try:
-        return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as err:  # botocore's errors share no useful base class
-        raise FileNotFoundError(f"s3://{bucket}/{key}: cannot read it: {err}") from err
+    return object_store.get_object_bytes(f"{location.rstrip('/')}/{name}")
 
 
 class ShardStore:
@@ -96,17 +91,33 @@ class ShardStore:
         self.entries = [json.loads(line) for line in lines]
         self._stream = None
         self._pid = None
+        self.retries = object_store.new_counter()  # object-store retries, all workers (train/store_retries)
+        self._chunks = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_stream": None, "_pid": None}
 
     def __getitem__(self, index: int) -> dict:
+        if not _is_url(self.location):
+            return self._open()[index]
+        return object_store.call(lambda: self._open()[index], self._chunk_url(index), self.retries)
+
+    def _open(self):
         if self._stream is None or self._pid != os.getpid():
             from litdata import StreamingDataset
 
-            self._stream = StreamingDataset(self.location, cache_dir=self.cache_dir)
+            options = {"config": object_store.client_config()} if _is_url(self.location) else {}
+            self._stream = StreamingDataset(self.location, cache_dir=self.cache_dir, storage_options=options)
             self._pid = os.getpid()  # len(self._stream) is this rank's share; indexing is global
-        return self._stream[index]
+        return self._stream
+
+    def _chunk_url(self, index: int) -> str:
+        """The URL of the chunk holding sample ``index`` (named in errors)."""
+        if self._chunks is None:
+            chunks = json.loads(_read_small_file(self.location, "index.json"))["chunks"]
+            self._chunks = (np.cumsum([c["chunk_size"] for c in chunks]), [c["filename"] for c in chunks])
+        ends, names = self._chunks
+        return f"{self.location.rstrip('/')}/{names[min(int(np.searchsorted(ends, index, side='right')), len(names) - 1)]}"
 
     def check(self, data_cfg: DataConfig, augment_cfg: AugmentConfig) -> None:
         """Raise when the config needs more than the shards hold (a larger short side, a higher
