@@ -224,7 +224,7 @@ class StageTimes:
 
 @contextlib.contextmanager
 def timed_stages(dataset: AVDataset) -> Iterator[StageTimes]:
-    """Time the stages of ``dataset.__getitem__`` inside the block (module docstring)."""
+    """Time the stages of ``dataset.__getitem__`` inside the block (docs/benchmarks.md, "Data pipeline")."""
     times = StageTimes()
     transforms = dataset.transforms
     with contextlib.ExitStack() as stack:
@@ -309,7 +309,7 @@ def measure_data_pipeline(
     rounds: int = 2,
     threads: int = 1,
 ) -> dict:
-    """Clips/s of one in-process worker for every decoder x ``clips_per_video`` (module docstring).
+    """Clips/s of one in-process worker for every decoder x ``clips_per_video`` (docs/benchmarks.md).
 
     The settings are built and warmed up with ``warmup`` items each, then ``items`` timed items
     each run in ``rounds`` rounds that alternate the settings, reversing their order every round,

@@ -105,7 +105,7 @@ def finetune(cfg: Config) -> dict:
     Runs in one process or under ``accelerate launch`` (DDP, FSDP or DeepSpeed) through the shared loop
     (``avmae.engine.loop.Trainer``): checkpoints every ``train.checkpoint_every`` steps under
     ``train.output_dir/checkpoints``, exact resume by the same command, SIGTERM/SIGINT save, the
-    NaN guard, TensorBoard. See the module docstring for what it writes. On the CPU the run uses
+    NaN guard, TensorBoard. What it writes: docs/architecture.md, "Training". On the CPU the run uses
     fewer torch threads (as pretraining does); the caller's count is restored when it returns.
     """
     threads = torch.get_num_threads()
