@@ -1,23 +1,14 @@
 """The augmentation ablation of arXiv 2110.07082 on one pretraining recipe, and the objectives
 side by side.
 
-Every config of ``configs/ablation/`` is the demo pretraining recipe with one augmentation preset:
-sampling-based temporal augmentation only, the lossy coherency-keeping spatiotemporal transforms,
-or the coherency-breaking controls, at a given ``augment.strength``. ``run_ablation`` pretrains
-each, exports its encoder, linear-probes it, probes the random-init encoder and the raw inputs once
-(they do not depend on the augmentation), and returns one table::
+``run_ablation`` pretrains each config (``configs/ablation/``: one augmentation preset and
+strength each; ``configs/objectives/``: one pretraining objective each), exports and
+linear-probes its encoder, probes the random-init encoder and the raw inputs once, and returns
+one table::
 
     setting | strength | final reconstruction loss | probe top-1 val / test | pretraining minutes
 
-The configs of ``configs/objectives/`` are the same demo recipe with one pretraining objective
-each (MAE, MAE + InfoNCE, SimSiam, MoCo v3) and run through the same function; the table names
-each run's objective (``objective_name``) next to its augmentation setting.
-
-Each step is the library call a researcher would make by hand (``avmae.engine.pretrain``,
-``avmae.formats.export``, ``avmae.evaluation.probe.run_linear_probes``). An interrupted ablation
-continues where it stopped: pretraining resumes from a run's newest checkpoint (a finished run is
-not retrained), and a run whose probe result is saved for the same checkpoint and probe config is
-not probed again.
+An interrupted ablation continues where it stopped. docs/ablation.md has the design and results.
 """
 
 from __future__ import annotations

@@ -308,7 +308,7 @@ class ModelConfig:
     # a masked patch's squared errors: mean (MAE; AV-MAE's normalise_by_output_dimension) | sum
     patch_loss: str = "mean"
     # MAE loss on the masked patches only (gathered first, targets in fp32 at that size); false
-    # is the earlier full-size target path, equal in value, kept to measure the difference.
+    # builds the full-size target, equal in value, kept to measure the difference.
     mae_loss_masked_only: bool = True
     loss_weight_video: float = 0.5
     loss_weight_audio: float = 0.5

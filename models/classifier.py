@@ -1,23 +1,12 @@
 """Downstream model: the pretrained encoder plus one classification head per task.
 
-``AVClassifier`` mean-pools each modality's encoded tokens, averages the modalities it uses
-(``finetune.modalities``: audio | video | audiovisual; ``finetune.pool: tokens`` averages all
-tokens instead, as CAV-MAE's finetuning model does), and applies per head a LayerNorm and a
-Linear layer (two heads for EPIC-KITCHENS verb / noun).
-
-``MBTClassifier`` is AV-MAE's finetuning model, MBT (attention bottlenecks, arXiv 2107.00135;
-google-research/scenic ``projects/av_mae/mbt.py``): a separate block stack per modality, and from
-layer ``fusion_layer`` on each modality's block also runs over a few shared bottleneck tokens,
-whose outputs are averaged over the modalities; each modality's tokens are mean-pooled and
-scored by one linear head shared by the modalities. Training returns each modality's logits (one
-loss each, against its own mixed targets); evaluation returns their mean.
-
-``load_pretrained`` fills an ``AVClassifier`` or a bare ``AVEncoder`` from a pretraining state
+``AVClassifier`` mean-pools the encoder's tokens into per-head LayerNorm + Linear heads;
+``MBTClassifier`` is AV-MAE's MBT finetuning model (attention bottlenecks between per-modality
+stacks). ``load_pretrained`` fills a classifier or a bare ``AVEncoder`` from a pretraining state
 dict and states exactly which keys it did not use or did not find; anything beyond the expected
 (new heads missing; decoder, contrastive head and unused-modality keys unexpected) is an error.
-Fixed positional embeddings are not in state dicts: they are recomputed for the new geometry
-(stored tables, ``model.learned_pos_embed``, load like other weights and are resampled; tables
-learned from a checkpoint with fixed codes, ``finetune.learn_pos_embed``, start from that code).
+docs/architecture.md, "Encoder, positions, classifiers"; docs/recipes.md compares MBT with its
+source.
 """
 
 from __future__ import annotations

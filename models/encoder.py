@@ -1,38 +1,10 @@
 """The audiovisual ViT encoder and its fusion variants (the AV-MAE design space).
 
-A forward pass has two stages:
-1. the *modality stage* runs each modality's tokens on its own:
-   ``late`` and ``mid`` through per-modality blocks (``modality_blocks.video/audio``), ``shared``
-   through the one shared stack (``blocks``), ``early`` not at all;
-2. the *joint stage* runs ``blocks`` over the concatenation of all modalities' tokens
-   (``early``: all ``depth`` blocks; ``mid``: the top ``fusion_layers`` blocks), then applies
-   each modality's final LayerNorm.
-
-``stack_norms=True`` (mid fusion) builds the encoder as AV-MAE's ``separate_encoders_and_concat``
-does, from complete encoders: each modality's stack ends in its own LayerNorm before the joint
-blocks, and the joint stack ends in one LayerNorm shared by the modalities (instead of one final
-LayerNorm per modality after the joint blocks).
-
-``isolate=True`` runs the joint stage per modality instead of over the concatenation: no token
-attends across modalities. CAV-MAE does this for its contrastive branch, whose audio and video
-embeddings would otherwise already have seen each other.
-
-The encoder only ever processes the tokens it is given: the pretraining module hands it the
-visible tokens, ``forward_features`` all of them.
-
-Options for the layouts of other MAE codebases (their checkpoints convert onto these, see
-``avmae.convert``):
-
-- ``learned_pos=True``: a stored positional table per modality (``LearnedPosEmbed``) instead of
-  the fixed sine-cosine code;
-- ``cls_token=True``: a learned class token per modality, prepended before the blocks (its
-  positional embedding folded in) and dropped from the outputs, as MAE / AudioMAE run it;
-- ``joint_norms="per_modality"`` (CAV-MAE, ``src/models/cav_mae.py``): each joint block keeps its
-  LayerNorms for the joint sequence plus one pair per modality, used when a modality runs the
-  joint blocks alone (``isolate`` or one input); the joint sequence ends in its own final
-  LayerNorm (``joint_norm``), a lone modality in ``norm[modality]``;
-- ``final_norm=False``: no LayerNorm after the last block (MAE / AudioMAE / VideoMAE finetuned
-  models norm the pooled token instead: the classifier head's LayerNorm).
+One ``AVEncoder`` covers early, mid, shared and late fusion: a modality stage of per-modality
+(or shared) blocks, then a joint stage over the concatenated tokens, plus the options other MAE
+codebases' layouts need so that their checkpoints convert onto it (stored positional tables, a
+class token, CAV-MAE's per-modality joint norms, no final norm). docs/architecture.md, "Encoder,
+positions, classifiers", says what each option builds.
 """
 
 from __future__ import annotations
@@ -98,7 +70,7 @@ class AVEncoder(nn.Module):
         pos_embed: ``grid`` (separable sin-cos of the token grid), ``2d`` (MAE's 2-D sin-cos of one
             image: CAV-MAE's frame and fbank) or ``1d`` (sin-cos of the token sequence, AV-MAE's
             ``sinusoidal_1d``); see ``pos_embed.py``.
-        stack_norms: mid fusion only; see the module docstring.
+        stack_norms: mid fusion only; see docs/architecture.md, "Encoder, positions, classifiers".
         learned_pos: a stored (learned) positional table per modality instead of the fixed code
             (``pos_embed`` is then the code it starts from).
         pos_grids: the grids of the learned tables (default: ``video_grid``/``audio_grid``).

@@ -1,31 +1,11 @@
 """Fixed sine-cosine positional embeddings, computed from the token grid of the actual input.
 
-The 1-D and 2-D formulas are those of MAE (``util/pos_embed.py``): for a 2-D grid of ``rows x
-cols`` tokens in row-major order, the first half of the channels encodes the column index and
-the second half the row index, each as ``[sin(pos * omega), cos(pos * omega)]`` with
-``omega_k = 1 / 10000 ** (k / (D / 4))``.
-
-- audio, grid ``(T', F')`` in time-major order: the 2-D formula with rows = time, cols = frequency;
-- video, grid ``(T', H', W')``: separable, a 1-D temporal code on ``D_t`` channels concatenated
-  with the 2-D spatial code on ``D_s = 4 * (D // 6)`` channels (``D_t = D - D_s``), so every
-  token carries its time step and its spatial position on separate channels.
-
-``kind="2d"`` is MAE's 2-D formula over all ``D`` channels of one image, as CAV-MAE lays its
-inputs out (YuanGongND/cav-mae ``src/models/cav_mae.py``, ``get_2d_sincos_pos_embed`` of its
-``src/models/pos_embed.py``): video must have one token step (``T' = 1``, one frame), its image
-is the ``H' x W'`` grid; the fbank is the image of ``F'`` frequency rows by ``T'`` time columns,
-so the first half of the channels codes time and the second frequency (the tokens stay time-major).
-
-``kind="1d"`` instead numbers the tokens of a modality ``0 .. N - 1`` in token order and gives
-token ``n`` the channels ``[sin(n w_0), cos(n w_0), sin(n w_1), cos(n w_1), ...]`` (sine and
-cosine interleaved) with ``w_k = 1 / 10000 ** (2k / D)``: AV-MAE's ``sinusoidal_1d`` for every
-modality, in encoder and decoder (google-research/scenic, ``model_lib/layers/attention_layers.py``,
-``sinusoidal_init``).
-
-Nothing here is learned or saved in checkpoints; a model built for another frame count or audio
-length simply computes the embedding for its own grid. The exception is ``LearnedPosEmbed``
-(``model.learned_pos_embed``), a stored table as converted checkpoints of other codebases carry
-it, resampled to other grids by ``resample_table``.
+Three codes (``model.pos_embed``): ``grid`` (separable: a temporal code plus MAE's 2-D spatial
+code), ``2d`` (MAE's 2-D code over all channels, CAV-MAE's layout) and ``1d`` (AV-MAE's code of
+the token sequence); their formulas are in docs/architecture.md, "Encoder, positions,
+classifiers". Nothing fixed is learned or saved, so a model built for another frame count or
+audio length computes the code for its own grid. ``LearnedPosEmbed`` is the exception: a stored
+table, as converted checkpoints of other codebases carry it, resampled by ``resample_table``.
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
-"""Batch mixup for finetuning, on the device, across both modalities at once.
+"""Mixup for finetuning: the batch mixup on the device, across both modalities at once, and
+CAV-MAE's per-clip waveform mixup that the training dataset runs.
 
-timm's semantics: one ``lam ~ Beta(alpha, alpha)`` per batch, item ``i`` mixed with item
-``B - 1 - i`` (the batch flipped), targets one-hot with label smoothing and mixed with the same
-``lam`` (``timm.data.mixup.mixup_target``). Video and audio share ``lam`` and the pairing, so a
-mixed clip is one coherent audio-visual blend and its label mass matches both modalities. Since
-the sampler shuffles the batch, flipping is as random a pairing as a permutation.
-
-``per_modality=True`` is AV-MAE's ``mixmod`` (google-research/scenic, ``projects/mbt/trainer.py``,
-``mixup_modalities``): video and audio keep the one pairing but each draws its own ``lam``, and the
-targets come per modality, each mixed with that modality's ``lam`` (the MBT classifier scores
-each modality's logits against its own).
-
-Label smoothing is ``y (1 - s) + s / K`` for single-label (timm) and multi-label targets alike
-(the rule of scenic's ``apply_label_smoothing``; timm smooths multi-hot targets towards 1/2
-instead, which for AudioSet's 527 classes would put 0.15 on every absent class at s = 0.3).
-
-``augment.mixup_domain: waveform`` is CAV-MAE's mixup instead (YuanGongND/cav-mae
-``src/dataloader.py``, ``__getitem__`` and ``_wav2fbank``), done by the training dataset per clip:
-with probability ``augment.mixup_prob`` a clip is mixed with a random other clip, one
-``lam ~ Beta(alpha, alpha)`` for its waveform (``mix_waveforms``, before the fbank and the
-waveform augmentations), its normalised frames and its targets (float vectors, which
-``soft_targets`` then smooths as above). The batch is then not mixed again (``mixup_alpha`` is 0).
+Video and audio share the pairing (and, unless ``per_modality``, the ``lam``), so a mixed clip is
+one coherent audio-visual blend. docs/augmentations.md, "Mixup", gives the semantics, the label
+smoothing rule and the sources.
 """
 
 from __future__ import annotations
@@ -89,7 +72,7 @@ def soft_targets(
             raise ValueError(f"head {head!r}: multi-hot targets must be (B, {num_classes[head]}), "
                              f"got {tuple(target.shape)}")
         if multi_label:
-            # by hand: timm's multi-label rule smooths towards 1/2 (see the module docstring)
+            # by hand: timm's multi-label rule smooths towards 1/2 (docs/augmentations.md, "Mixup")
             smoothed = target.float() * (1.0 - smoothing) + smoothing / num_classes[head]
             mixed[head] = smoothed * lam + smoothed.flip(0) * (1.0 - lam)
         else:

@@ -1,19 +1,8 @@
-"""The strength rule: one number that scales every augmentation.
+"""The strength rule: one number, ``augment.strength``, that scales every augmentation.
 
-``apply_strength(aug)`` returns the configuration that is actually applied, with ``strength``
-folded in (and set to 1). With ``s = aug.strength``:
-
-- probabilities ``p -> min(1, p * s)``; the two symmetric coin flips (horizontal flip, time
-  reversal) stop at 0.5, since flipping every clip is as uninformative as never flipping;
-- magnitudes that are 0 when off ``m -> m * s``: colour-jitter magnitude, blur sigma, cutout area,
-  gain in dB, noise level, roll fraction, SpecAugment widths, mixup alpha;
-- factors that are 1 when off ``f -> 1 + (f - 1) * s``: down-up factor, frame-rate factor,
-  the lower end of the crop area;
-- ranges around 1 that are drawn log-uniformly (crop aspect ratio, playback speed) widen in log
-  space: ``r -> r ** s``.
-
-So strength 0 is no augmentation at all (the video transform is the evaluation transform,
-exactly), 1 is the configured values, 2 doubles every magnitude and probability.
+``apply_strength(aug)`` returns the configuration actually applied, with the strength folded in
+(and set to 1): 0 is no augmentation at all, 1 the configured values, 2 twice every probability
+and magnitude. The rule per kind of field is in docs/augmentations.md, "The strength rule".
 """
 
 from __future__ import annotations

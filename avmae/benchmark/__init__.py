@@ -1,19 +1,10 @@
-"""Benchmarks: training-step throughput, memory and MFU, and data-pipeline clips/s.
+"""Benchmarks: speed, memory and MFU of the training step and the engine, clips/s of the data
+pipeline, and the plain reference model they are compared with.
 
-- ``train_step``: ``measure_train_step(cfg, device, variants)``, the avmae model against its
-  ``torch.compile`` forms, the levers' before variants and the plain reference model
-  (``avmae.benchmark.reference``) under the same autocast with TF32, and in fp32.
-- ``data_pipeline``: ``write_benchmark_clips`` (360p H.264 clips from the synthetic generator) and
-  ``measure_data_pipeline(cfg, clips_dir, decoders, clips_per_video)``, clips/s of one worker.
-- ``engine``: ``measure_engine(cfg)``, the pretraining engine under ``accelerate launch`` (DDP,
-  DeepSpeed ZeRO) on a random clip kept on the device.
-- ``profile``: ``profile_train_step``, a ``torch.profiler`` breakdown of one variant's step.
-- ``input_copy``: ``measure_input_copy``, a batch of frames to the device as float32 and as uint8.
-- ``suite``: every GPU measurement in budgeted processes (``tools/benchmark.py gpu-suite``).
-- ``machine``: the environment recorded with every measurement, ``PeakMemory``, peak FLOP/s.
-- ``report``: ``save_record`` writes the JSON record and appends its rows to docs/benchmarks.md.
-
-``tools/benchmark.py`` runs them from the command line; docs/benchmarks.md holds the results.
+One module per measurement (``train_step``, ``data_pipeline``, ``engine``, ``profile``,
+``input_copy``, the budgeted GPU ``suite``), plus ``machine`` (the environment, peak memory, peak
+FLOP/s recorded with every measurement) and ``report`` (the JSON record and the rows appended to
+docs/benchmarks.md). ``tools/benchmark.py`` runs them; docs/benchmarks.md holds the results.
 """
 
 from .data_pipeline import (

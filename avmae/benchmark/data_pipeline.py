@@ -1,46 +1,13 @@
 """Data-pipeline throughput: training clips per second of one worker, per video decoder.
 
-What is timed is the training path itself: ``avmae.data.build_dataset(cfg, "train", train=True)``
-items, i.e. ``AVDataset.__getitem__`` with its training transforms: open the file, decode the
-clip's frames, read and resample the audio window, compute the fbank, augment video, waveform
-and fbank. It runs in this process on ``threads`` torch threads (one by default), as one
-DataLoader worker does; no batching, no transfer to a device.
-
-Two rates are reported for each setting (decoder x ``data.clips_per_video``):
-
-- ``clips_per_s``: clips per wall-clock second of the single worker;
-- ``clips_per_cpu_s``: clips per second of CPU time of the whole process (every thread, the
-  decoders' own included), i.e. clips/s per fully used core. On a shared machine it is the figure
-  the load changes least, and a decoder that spreads over threads cannot inflate it.
-
-The split into stages (ms per clip) comes from wrapping, for the timed items only, what
-``AVDataset`` calls: ``video_decode`` (``_open_video`` and ``_read_clips``), ``audio_decode``
-(``_read_windows``: demux, decode, resample), ``fbank``, ``augment`` (the three training
-transforms) and ``other`` (the rest: seeding, layout, targets).
-
-The ``shards`` setting reads the same clips prepared once by ``avmae.data.shard_writer.prepare_shards``
-(JPEG frames at the config's short side and needed frame rate, 16-bit PCM audio) through
-``ShardDataset``, the same item pipeline with another source; its ``_open_video`` includes
-fetching the stored sample. The preparation itself is timed when the shards are first written
-(``prepare``: clips per second and per CPU-second of one process). ``measure_stored_forms``
-compares the candidate stored forms of the frames (JPEG images, H.264 with short keyframe
-intervals) on the read that matters: the frames of one training clip.
-
-The ``shards-device`` setting reads the same shards with ``data.device_transforms``: the
-worker draws the parameters, decodes and crops the frames and augments the waveform (its
-``augment`` stage: ``draw_for_device``), and the rest of the transforms runs batched in the
-training step (``avmae.data.device``). That batched work is timed here on the CPU, as
-``device_ms_per_clip`` (one batch of ``data.batch_size`` items, ``threads`` threads), and on a
-GPU where one is present (``device_ms_per_clip_cuda``, synchronised).
-
-The clips are written once into a cache folder by ``write_benchmark_clips``: 640x360 H.264 + AAC
-mp4 files drawn with the synthetic generator (``avmae.data.synthetic``) at 25 and 30 fps.
-``generate_dataset`` writes square frames only, so each clip is drawn ``height`` pixels square
-and widened to ``width`` with mirrored copies of itself: every column holds native detail (pixel
-noise, edges), so the encoder sees no smooth upscaled content that would decode unrealistically
-fast. Their video bit rate and keyframe count are recorded with the measurement: at crf 18 with
-pixel noise the bit rate is above that of typical 360p web video (around 0.5-1 Mb/s), and a clip
-decodes from the keyframe before its first frame, so both set the decoding cost.
+It times the training path itself, ``build_dataset(cfg, "train", train=True)`` items in this
+process on ``threads`` torch threads, as one DataLoader worker runs them: raw mp4s per decoder,
+the same clips as prepared shards (``shards``), and shards with ``data.device_transforms``
+(``shards-device``, whose batched device work is timed apart). It reports clips per wall second
+and per CPU-second, the ms per stage, and the stored forms of the frames (``measure_stored_forms``).
+The clips are 640x360 H.264 + AAC files from the synthetic generator, each drawn ``height``
+pixels square and widened with mirrored copies of itself so every column holds native detail.
+What each figure means, and the results: docs/benchmarks.md, "Data pipeline".
 """
 
 from __future__ import annotations
@@ -257,7 +224,7 @@ class StageTimes:
 
 @contextlib.contextmanager
 def timed_stages(dataset: AVDataset) -> Iterator[StageTimes]:
-    """Time the stages of ``dataset.__getitem__`` inside the block (module docstring)."""
+    """Time the stages of ``dataset.__getitem__`` inside the block (docs/benchmarks.md, "Data pipeline")."""
     times = StageTimes()
     transforms = dataset.transforms
     with contextlib.ExitStack() as stack:
@@ -342,7 +309,7 @@ def measure_data_pipeline(
     rounds: int = 2,
     threads: int = 1,
 ) -> dict:
-    """Clips/s of one in-process worker for every decoder x ``clips_per_video`` (module docstring).
+    """Clips/s of one in-process worker for every decoder x ``clips_per_video`` (docs/benchmarks.md).
 
     The settings are built and warmed up with ``warmup`` items each, then ``items`` timed items
     each run in ``rounds`` rounds that alternate the settings, reversing their order every round,

@@ -1,9 +1,9 @@
-"""The cost of getting one batch of frames onto the device: float32 as before, uint8 now.
+"""The cost of getting one batch of frames onto the device: as float32 and as uint8.
 
 ``measure_input_copy(cfg, device)`` times, for ``data.batch_size`` clips of the config's
-geometry: (a) ``float32`` pageable memory, blocking ``.to(device)`` (the batch as the dataset
-built it before); (b) ``uint8`` pinned memory, ``non_blocking`` copy, then ``normalize_video`` on
-the device (``avmae.data.device``). On the CPU there is no copy to make and pinning needs a GPU:
+geometry: (a) ``float32`` pageable memory, blocking ``.to(device)`` (a batch normalised on the
+host); (b) ``uint8`` pinned memory, ``non_blocking`` copy, then ``normalize_video`` on the device
+(``avmae.data.device``), as the engine runs. On the CPU there is no copy to make and pinning needs a GPU:
 the record says so and times the normalisation alone.
 """
 
@@ -34,7 +34,7 @@ def measure_input_copy(cfg: Config, device: torch.device, repeats: int = 10) -> 
     video_cfg = cfg.data.video
     frames = example_inputs(cfg, cfg.data.batch_size, uint8_video=True)["video"]
     shape = tuple(frames.shape)
-    as_float = normalize_video(frames, video_cfg.mean, video_cfg.std)  # the old host-side batch
+    as_float = normalize_video(frames, video_cfg.mean, video_cfg.std)  # a batch normalised on the host
     cuda = device.type == "cuda"
     pinned = frames.pin_memory() if cuda else frames
     env = environment(device, torch.get_num_threads())

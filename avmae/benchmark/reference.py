@@ -2,18 +2,11 @@
 
 ``ReferenceAVMAE`` computes what ``AVMAE`` computes for one configuration (mid fusion, separate
 decoders, joint reconstruction, no contrastive head), written the way research code of the
-CAV-MAE era is written:
-
-- attention as explicit ``softmax(q @ k.T / sqrt(d)) @ v`` in fp32 over every token it is given
-  (no ``scaled_dot_product_attention``, no fused kernels), and no autocast;
-- patch embeddings as linear layers over patchified inputs;
-- plain AdamW (``foreach=False``, ``fused=False``; ``plain_adamw``).
-
-It shares with ``AVMAE`` everything that is not about how the network runs: the masking policies
-(``avmae.models.masking``), the sine-cosine positions, the patchify order and the loss
-(``avmae.models.losses``). Width, depth, heads, token counts, masks and parameter count are those of
-the ``AVMAE`` built from the same config, and ``avmae_to_reference_state_dict`` maps an
-``AVMAE``'s weights onto it, so a benchmark ratio between the two is about implementation only.
+CAV-MAE era is: explicit fp32 ``softmax(q @ k.T / sqrt(d)) @ v`` attention over every token it is
+given, patch embeddings as linear layers over patchified inputs, plain AdamW (``plain_adamw``).
+It shares the masking, positions, patchify order and loss with ``AVMAE``, and
+``avmae_to_reference_state_dict`` maps an ``AVMAE``'s weights onto it, so a ratio between the two
+is about implementation only (docs/benchmarks.md, "Training step").
 """
 
 from __future__ import annotations

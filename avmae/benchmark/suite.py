@@ -1,24 +1,12 @@
 """Every GPU measurement in one command, within a time budget: ``tools/benchmark.py gpu-suite``.
 
-The suite is a list of ``Step``s, each one ``tools/benchmark.py`` command writing one JSON
-record into the output folder (nothing is appended to docs/benchmarks.md: the rows are collected
-in ``suite.md`` for review). Each step runs in its own process with its own time limit, so a
-compiler that hangs or a variant that runs out of memory costs that step only; a step stopped
-at its limit keeps the rows it had finished. Before anything runs, the plan is printed: the steps
-whose limits fit in the budget together, in order of priority, and those left out (``skipped``).
-``suite.json`` records, per step, the command, status (ok | error | timeout | skipped), seconds
-and the record's path; the command exits non-zero unless every step is ok.
-
-Full settings (``FULL``, for one H100/H200, about 8 minutes): the fair reference rows (ViT-B,
-mid fusion: avmae, the reference under bf16 autocast with TF32, the fp32 reference), profiles of
-the avmae and reference steps, the levers at the AV-MAE ViT-B geometry in one run (masked-only
-loss before/after, compiled, CUDA graphs), the batch to the device (float32 vs uint8), a batch
-sweep (64 / 128 / 256), ViT-L in AV-MAE's released AudioSet recipe, CAV-MAE's released recipe, the
-engine on synthetic input and, when ``--engine-data`` names a training set (e.g. shards prepared
-by ``tools/prepare_data.py``: ``data.format=shards data.root=DIR data.train=train``), the engine
-fed by it with 16 workers; last, max-autotune,
-whose autotuning takes minutes. ``TINY`` runs the same steps on the micro model in seconds on a
-CPU (compiled variants left out), which is what the test suite does.
+The suite is a list of ``Step``s, each a ``tools/benchmark.py`` command writing one JSON record
+into the output folder and run in its own process with its own time limit, so a compiler that
+hangs or a variant that runs out of memory costs that step only. ``FULL`` is sized for one
+H100/H200; ``TINY`` runs the same steps on the micro model in seconds on a CPU (the test suite).
+``suite.json`` records each step's command, status (ok | error | timeout | skipped), seconds and
+record; ``suite.md`` collects the rows for review (nothing is appended to docs/benchmarks.md).
+The steps, the plan and the budget: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,31 +1,15 @@
 """Training-step throughput, peak memory and MFU, with variants measured side by side.
 
-One step is what the engine does per optimiser update, without the data pipeline: the uint8
-video normalised on the device (``avmae.data.device``), forward under the variant's autocast,
-backward, optimiser step, ``zero_grad``; inputs are random tensors of the config's shapes (video
-as uint8), built once on the device. Variants (``VARIANTS``):
-
-- ``avmae``: ``avmae.models.build_pretrain_model(cfg)`` (attention through SDPA) and
-  ``avmae.engine.optim.build_optimizer`` (timm's AdamW, fused on CUDA), autocast to
-  ``train.mixed_precision``, TF32 off (as the engine runs);
-- ``avmae_full_loss``: the same with ``model.mae_loss_masked_only=false`` (the full-size fp32
-  target path), the "before" of that change;
-- ``compiled``, ``compiled_max_autotune``, ``compiled_max_autotune_no_cudagraphs``,
-  ``compiled_cudagraphs``: the avmae variant under ``torch.compile`` in each ``mode`` (default,
-  max-autotune, max-autotune-no-cudagraphs, reduce-overhead = CUDA graphs);
-- ``reference_bf16``: ``avmae.benchmark.reference.ReferenceAVMAE`` with ``plain_adamw`` under the
-  same autocast as avmae and with TF32 matmuls allowed: the fair baseline;
-- ``reference_fp32``: the reference in fp32, no autocast, no TF32 (research code as often run).
-
-Every variant is built and warmed up first (memory is measured there), then the timed steps run
-in rounds that alternate the variants, reversing their order every round, so a change of load on
-a shared machine falls on all of them alike. A variant that fails (out of memory, a compiler
-error) gets ``error`` and the others go on.
-
-FLOPs are counted by ``avmae.models.count_flops`` on the ``meta`` device: the forward pass, and
-forward + backward of the loss (``backward=True``). Throughput in FLOP/s and MFU use the counted
-forward + backward (the 3 x forward convention is recorded beside it): the backward of the patch
-embeddings needs no input gradient, so the count is a little under 3 x forward.
+One step is what the engine does per optimiser update, without the data pipeline, on random
+inputs of the config's shapes built once on the device. Each variant (``VARIANTS``: avmae, its
+compiled forms, the full-size-target loss, the plain reference in bf16 and fp32) is built and
+warmed up first (memory is measured there); the timed steps then run in rounds that alternate
+the variants, reversing their order every round, so a change of load on a shared machine falls
+on all of them alike. A variant that fails (out of memory, a compiler error) gets ``error`` and
+the others go on. FLOPs are counted on the ``meta`` device (``avmae.models.count_flops``); MFU
+uses the counted forward + backward, a little under 3 x forward because the patch embeddings
+need no input gradient (the 3 x convention is recorded beside it). docs/benchmarks.md,
+"Training step", describes each variant and column.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """Batches on the device: uint8 frames cross, the device normalises them, and with
 ``data.device_transforms`` it also runs the training transforms that follow the crop.
 
-Datasets deliver video as uint8 ``(B, C, T, H, W)`` (a quarter of the float32 bytes); loaders pin
-their batches (``data.pin_memory``) and the copy to the device is ``non_blocking``, so it overlaps
-the previous step's work (the training loop's ``avmae.engine.loop.batch_to_device``).
 ``normalize_inputs`` is the one place where frames become the model's float input
-``(x / 255 - mean) / std``: every caller of a model that takes video uses it (pretraining,
-finetuning, evaluation, probing, visualisation, the benchmarks).
-
-Device transforms (docs/data.md, "Transforms on the device"). A training item's worker draws
-every random parameter from the item's generator, in the order the worker path draws them
-(``avmae.data.dataset``), and applies only the crop: ``draw_for_device`` gives the cropped uint8
-clip, the waveform after its (cheap, elementwise) augmentation, and the draws
-(``DRAW_KEYS``). ``apply_device_transforms`` then runs, on the batch's device, the rest with the
-same functions the workers use: ``avmae.augment.video.finish_clip`` per clip (flip, colour,
-grayscale, blur, down-up, frame order, cutout), the Kaldi fbank of the whole batch
-(``kaldi_fbank_batch``), its normalisation and SpecAugment's bands (``mask_bands``). The draws
-being the item's, a resumed run sees the same clips as with worker transforms.
+``(x / 255 - mean) / std``; every caller of a model that takes video uses it. Under device
+transforms the worker draws every parameter and crops (``draw_for_device``, draws in
+``DRAW_KEYS``), and ``apply_device_transforms`` runs the rest on the batch with the same
+functions the workers use, so a resumed run sees the same clips on either path.
+docs/data.md, "Transforms on the device"; docs/pretraining.md, "Optimisation".
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Reading shards from an S3-compatible object store: errors told apart, passing faults retried.
 
-boto3 raises one exception type for everything a server answers (``ClientError``, with a code)
-and others for the network; a reader that turns them all into "not found" hides expired
-credentials, throttling and a reset connection behind a missing-shard message. Here:
-
-- a missing object or bucket -> ``FileNotFoundError`` naming the ``s3://`` URL;
-- credentials or permission (no credentials, an unknown or expired key, a bad signature, access
-  denied) -> ``ObjectStoreAccessError`` (a ``PermissionError``) that says so;
-- throttling (``SlowDown``, 429), server errors (5xx), timeouts, refused or reset connections,
-  a short body -> retried ``POLICY.attempts`` times with exponential backoff and jitter, each
-  retry counted; still failing -> ``ObjectStoreUnavailable`` naming the URL and the last error;
-- anything else is raised as it is.
-
-The S3 client litdata makes for the samples is given ``client_config()``: botocore's own retries
-off (litdata's default allows 1000 silent attempts) and finite timeouts, so that these rules, and
-the count, see every failure. docs/data.md, "Object stores".
+boto3 raises one exception type for everything a server answers and others for the network; a
+reader that turns them all into "not found" hides expired credentials, throttling and a reset
+connection behind a missing-shard message. Here a missing object is a ``FileNotFoundError``,
+refused credentials an ``ObjectStoreAccessError``, passing faults are retried (``POLICY``) and
+counted, then ``ObjectStoreUnavailable``; anything else is raised as it is. ``client_config()``
+turns botocore's own retries off for litdata's client, so these rules see every failure.
+docs/data.md, "Object stores: errors and retries".
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
 """Checkpoints of a training run (pretraining or finetuning), written atomically, the last few kept.
 
-Layout (docs/architecture.md, "Checkpoints")::
-
-    output_dir/checkpoints/step_00001234/
-        state/               accelerate's save_state: model, optimiser, scaler, RNG of every
-                             process, registered objects (the lr scheduler); DeepSpeed shards
-        model.safetensors    the consolidated, unwrapped model (what export reads)
-        config.yaml          the resolved config of the run
-        trainer_state.json   step, epoch and position within the epoch
-
-A checkpoint is written under `.tmp_step_...` and renamed when complete, so a directory named
-`step_*` is always whole; an interrupted save leaves only a temporary directory, removed by the
-next save. The output directory must be visible to every process (shared storage on several
-machines).
+A checkpoint is written under ``.tmp_step_...`` and renamed when complete, so a ``step_*``
+directory is always whole; an interrupted save leaves only a temporary directory, which the next
+save removes. Layout: docs/architecture.md, "Checkpoints"; resume: docs/pretraining.md.
 """
 
 from __future__ import annotations

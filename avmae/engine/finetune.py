@@ -1,31 +1,11 @@
 """Finetuning: an exported (or randomly initialised) encoder plus classification heads.
 
-The published recipe (AV-MAE, MAE), all through timm and accelerate:
-
-- AdamW or momentum SGD (``train.optimizer``, ``avmae.engine.optim.optimizer_arguments``) with
-  layer-wise lr decay (``finetune.layer_decay``, ``avmae.engine.optim.build_optimizer``): timm's
-  ``create_optimizer_v2`` stores an ``lr_scale`` per layer group and timm's cosine scheduler
-  applies it every update;
-- the mean-pooled encoder as pretrained (``AVClassifier``) or MBT bottleneck fusion
-  (``finetune.fusion: bottleneck``, ``MBTClassifier``, one loss per modality's logits);
-- batch mixup with one ``lam`` for video and audio, or one per modality
-  (``augment.mixup_per_modality``), and label smoothing (``avmae.augment.mixup``; for
-  multi-label datasets only with ``finetune.smooth_multi_label``), soft-target cross-entropy, or
-  BCE for multi-label datasets (mean over classes, or their sum: ``finetune.multi_label_loss``);
-- drop path (``model.drop_path``), SpecAugment and spatial augmentations through the training
-  dataset's transforms (``augment.*``);
-- AudioSet-style balanced sampling across processes (``data.balanced_sampling``);
-- multi-view evaluation (``avmae.evaluation.evaluate``) every ``finetune.eval_every`` epochs and
-  after the last step.
-
-Training itself is the shared loop of ``avmae.engine.loop`` (the one pretraining runs): periodic
-atomic checkpoints, exact resume, SIGTERM/SIGINT save, the NaN guard, DeepSpeed, TensorBoard.
-``evaluate_finetuned`` scores a finished run's folder (``tools/eval.py``).
-
-Single- or multi-label comes from the dataset's manifest. The run leaves in ``train.output_dir``:
-``model.safetensors`` (the classifier), ``config.yaml`` (with the heads filled in, the input of
-``tools/eval.py``), ``metrics.json``, for multi-label heads ``per_class_ap_<head>.csv``, and the
-training checkpoints under ``checkpoints/``.
+The recipe of AV-MAE and MAE (layer-wise lr decay, mixup, label smoothing, drop path, balanced
+sampling, multi-view evaluation) on the shared loop of ``avmae.engine.loop``; the finetuned
+classifier folder is written and read through ``avmae.formats.classifier``, and
+``evaluate_finetuned`` scores a finished run's folder (``tools/eval.py``). docs/architecture.md,
+"Training", lists the options and what a run leaves; docs/recipes.md compares the configs with
+their sources.
 """
 
 from __future__ import annotations
@@ -125,7 +105,7 @@ def finetune(cfg: Config) -> dict:
     Runs in one process or under ``accelerate launch`` (DDP, FSDP or DeepSpeed) through the shared loop
     (``avmae.engine.loop.Trainer``): checkpoints every ``train.checkpoint_every`` steps under
     ``train.output_dir/checkpoints``, exact resume by the same command, SIGTERM/SIGINT save, the
-    NaN guard, TensorBoard. See the module docstring for what it writes. On the CPU the run uses
+    NaN guard, TensorBoard. What it writes: docs/architecture.md, "Training". On the CPU the run uses
     fewer torch threads (as pretraining does); the caller's count is restored when it returns.
     """
     threads = torch.get_num_threads()

@@ -1,31 +1,11 @@
 """The training loop every recipe runs: pretraining and finetuning alike.
 
 A recipe (``avmae.engine.pretrain``, ``avmae.engine.finetune``) builds its model and dataset and
-says how a batch becomes a loss; the ``Trainer`` does everything else, the same way for both:
-
-- one process (``python tools/...``) or many (``accelerate launch``, DDP, DeepSpeed or FSDP), decided
-  by accelerate (``build_accelerator``);
-- the loader from ``avmae.data.build_loader`` (shuffled, or AudioSet-balanced), sharded by
-  accelerate; gradient accumulation, clipping, the lr schedule per optimiser update;
-- batches to the device through ``batch_to_device`` (pinned, ``non_blocking``; uint8 frames
-  normalised there); the model under ``torch.compile`` where ``train.compile`` says
-  (``avmae.engine.compile``: on a GPU by default, falling back to eager with a message);
-- checkpoints every ``train.checkpoint_every`` updates, written atomically
-  (``avmae.engine.checkpoint``); the same command resumes from the newest one exactly;
-- SIGTERM/SIGINT finish the update, save and raise ``TrainingInterrupted``; a NaN or inf loss
-  raises ``NonFiniteLossError`` naming the update, without saving, or (``train.on_nonfinite``)
-  discards that update, or goes back to the last checkpoint and on past that update;
-- TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
-  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``,
-  ``train/data_wait_share``, ``train/store_retries`` over an object store) and a progress bar on
-  a terminal, plain lines in a log file (``avmae.engine.progress``).
-
-Exact resume rests on three things: the sampler's order is a function of (seed, epoch)
-(accelerate's seedable sampler, or the balanced sampler's own seeded draw), the dataset's
-per-item randomness is a function of (seed, epoch, index), and accelerate's state holds every
-process's RNG (masking, drop path). Randomness a recipe draws itself (mixup) is seeded from
-``Trainer.position()``. Each epoch uses ``steps_per_epoch x grad_accum`` micro-batches, so an
-accumulation window never straddles two epochs.
+says how a batch becomes a loss; the ``Trainer`` does everything else the same way for both:
+processes and sharding through accelerate, the loader, gradient accumulation, clipping, the lr
+schedule, ``torch.compile``, atomic checkpoints and exact resume, signals, the non-finite loss
+policy, TensorBoard and progress lines. docs/architecture.md, "Training", states the interface;
+docs/pretraining.md what each of these does and why resume is exact.
 """
 
 from __future__ import annotations

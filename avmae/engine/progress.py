@@ -8,7 +8,7 @@ the bar is replaced by one line now and then::
 
 A line is written at a logging step (``train.log_every``, where the loss is already reduced
 across processes) once ``train.progress_every`` steps or ``train.progress_seconds`` seconds have
-passed since the previous line, and at the last step. docs/pretraining.md, "Logs".
+passed since the previous line, and at the last step. docs/pretraining.md, "Logging".
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Linear probing: a frozen feature extractor, features computed once, a linear classifier on top.
 
-Three feature sources share one code path and one decoding pass, so their numbers are
-comparable:
-
-- ``pretrained``: mean-pooled tokens of each modality from the pretrained
-  ``encoder.forward_features``, concatenated (video first) for audiovisual probes;
-- ``random``: the same with a randomly initialised encoder built from the config (the "no
-  pretraining" reference);
-- ``raw``: the inputs themselves, average-pooled to a small grid (pixels
-  ``finetune.probe_raw_video_grid``, fbank ``finetune.probe_raw_audio_grid``): the "no network"
-  baseline.
-
-Features of the evaluation views of a record are averaged. The classifier is fitted by full-batch
-L-BFGS on standardised features for every weight decay in ``finetune.probe_weight_decays``; the
-one with the best validation score (top-1, or mAP for multi-label data) is reported on train,
-val and test. Datasets without a validation split hold out ``finetune.probe_holdout`` of the
-training records instead.
+Pretrained, random-init and raw-input features go through one code path and one decoding pass,
+so their numbers are comparable; the L-BFGS classifier's weight decay is chosen on the
+validation split (or a held-out share of the training records). docs/architecture.md, "Training",
+says what each source and setting does.
 """
 
 from __future__ import annotations

@@ -356,7 +356,7 @@ def load_timm_audio_vit(path: str | Path) -> nn.Module:
     description = read_export(path)
     if "timm" not in description:
         raise ValueError(f"{path}: export of part {description['part']!r} has no timm audio model")
-    norm_eps = description["timm"].get("norm_eps", 1e-6)  # exports written before it was recorded: timm's own
+    norm_eps = description["timm"].get("norm_eps", 1e-6)  # an export without it: timm's own
     vit = VisionTransformer(**description["timm"]["kwargs"], norm_layer=partial(nn.LayerNorm, eps=norm_eps))
     vit.load_state_dict(load_file(str(Path(path) / description["timm"]["weights"])), strict=True)
     return vit.eval()
