@@ -85,12 +85,12 @@ def test_prepare_reports_bad_files_skips_them_and_resumes(prepared, capsys):
     chunks = sorted(out.glob("chunk-*.bin"))
     stamps = {p: p.stat().st_mtime_ns for p in chunks}
     (out / "shard-00001.json").unlink()
-    (out / "chunk-1-0.bin").write_bytes(b"half-written")
+    (out / "chunk-0-1.bin").write_bytes(b"half-written")
     prepare_data("--config", DEMO, "--out", out, "--shard-size", 4, *prepared["source"])
     assert "1 missing and 1 undecodable files listed in" in capsys.readouterr().out
     assert sorted(out.glob("chunk-*.bin")) == chunks
     changed = {p.name for p in chunks if p.stat().st_mtime_ns != stamps[p]}
-    assert changed == {"chunk-1-0.bin"}
+    assert changed == {"chunk-0-1.bin"}
     assert json.loads((out / "meta.json").read_text())["num_samples"] == meta["num_samples"]
     dataset = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
     assert [dataset.store[i]["id"] for i in range(len(dataset))] == [r.id for r in dataset.records]

@@ -1,12 +1,19 @@
-"""Decode a split once into shards that training reads fast, locally or from an object store.
+"""Decode a split once into shards that training reads fast, from a folder or an object store.
 
-    python tools/prepare_data.py --config CONFIG --split train --out DIR [--num-workers N] [key.sub=value ...]
+    python tools/prepare_data.py --config CONFIG --split train --out DIR_OR_S3_URL [--num-workers N] \\
+        [--num-machines M --machine-rank R] [key.sub=value ...]
+    python tools/prepare_data.py --config CONFIG --split train --out DIR_OR_S3_URL --merge
 
 The config names the dataset (``data.*``, any manifest format) and the geometry the shards must
 serve: frames are stored at the short side ``data.video.resize`` and at a rate high enough for
 ``data.video.frame_rate`` and ``augment.speed_range``. Missing and undecodable files are skipped
-and listed in ``DIR/report.txt``. A rerun keeps the finished shards and rewrites the others.
-Train on the result with ``data.format=shards`` (docs/data.md).
+and listed in ``OUT/report.txt``. A rerun keeps the finished shards and writes the others.
+
+Several machines: run the same command on each with ``--num-machines M --machine-rank R``
+(R = 0 .. M-1) and one shared ``--out`` (a shared file system or an ``s3://`` URL). Each writes
+its own shards and lists its bad files in ``OUT/report-part-R-of-M.txt``; the last to finish
+merges them into one dataset (``--merge`` does it by hand). Exits non-zero when no sample was
+written. Train on the result with ``data.format=shards`` (docs/data.md).
 """
 
 from __future__ import annotations
@@ -17,30 +24,53 @@ import sys
 import time
 
 from avmae.config import load_config
-from avmae.data.shard_writer import DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_SIZE, REPORT_FILE, prepare_shards
+from avmae.data.shard_writer import (
+    DEFAULT_JPEG_QUALITY, DEFAULT_SHARD_SIZE, REPORT_FILE, merge_shards, part_report_file, prepare_part,
+    unfinished_shards,
+)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config naming the dataset (data.*) and the geometry")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
-    parser.add_argument("--out", required=True, help="shard folder of this split")
-    parser.add_argument("--num-workers", type=int, default=1, help="processes")
+    parser.add_argument("--out", required=True, help="shard folder or s3://bucket/prefix of this split")
+    parser.add_argument("--num-workers", type=int, default=1, help="processes on this machine")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="clips per shard")
     parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY)
+    parser.add_argument("--num-machines", type=int, default=1, help="machines preparing this split together")
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine, 0 .. num-machines - 1")
+    parser.add_argument("--merge", action="store_true", help="only merge the finished shards of every machine")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    out = args.out.rstrip("/")
     start = time.perf_counter()
-    meta = prepare_shards(cfg, args.split, args.out, args.num_workers, args.shard_size, args.jpeg_quality)
+    part = None
+    if not args.merge:
+        part = prepare_part(cfg, args.split, out, args.num_machines, args.machine_rank, args.num_workers,
+                            args.shard_size, args.jpeg_quality)  # fmt: skip
+        print(json.dumps(part))
+        if part["num_records"] and not part["num_samples"]:
+            report = REPORT_FILE if args.num_machines == 1 else part_report_file(args.num_machines, args.machine_rank)
+            sys.exit(f"no sample was written: all {part['num_records']} files of this part are missing or "
+                     f"undecodable (listed in {out}/{report}); check data.root and the manifest")  # fmt: skip
+        unfinished = unfinished_shards(out)
+        if unfinished:
+            print(f"machine {args.machine_rank} of {args.num_machines}: part done in {time.perf_counter() - start:.1f} s; "
+                  f"{len(unfinished)} shards of other machines unfinished, the last machine to finish merges")  # fmt: skip
+            return part
+    meta = merge_shards(cfg, args.split, out)
     seconds = time.perf_counter() - start
     print(json.dumps({k: meta[k] for k in ("num_records", "num_samples", "num_missing", "num_undecodable", "num_shards")}))
-    print(f"wrote {meta['num_samples']} samples to {args.out} in {seconds:.1f} s; "
+    print(f"wrote {meta['num_samples']} samples to {out} in {seconds:.1f} s; "
           f"{meta['num_missing']} missing and {meta['num_undecodable']} undecodable files listed in "
-          f"{args.out}/{REPORT_FILE}")
+          f"{out}/{REPORT_FILE}")
+    if not meta["num_samples"]:
+        sys.exit(f"no sample was written: all {meta['num_records']} files are missing or undecodable "
+                 f"(listed in {out}/{REPORT_FILE}); check data.root and the manifest")  # fmt: skip
     return meta
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

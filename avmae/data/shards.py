@@ -20,6 +20,7 @@ from avmae.config import AugmentConfig, DataConfig, VideoConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, cut_window
 from avmae.data.dataset import AVDataset
 from avmae.data.manifests import ClipRecord, Manifest
+from avmae.data.storage import Location, is_url
 from avmae.data.video import VideoDecodeError, VideoReader
 
 log = logging.getLogger(__name__)
@@ -51,35 +52,20 @@ def decode_frame(data: bytes) -> np.ndarray:
 # Reading
 
 
-def _is_url(root: str) -> bool:
-    return "://" in root
-
-
 def split_location(data_cfg: DataConfig, split: str) -> str:
     """The shard folder or URL of ``split``: ``data.root`` joined with ``data.<split>``."""
     name = getattr(data_cfg, split)
-    if _is_url(name) or os.path.isabs(name):
+    if is_url(name) or os.path.isabs(name):
         return name
     return data_cfg.root.rstrip("/") + "/" + name
 
 
 def _read_small_file(location: str, name: str) -> bytes:
     """A metadata file of a shard folder, local or on an S3-compatible store."""
-    if not _is_url(location):
-        path = Path(location) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; is {location} a finished shard folder (tools/prepare_data.py)?")
-        return path.read_bytes()
-    if not location.startswith("s3://"):
-        raise ValueError(f"{location}: shards are read from a folder or an s3:// URL")
-    import boto3  # credentials and endpoint from the environment (AWS_ENDPOINT_URL for non-AWS stores)
-
-    bucket, _, prefix = location[len("s3://") :].partition("/")
-    key = f"{prefix.rstrip('/')}/{name}" if prefix else name
     try:
-        return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
-    except Exception as err:  # botocore's errors share no useful base class
-        raise FileNotFoundError(f"s3://{bucket}/{key}: cannot read it: {err}") from err
+        return Location(location).read(name)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; is {location} a finished shard folder (tools/prepare_data.py)?") from err
 
 
 class ShardStore:
