@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import write_manifests
-from test_engine_launch import DEMO, REPO, free_port, launch_command, losses, run
+from test_engine_launch import DEMO, REPO, launch_command, losses, run
 
 from avmae.config import load_config
 from avmae.data import Manifest, balanced_weights, build_dataset, read_manifest
@@ -190,37 +190,24 @@ def test_evaluation_views_in_order(prepared, tmp_path):
         assert (a["video"] - b["video"]).abs().mean() < 0.08 and (a["audio"] - b["audio"]).abs().mean() < 0.02
 
 
-def test_object_store_reads_the_same_items(prepared, tmp_path, monkeypatch):
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+def test_object_store_reads_the_same_items(prepared, tmp_path, s3_server):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="avdata")
-        local = prepared["shards"] / "train"
-        for path in local.iterdir():
-            if path.is_file():
-                client.upload_file(str(path), "avdata", f"synthetic/train/{path.name}")
-        cfg = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/synthetic",
-                                 f"data.shard_cache={tmp_path / 'cache'}"])  # fmt: skip
-        remote = build_dataset(cfg, "train", train=True)
-        reference = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
-        assert len(remote) == len(reference)
-        for index in (0, len(remote) // 2, len(remote) - 1):
-            a, b = remote[index], reference[index]
-            assert a["id"] == b["id"] and torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
-        missing = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/elsewhere"])
-        with pytest.raises(FileNotFoundError, match="s3://avdata/elsewhere/train/meta.json"):
-            build_dataset(missing, "train", train=True)
-    finally:
-        server.stop()
+    client = boto3.client("s3")
+    local = prepared["shards"] / "train"
+    for path in local.iterdir():
+        if path.is_file():
+            client.upload_file(str(path), "avdata", f"synthetic/train/{path.name}")
+    cfg = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/synthetic", f"data.shard_cache={tmp_path / 'cache'}"])
+    remote = build_dataset(cfg, "train", train=True)
+    reference = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
+    assert len(remote) == len(reference)
+    for index in (0, len(remote) // 2, len(remote) - 1):
+        a, b = remote[index], reference[index]
+        assert a["id"] == b["id"] and torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    missing = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/elsewhere"])
+    with pytest.raises(FileNotFoundError, match="s3://avdata/elsewhere/train/meta.json"):
+        build_dataset(missing, "train", train=True)
 
 
 def test_sigkill_and_resume_on_shards_gives_the_uninterrupted_weights(prepared, tmp_path):

@@ -46,30 +46,29 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.overrides)
     out = args.out.rstrip("/")
     start = time.perf_counter()
-    part = None
+    part = meta = None
     if not args.merge:
         part = prepare_part(cfg, args.split, out, args.num_machines, args.machine_rank, args.num_workers,
                             args.shard_size, args.jpeg_quality)  # fmt: skip
         print(json.dumps(part))
-        if part["num_records"] and not part["num_samples"]:
-            report = REPORT_FILE if args.num_machines == 1 else part_report_file(args.num_machines, args.machine_rank)
-            sys.exit(f"no sample was written: all {part['num_records']} files of this part are missing or "
-                     f"undecodable (listed in {out}/{report}); check data.root and the manifest")  # fmt: skip
-        unfinished = unfinished_shards(out)
-        if unfinished:
-            print(f"machine {args.machine_rank} of {args.num_machines}: part done in {time.perf_counter() - start:.1f} s; "
-                  f"{len(unfinished)} shards of other machines unfinished, the last machine to finish merges")  # fmt: skip
-            return part
-    meta = merge_shards(cfg, args.split, out)
-    seconds = time.perf_counter() - start
-    print(json.dumps({k: meta[k] for k in ("num_records", "num_samples", "num_missing", "num_undecodable", "num_shards")}))
-    print(f"wrote {meta['num_samples']} samples to {out} in {seconds:.1f} s; "
-          f"{meta['num_missing']} missing and {meta['num_undecodable']} undecodable files listed in "
-          f"{out}/{REPORT_FILE}")
-    if not meta["num_samples"]:
+    unfinished = unfinished_shards(out)
+    if args.merge or not unfinished:  # the last machine to finish merges
+        meta = merge_shards(cfg, args.split, out)
+        print(json.dumps({k: meta[k] for k in ("num_records", "num_samples", "num_missing", "num_undecodable", "num_shards")}))
+        print(f"wrote {meta['num_samples']} samples to {out} in {time.perf_counter() - start:.1f} s; "
+              f"{meta['num_missing']} missing and {meta['num_undecodable']} undecodable files listed in "
+              f"{out}/{REPORT_FILE}")  # fmt: skip
+    else:
+        print(f"machine {args.machine_rank} of {args.num_machines}: part done in {time.perf_counter() - start:.1f} s; "
+              f"{len(unfinished)} shards of other machines unfinished, the last machine to finish merges")  # fmt: skip
+    if part and part["num_records"] and not part["num_samples"]:
+        report = REPORT_FILE if args.num_machines == 1 else part_report_file(args.num_machines, args.machine_rank)
+        sys.exit(f"no sample was written: all {part['num_records']} files of this machine's part are missing or "
+                 f"undecodable (listed in {out}/{report}); check data.root and the manifest")  # fmt: skip
+    if meta and not meta["num_samples"]:
         sys.exit(f"no sample was written: all {meta['num_records']} files are missing or undecodable "
                  f"(listed in {out}/{REPORT_FILE}); check data.root and the manifest")  # fmt: skip
-    return meta
+    return meta or part
 
 
 if __name__ == "__main__":
