@@ -128,6 +128,7 @@ def test_killed_machine_restarts_without_redoing_its_finished_shards(one_machine
     assert {p: p.stat().st_mtime_ns for p in kept} == stamps
     assert not (out / ".staging").exists()
     assert_same_dataset(str(out), one_machine, tmp_path / "cache", same_shards=False)
+    print(f"killed after {len(finished)} of its {len(own)} shards")
 
 
 def test_prepare_exits_nonzero_when_no_sample_was_written(synthetic_root, tmp_path):

@@ -133,26 +133,26 @@ def _write_shard(job: tuple) -> dict:
     staging = location.staging(f"shard-{shard}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the processes give the parallelism
+    entries, bad, missing, index = [], [], [], None
     try:
         with _one_process():
             # one chunk per shard, numbered by the shard; the chunk size is a setting litdata checks
             # to be equal in every index
             writer = BinaryWriter(str(staging), chunk_size=shard_size + 1, chunk_index=shard)
-        entries, bad, missing = [], [], []
-        for record in records:
-            if not is_present(record):
-                missing.append({"id": record.id, "path": str(record.video)})
-                continue
-            try:
-                sample = encode_record(record, data_cfg, needed_fps, pad, quality)
-            except (VideoDecodeError, AudioDecodeError) as err:
-                bad.append({"id": record.id, "path": str(record.video), "error": str(err)})
-                continue
-            writer.add_item(len(entries), sample)
-            entries.append(_record_entry(record, json.loads(sample["info"])))
-        index = None
+            for record in records:
+                if not is_present(record):
+                    missing.append({"id": record.id, "path": str(record.video)})
+                    continue
+                try:
+                    sample = encode_record(record, data_cfg, needed_fps, pad, quality)
+                except (VideoDecodeError, AudioDecodeError) as err:
+                    bad.append({"id": record.id, "path": str(record.video), "error": str(err)})
+                    continue
+                writer.add_item(len(entries), sample)
+                entries.append(_record_entry(record, json.loads(sample["info"])))
+            if entries:
+                writer.done()
         if entries:
-            writer.done()
             (index_file,) = staging.glob("*.index.json")
             index = json.loads(index_file.read_text())
             for chunk in index["chunks"]:
