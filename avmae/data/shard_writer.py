@@ -277,6 +277,7 @@ def prepare_part(
         bar.close()
         if pool:
             pool.shutdown()
+    _check_same_settings(location, settings)  # again: machines starting together both find none
     earlier = [s for s in mine if s not in markers]
     markers.update(zip(earlier, _read_markers(location, earlier)))
     part = [markers[s] for s in mine]
