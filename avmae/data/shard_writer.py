@@ -327,6 +327,8 @@ def merge_shards(cfg: Config, split: str, out: str | Path) -> dict:
         if order != expected:
             raise RuntimeError(f"{location}: the merged index lists chunks {order[:4]}..., the markers {expected[:4]}...")
         location.write("index.json", index)
+    else:
+        location.delete("index.json")  # no chunk: an earlier index would point at none
     entries = [e for m in markers for e in m["records"]]
     location.write(RECORDS_FILE, gzip.compress("".join(json.dumps(e) + "\n" for e in entries).encode(), mtime=0))
     location.write(REPORT_FILE, _report(markers).encode())
