@@ -160,6 +160,10 @@ class DataConfig:
     # records. Steps per epoch, train.epochs and train.warmup_epochs count in these epochs.
     balanced_epoch_size: int = 0
     max_decode_failures: float = 0.05  # fraction of bad clips at which a run stops
+    # Training clips: true = workers only decode and crop; fbank, SpecAugment and the video
+    # augmentations after the crop run batched on the device in the training step
+    # (avmae.data.device); false = all in the workers; None = true where a GPU is present.
+    device_transforms: Optional[bool] = None
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
 
@@ -394,7 +398,18 @@ class TrainConfig:
     compile: Optional[bool] = None
     compile_mode: str = "default"
     log_every: int = 10  # optimiser steps between logs (and NaN checks)
+    # Where stderr is not a terminal (a scheduler's log file, nohup, CI), one plain progress line
+    # instead of the bar, at the first log step after this many optimiser steps or seconds since
+    # the previous line (avmae/engine/progress.py)
+    progress_every: int = 100
+    progress_seconds: float = 300.0
     checkpoint_every: int = 500  # optimiser steps
+    # A NaN or inf loss: stop (raise, naming the update); skip (discard that update, counted: one
+    # host-device sync per update to decide before the optimiser steps); rollback (restore the last
+    # checkpoint and go on from it, discarding the update that went bad; checked every log_every
+    # updates). More than max_nonfinite such updates stop the run. docs/pretraining.md, "Stopping".
+    on_nonfinite: str = "stop"
+    max_nonfinite: int = 3
     keep_checkpoints: int = 2  # newest complete checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto | none | a checkpoint directory
 
@@ -403,6 +418,7 @@ class TrainConfig:
             self.mixed_precision = "no"
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip", "rollback"))
 
 
 @dataclass
@@ -484,6 +500,10 @@ class FinetuneConfig:
         if self.fusion == "bottleneck" and self.head_init != "trunc_normal":
             raise ValueError("finetune.head_init applies to fusion=pool; MBT's heads (fusion=bottleneck) start at zero")
         _check_choice("finetune.multi_label_loss", self.multi_label_loss, MULTI_LABEL_LOSSES)
+        if self.fusion == "bottleneck" and self.pool != "modalities":
+            # MBT pools each stack's tokens itself (models/classifier.py, MBTClassifier)
+            raise ValueError(f"finetune.pool={self.pool} applies to finetune.fusion=pool; the bottleneck classifier "
+                             "pools each modality's stack itself (leave finetune.pool at modalities)")
 
 
 @dataclass

@@ -261,10 +261,21 @@ class LoadReport:
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.missing:
-            lines.append(f"missing (newly initialised): {', '.join(self.missing)}")
+            lines.append(f"newly initialised: {_by_prefix(self.missing)}")
         if self.unexpected:
-            lines.append(f"unexpected (ignored): {', '.join(self.unexpected)}")
+            lines.append(f"in the checkpoint, not used by this model: {_by_prefix(self.unexpected)}")
         return "\n".join(lines)
+
+
+def _by_prefix(keys: list[str]) -> str:
+    """``decoder (60 tensors), contrastive (4 tensors)``: key names grouped by their first part
+    (the first two under ``encoder.``), where a list of every name would fill the screen."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        prefix = ".".join(parts[:2] if parts[0] == "encoder" and len(parts) > 2 else parts[:1])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    return ", ".join(f"{prefix} ({count} tensor{'s' if count > 1 else ''})" for prefix, count in groups.items())
 
 
 def _unused_modality_pattern(encoder: AVEncoder) -> re.Pattern | None:

@@ -138,3 +138,42 @@ def s3_server(monkeypatch):
         yield env
     finally:
         server.stop()
+
+
+def kill_process_tree(pid: int, marker: str) -> list[int]:
+    """SIGKILL ``pid`` and every process below it, as a node failure does, and assert that no
+    process whose command line contains ``marker`` (the run's output folder) is left.
+
+    Killing the launcher's process group is not enough: torch's launcher starts each worker in a
+    session of its own, so the workers would live on, finish the run and race the resumed one.
+    Returns the pids killed."""
+    import psutil  # accelerate's own dependency
+
+    def doomed() -> list[psutil.Process]:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if marker in " ".join(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    killed = []
+    for _ in range(10):  # a process may start another while we kill: look again until none is left
+        for proc in procs:
+            try:
+                proc.kill()
+                killed.append(proc.pid)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        procs = doomed()
+        if not procs:
+            break
+    left = [(p.pid, p.status()) for p in doomed()]
+    assert not left, f"processes of the killed run still alive: {left}"
+    assert len(set(killed)) >= 1
+    return sorted(set(killed))

@@ -175,7 +175,7 @@ def test_engine_throughput_from_its_own_logs(tmp_path):
     assert len(record["window_clips_per_s"]) == 3 and record["clips_per_s"] > 0
     assert record["clips_per_s"] == pytest.approx(sum(record["window_clips_per_s"][1:]) / 2)
     assert record["num_processes"] == 1 and record["zero_stage"] is None and 0 < record["mfu"] <= 1
-    assert (tmp_path / "run" / "checkpoints" / "step_00000006" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a measurement leaves no checkpoint behind
     (row,) = record_rows(record, "python tools/benchmark.py engine")
     assert len(row) == len(TABLES["engine"][1]) and row[2] == "1 x NO"
     with pytest.raises(ValueError, match="two windows"):
@@ -261,3 +261,70 @@ def test_gpu_suite_plan_and_tiny_run(tmp_path):
     assert "## profile_avmae: ok" in markdown and header_lines("input_copy")[0] in markdown
     skipped = run_suite(suite_steps(TINY, tmp_path / "late")[:1], tmp_path / "late", budget_s=0)
     assert skipped["steps"][0]["status"] == "skipped" and "budget" in skipped["steps"][0]["message"]
+
+
+def _failing_builds(monkeypatch, failing: set[str]) -> None:
+    """Fault injection: building the named variants raises, as a compiler failure would on a GPU."""
+    from avmae.benchmark import train_step
+
+    build = train_step.build_variant
+
+    def build_or_fail(cfg, name, device):
+        if name in failing:
+            raise RuntimeError(f"injected failure of {name}")
+        return build(cfg, name, device)
+
+    monkeypatch.setattr(train_step, "build_variant", build_or_fail)
+
+
+def test_train_step_exits_non_zero_when_every_variant_failed(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("tool_benchmark_fail", REPO / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _failing_builds(monkeypatch, {"avmae", "avmae_full_loss"})
+    out = tmp_path / "record.json"
+    argv = ["train-step", "--config", str(DEMO), "--variants", "avmae", "avmae_full_loss", "--steps", "1", "--warmup",
+            "0", "--rounds", "1", "--threads", "1", "--out", str(out), "--no-docs", "data.batch_size=2"]  # fmt: skip
+    assert tool.main(argv) == 1
+    assert "every variant failed" in capsys.readouterr().err
+    variants = json.loads(out.read_text())["variants"]
+    assert variants["avmae"]["error"] == "RuntimeError: injected failure of avmae"
+
+
+def test_a_failed_fair_reference_is_not_replaced_by_the_fp32_one(monkeypatch):
+    _failing_builds(monkeypatch, {"reference_bf16"})
+    cfg = load_config(DEMO, ["data.batch_size=2", "train.mixed_precision=bf16"])
+    partial = []
+    record = measure_train_step(cfg, torch.device("cpu"), ["avmae", "reference_bf16", "reference_fp32"], warmup=0,
+                                steps=2, rounds=2, gemm_size=256, on_round=partial.append)  # fmt: skip
+    avmae = record["variants"]["avmae"]
+    assert avmae["vs_reference_fp32"] == pytest.approx(avmae["clips_per_s"] / record["variants"]["reference_fp32"]["clips_per_s"])
+    assert "vs_reference" not in avmae and "reference_bf16 failed" in avmae["reference_note"]
+    # after the first of the two rounds the record so far was handed out (a stopped run keeps it)
+    (first,) = partial
+    assert first["partial"] == "1 of 2 rounds timed" and first["variants"]["avmae"]["timed_steps"] == 1
+    assert record_rows(first, "python tools/benchmark.py train-step")
+
+
+def test_gpu_suite_plan_fits_the_budget_and_is_printed_first(tmp_path, capsys):
+    from avmae.benchmark.suite import FULL, TINY, plan_suite, run_suite, suite_steps
+
+    steps = suite_steps(FULL, tmp_path)
+    planned = plan_suite(steps, 480)
+    assert sum(s.timeout_s for s in planned) <= 480 and planned[0].name == "fair_reference"
+    left_out = [s for s in steps if s not in planned]
+    assert left_out and all(s.status == "skipped" and "budget" in s.message for s in left_out)
+    printed = capsys.readouterr().out
+    assert "plan (480 s budget)" in printed and all(s.name in printed for s in steps)
+    assert plan_suite(suite_steps(FULL, tmp_path), None) and capsys.readouterr()
+
+    # the tool: a step left out by the budget is work not done
+    spec = importlib.util.spec_from_file_location("tool_benchmark_plan", REPO / "tools" / "benchmark.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "suite"
+    argv = ["gpu-suite", "--out", str(out), "--tiny", "--in-process", "--only", "input_copy", "profile_avmae"]
+    assert tool.main([*argv, "--budget-s", "100"]) == 1  # profile_avmae (90 s) fits, input_copy (60 s) not
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[suite] plan (100 s budget): 1 of 2 steps") and "not ok: input_copy (skipped)" in lines[-1]
+    assert tool.main(argv) == 0

@@ -436,3 +436,19 @@ def test_layout_options_beside_the_recipe_options(tmp_path):
     state["module.norm.weight"] = state["norm.weight"]
     with pytest.raises(ConversionError, match=r"twice.pth: state dict holds 'norm.weight' twice"):
         read("mae", save(state, tmp_path / "twice.pth"))
+
+
+def test_a_known_conversion_error_is_one_line_naming_the_file(tmp_path, capsys):
+    """tools/convert.py (through avmae.cli.run_tool): a checkpoint that is not the named kind gives
+    one line on stderr with the file and the problem, status 2; --debug gives the traceback."""
+    from avmae.cli import run_tool
+
+    source = tmp_path / "not_mae.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, source)
+    argv = ["--from", "mae", str(source), str(tmp_path / "out")]
+    assert run_tool(_tool("convert").main, argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {source}: ") and "patch_embed" in err
+    with pytest.raises(ConversionError, match=re.escape(str(source))):
+        run_tool(_tool("convert").main, [*argv, "--debug"])

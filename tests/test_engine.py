@@ -329,3 +329,111 @@ def test_balanced_epoch_size_sets_the_steps_per_epoch_and_the_warmup(tmp_path):
     assert len(loader) == source_steps == 3976
     assert total_steps(recipe.train, len(loader)) == 50 * source_steps == 198800
     assert warmup_steps(recipe.train, len(loader)) == 2.5 * source_steps == 9940
+
+
+# ---- logs -----------------------------------------------------------------------------------------
+
+
+def test_a_log_file_gets_plain_progress_lines_not_bar_redraws(tmp_path):
+    """stderr into a file, as under a job scheduler: one line per `progress_every` steps, each with
+    the step, loss, lr, clips/s, data wait and ETA, and no bar."""
+    import contextlib
+    import re
+
+    steps = 120
+    cfg = run_config(tmp_path / "run", f"train.max_steps={steps}", "train.log_every=10", "train.progress_every=30",
+                     "train.progress_seconds=1000")  # fmt: skip
+    log = tmp_path / "stderr.log"
+    torch.manual_seed(0)
+    with open(log, "w") as stream, contextlib.redirect_stderr(stream):
+        pretrain(cfg, model=StandIn(), dataset=Clips())
+    text = log.read_text()
+    assert "\r" not in text and "step/s" not in text  # no bar, redrawn or not
+    line = re.compile(
+        r"^pretrain step (\d+)/120 \(\d+%\) \| loss (\S+) \| lr (\S+) \| ([\d.]+) clips/s \| data wait (\d+)% \| ETA (\S+)$"
+    )
+    found = [m for m in map(line.match, text.splitlines()) if m]
+    assert [int(m.group(1)) for m in found] == [30, 60, 90, 120]
+    losses = read_scalars(tmp_path / "run", "train/loss")
+    for m in found:
+        step = int(m.group(1))
+        assert float(m.group(2)) == pytest.approx(losses[step], rel=1e-3)
+        assert float(m.group(4)) > 0 and 0 <= int(m.group(5)) <= 100
+    assert found[-1].group(6) == "0:00:00"
+    assert len(text.splitlines()) <= len(found) + 5 and len(text) < 1000  # nothing else of note
+
+
+# ---- non-finite losses: stop, skip, rollback ------------------------------------------------------
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+NONFINITE = ["train.max_steps=9", "train.base_lr=0.1", "train.warmup_epochs=0.5", "data.num_workers=1",
+             "train.keep_checkpoints=0"]  # fmt: skip
+
+
+def test_skip_discards_the_update_whose_loss_is_not_finite_and_counts_it(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = run_config(tmp_path, *NONFINITE, "train.on_nonfinite=skip", "train.checkpoint_every=1", "train.grad_accum=2")
+    pretrain(cfg, model=StandIn(nan_at=9), dataset=Clips())  # the first micro-batch of update 5
+    assert _same(_weights(tmp_path, 4), _weights(tmp_path, 5))  # update 5 left every weight as it was
+    assert not _same(_weights(tmp_path, 5), _weights(tmp_path, 6))
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path, 9).values())
+    state = json.loads((tmp_path / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert (state["nonfinite"], state["discarded_steps"]) == (1, [5])
+    assert read_scalars(tmp_path, "train/nonfinite_updates") == {s: float(s >= 5) for s in range(1, 10)}
+    assert all(math.isfinite(v) for v in read_scalars(tmp_path, "train/loss").values())
+    assert "non-finite loss at update 5: update skipped (1 of train.max_nonfinite=3)" in capsys.readouterr().out
+
+
+def test_rollback_restores_the_last_checkpoint_and_goes_on_past_the_bad_update(tmp_path):
+    """Rollback, checked every 3 updates: the NaN of update 5 is seen at update 6 (weights already
+    poisoned), the run goes back to step 3 and replays, passing over update 5. It ends bit for bit
+    where a run that discarded update 5 as it happened ends (the same batches; the same RNG draws)."""
+    overrides = [*NONFINITE, "train.log_every=3", "train.checkpoint_every=3"]
+    torch.manual_seed(0)
+    pretrain(run_config(tmp_path / "skip", *overrides, "train.on_nonfinite=skip"), model=StandIn(nan_at=5),
+             dataset=Clips())  # fmt: skip
+    torch.manual_seed(0)
+    model = StandIn(nan_at=5)
+    pretrain(run_config(tmp_path / "rollback", *overrides, "train.on_nonfinite=rollback"), model=model, dataset=Clips())
+    assert model.calls == 9 + 3  # updates 4, 5 and 6 ran twice
+    assert _same(_weights(tmp_path / "skip", 9), _weights(tmp_path / "rollback", 9))
+    assert read_scalars(tmp_path / "rollback", "train/loss") == read_scalars(tmp_path / "skip", "train/loss")
+    state = json.loads((tmp_path / "rollback" / "checkpoints" / "step_00000009" / "trainer_state.json").read_text())
+    assert (state["nonfinite"], state["discarded_steps"]) == (1, [5])
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_more_non_finite_updates_than_allowed_stop_the_run(tmp_path, policy):
+    cfg = run_config(tmp_path, *NONFINITE, f"train.on_nonfinite={policy}", "train.max_nonfinite=0",
+                     "train.checkpoint_every=2", "train.log_every=2")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="step 3; 1 non-finite updates, more than train.max_nonfinite=0"):
+        pretrain(cfg, model=StandIn(nan_at=3), dataset=Clips())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_cpu_run_without_deepspeed_prints_no_deepspeed_warning(tmp_path):
+    """accelerate imports DeepSpeed wherever it is installed; its accelerator detection must not
+    warn on every CPU run (a fresh process: this one may have imported DeepSpeed already)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available():
+        pytest.skip("DeepSpeed not installed, or not a CPU-only machine")
+    code = (
+        "import torch; from avmae.config import load_config; from avmae.engine.loop import build_accelerator; "
+        f"a = build_accelerator(load_config(None, ['train.output_dir={tmp_path}'])); "
+        "a.unwrap_model(a.prepare(torch.nn.Linear(2, 2))); import deepspeed; print('unwrapped')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "unwrapped" in done.stdout, done.stderr[-2000:]
+    assert "WARNING" not in done.stdout + done.stderr and "accelerator" not in done.stdout + done.stderr, done.stdout + done.stderr

@@ -4,6 +4,9 @@
   config.yaml and model.safetensors.
 - A SIGTERM sent to the launcher midway saves a checkpoint; the same command resumes, and its loss
   curve equals the uninterrupted run's exactly (CPU arithmetic is deterministic here).
+- Two machines simulated on 127.0.0.1 (two `accelerate launch --num_machines 2 --machine_rank 0/1`
+  commands of one process each): the loss curve and the checkpoint of the 2-process run; every
+  process of one machine killed midway, then both commands started again, resumes exactly.
 - DeepSpeed ZeRO-2 over gloo, where DeepSpeed and transformers are installed.
 - ZeRO-3 and FSDP2 (accelerate's): the loss of DDP's first 4 steps within 1e-4, sharded checkpoints,
   full weights in model.safetensors, and a run resumed from step 2 equal to the uninterrupted one.
@@ -180,6 +183,112 @@ def test_sigterm_to_the_launcher_saves_and_the_same_command_resumes_exactly(ddp_
     first, whole = losses(tmp_path), losses(ddp_run)
     assert sorted(first) == list(range(1, STEPS + 1))
     assert first == whole, "the interrupted and resumed run diverged from the uninterrupted one"
+
+
+def machine_command(machine_rank: int, port: int, *args: str) -> list[str]:
+    """One machine's `accelerate launch` of a 2-machine run with one process per machine, both on
+    127.0.0.1 (configs/accelerate/multi_node.yaml; static rendezvous at rank 0's port)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "multi_node.yaml"),
+        "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine_rank),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+        "--dynamo_backend", "no", *map(str, args),
+    ]  # fmt: skip
+
+
+# tools/pretrain.py, except that the process of rank 1 stops in the forward pass of step
+# PAUSE_STEP, once: it writes PAUSE_FILE and waits there to be killed, while rank 0 waits for it in
+# that step's gradient all-reduce. The same command run again (the file exists) trains through.
+PAUSING_SCRIPT = textwrap.dedent(
+    """
+    import importlib, os, runpy, sys, time
+    from pathlib import Path
+    engine = importlib.import_module("avmae.engine.pretrain")
+    model_inputs, calls, pause = engine._model_inputs, [], Path(os.environ["PAUSE_FILE"])
+
+    def pausing_inputs(batch):
+        calls.append(1)
+        if os.environ["RANK"] == "1" and len(calls) == int(os.environ["PAUSE_STEP"]) and not pause.exists():
+            pause.write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        return model_inputs(batch)
+
+    engine._model_inputs = pausing_inputs
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def start_machines(args: list, out: Path, name: str, env: dict) -> list[subprocess.Popen]:
+    """Both machines' launchers, each in a session of its own (its process tree, as on a host)."""
+    port = free_port()
+    machines = []
+    for rank in (0, 1):
+        log = open(out / f"{name}_machine{rank}.log", "w")
+        machines.append(subprocess.Popen(machine_command(rank, port, *args), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=env, start_new_session=True))  # fmt: skip
+    return machines
+
+
+def wait_or_kill(machines: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes of the launchers (None for one still running after ``timeout``, then killed)."""
+    deadline = time.monotonic() + timeout
+    while any(m.poll() is None for m in machines) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    codes = [m.poll() for m in machines]
+    for m in machines:
+        if m.poll() is None:
+            os.killpg(m.pid, signal.SIGKILL)
+            m.wait()
+    return codes
+
+
+def test_two_machines_train_like_two_processes_and_resume_after_losing_one(ddp_run, clean_data, tmp_path):
+    import psutil
+
+    out, pause_step = tmp_path / "run", 5  # checkpoints at steps 2 and 4 are written before the pause
+    out.mkdir()
+    (tmp_path / "pausing_pretrain.py").write_text(PAUSING_SCRIPT)
+    env = dict(os.environ, PAUSE_FILE=str(tmp_path / "paused"), PAUSE_STEP=str(pause_step))
+    args = [tmp_path / "pausing_pretrain.py", REPO / "tools" / "pretrain.py", "--config", DEMO, *clean_data,
+            f"train.output_dir={out}", f"train.max_steps={STEPS}"]  # fmt: skip
+    logs = lambda name: "\n".join((tmp_path / f"{name}_machine{r}.log").read_text()[-3000:] for r in (0, 1))  # noqa: E731
+    machines = start_machines(args, tmp_path, "first", env)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "paused").exists() and all(m.poll() is None for m in machines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not (tmp_path / "paused").exists():
+        wait_or_kill(machines, 0)
+        pytest.fail(f"rank 1 never reached step {pause_step}:\n{logs('first')}")
+
+    # machine 1 goes away mid-step: SIGKILL to every process of its tree (torchrun starts its
+    # workers in sessions of their own, so the launcher's process group is not enough), no handler runs
+    lost = machines[1]
+    tree = [psutil.Process(lost.pid), *psutil.Process(lost.pid).children(recursive=True)]
+    assert len(tree) >= 3, f"expected the launcher, the training process and its loader worker: {tree}"
+    for process in tree:
+        process.send_signal(signal.SIGKILL)
+    lost.wait(timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], f"left running: {alive}"
+    # the surviving machine's process finds its peer gone in the all-reduce and stops on its own
+    assert wait_or_kill(machines[:1], 180) not in ([0], [None]), f"machine 0 went on alone:\n{logs('first')}"
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert saved == ["step_00000002", "step_00000004"], saved
+    first, single = losses(out), losses(ddp_run)
+    assert sorted(first) == list(range(1, pause_step)), first
+    assert {s: single[s] for s in first} == first, "two machines trained unlike two processes on one"
+
+    # both commands again: the run continues from the newest complete checkpoint
+    machines = start_machines(args, tmp_path, "again", env)
+    assert wait_or_kill(machines, 300) == [0, 0], logs("again")
+    assert f"resuming from {out / 'checkpoints' / 'step_00000004'}" in logs("again")
+    assert losses(out) == single, "the resumed two-machine run diverged from the 2-process run"
+    final = f"checkpoints/step_{STEPS:08d}/model.safetensors"
+    a, b = load_file(out / final), load_file(ddp_run / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "checkpoint differs from the 2-process run's"
 
 
 def _deepspeed_skip_reason() -> str | None:

@@ -12,8 +12,6 @@
 import csv
 import importlib.util
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import decodable_rows, write_manifests
+from conftest import decodable_rows, kill_process_tree, write_manifests
 from safetensors.torch import load_file, save_file
 
 import avmae
@@ -271,8 +269,6 @@ def test_two_process_finetune_killed_mid_epoch_resumes_to_identical_weights(fine
     """SIGKILL to every process (no chance to save) after the first checkpoint; the same command
     resumes from the newest complete checkpoint and ends with the uninterrupted run's weights, bit
     for bit (mixup draws, drop path and the sampler's order all follow the run's position)."""
-    import psutil  # accelerate's own dependency
-
     whole, _ = finetuned
     out = tmp_path / "run"
     command = finetune_command(exported, clean_data, out)
@@ -283,13 +279,9 @@ def test_two_process_finetune_killed_mid_epoch_resumes_to_identical_weights(fine
     while not first.exists() and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.exists(), (tmp_path / "killed.log").read_text()[-4000:]
-    # the launcher, torchrun's agent and both training processes (torchrun gives the workers their
-    # own session, so killing the launcher's process group would leave them running)
-    doomed = [launcher.pid, *(p.pid for p in psutil.Process(launcher.pid).children(recursive=True))]
-    for pid in doomed:
-        os.kill(pid, signal.SIGKILL)
+    # the launcher, torchrun's agent, both training processes and their loader workers; none is left
+    assert len(kill_process_tree(launcher.pid, str(out))) >= 3
     launcher.wait(timeout=60)
-    psutil.wait_procs([p for p in map(_process_or_none, doomed) if p is not None], timeout=60)
     assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
     saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert saved and saved[-1] < f"step_{FINETUNE_STEPS:08d}", saved
@@ -301,15 +293,6 @@ def test_two_process_finetune_killed_mid_epoch_resumes_to_identical_weights(fine
     assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed run's weights differ"
     losses = read_scalars(out, "train/loss")
     assert sorted(losses) == list(range(1, FINETUNE_STEPS + 1)) and losses == read_scalars(whole, "train/loss")
-
-
-def _process_or_none(pid: int):
-    import psutil
-
-    try:
-        return psutil.Process(pid)
-    except psutil.NoSuchProcess:
-        return None
 
 
 def test_linear_probe_on_raw_inputs_and_a_random_encoder(clean_data):

@@ -1,7 +1,7 @@
 """The import graph of the library, read from the source with ``ast``: the packages form layers,
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
-The order (docs/architecture.md, "Layers"): config < models < augment < data < formats <
+The order (docs/architecture.md, "Layers"): config, cli < models < augment < data < formats <
 evaluation, convert < engine < visualize, demo, ablation, benchmark < tools. Imports inside functions
 count as much as top-level ones; no two modules import each other, none imports another's private
 name, and no library file is over 600 lines.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [
-    {"avmae.config"},
+    {"avmae.config", "avmae.cli"},
     {"avmae.models"},
     {"avmae.augment"},
     {"avmae.data"},
@@ -228,3 +228,14 @@ def test_the_public_api_is_what_type_checkers_see():
     assert sorted(seen) == sorted(avmae.__all__)
     for name, module in seen.items():
         assert getattr(avmae, name) is getattr(importlib.import_module(module), name), name
+
+
+def test_the_build_backend_reads_the_license_field():
+    """`license = "Apache-2.0"` (an SPDX string, PEP 639) needs setuptools >= 77 to build."""
+    import re
+
+    project = _pyproject()
+    assert isinstance(project["project"]["license"], str)
+    (requirement,) = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    bound = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement.replace(" ", ""))
+    assert bound and int(bound.group(1)) >= 77, requirement

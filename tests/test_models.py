@@ -386,6 +386,14 @@ def test_load_pretrained_from_safetensors_with_prefixes(tmp_path):
     assert any(k.startswith("contrastive.momentum_encoder.") for k in report.unexpected)
     assert "decoder.mask_token.video" in report.unexpected
     assert len(report.loaded) == len(list(classifier.encoder.state_dict()))
+    # what finetuning prints: a summary by prefix, not the name of every decoder tensor
+    decoders = sum(k.startswith("decoder.") for k in pretrained.state_dict())
+    lines = str(report).splitlines()
+    assert lines[1] == "newly initialised: heads (4 tensors)"
+    contrastive = sum(k.startswith("contrastive.") for k in pretrained.state_dict())
+    assert lines[2] == (f"in the checkpoint, not used by this model: contrastive ({contrastive} tensors), "
+                        f"decoder ({decoders} tensors)")  # fmt: skip
+    assert len(lines) == 3 and "mask_token" not in str(report)
     video, audio = tiny_batch()
     pretrained.eval(), classifier.eval()
     expected = pretrained.encoder.forward_features(video, audio)

@@ -6,24 +6,21 @@ prefix of a real S3-compatible server (moto):
   part reports and in the one merged report;
 - a machine killed with SIGKILL mid-way (its whole process tree) and restarted writes only the
   shards it had not finished and, finishing last, merges;
-- a run that writes no sample exits non-zero.
+- a machine that writes no sample exits non-zero.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
-from conftest import write_manifests
+from conftest import kill_process_tree, write_manifests
 from test_engine_launch import DEMO, REPO
 from test_shards import TINY, prepare_data
 
@@ -98,13 +95,9 @@ def test_killed_machine_restarts_without_redoing_its_finished_shards(one_machine
     deadline = time.monotonic() + 240
     while not list(out.glob("shard-*.json")) and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    tree = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    os.killpg(launcher.pid, signal.SIGKILL)
+    killed = kill_process_tree(launcher.pid, str(out))  # asserts that no process of the machine is left
     launcher.wait(timeout=60)
-    assert len(tree) >= 3, (tmp_path / "first.log").read_text()[-4000:]  # the tool and its two workers
-    psutil.wait_procs(tree, timeout=30)
-    left = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not left, left
+    assert len(killed) >= 3, (tmp_path / "first.log").read_text()[-4000:]  # the tool and its two workers
 
     settings = json.loads((out / "settings.json").read_text())
     own = set(range(1, settings["num_shards"], 2))
@@ -117,7 +110,7 @@ def test_killed_machine_restarts_without_redoing_its_finished_shards(one_machine
     # machine 0 finishes its part; the dataset is not complete while machine 1's part is not
     prepare_data(*machine_args(out, 0, 2, synthetic_root, "--shard-size", 1))
     assert not (out / META_FILE).exists()
-    with pytest.raises(RuntimeError, match=f"{len(own - finished)} of {settings['num_shards']} shards are not finished"):
+    with pytest.raises(FileNotFoundError, match=f"{len(own - finished)} of {settings['num_shards']} shards are not finished"):
         prepare_data(*machine_args(out, 0, 1, synthetic_root, "--merge"))
 
     # machine 1 restarted: only its unfinished shards are written, and it merges
@@ -131,17 +124,18 @@ def test_killed_machine_restarts_without_redoing_its_finished_shards(one_machine
     print(f"killed after {len(finished)} of its {len(own)} shards")
 
 
-def test_prepare_exits_nonzero_when_no_sample_was_written(synthetic_root, tmp_path):
+def test_a_machine_that_writes_no_sample_exits_nonzero(synthetic_root, tmp_path):
+    """Machine 0 of 2 over a manifest of two bad files gets one of them: its part holds no
+    sample (a wrong data.root on one machine, say), status 1 naming its part report."""
     with open(synthetic_root / "bad_clips.csv") as f:
         bad = {row["id"] for row in csv.DictReader(f) if row["kind"] in ("missing", "truncated")}
     with open(synthetic_root / "train.csv") as f:
         rows = [row for row in csv.DictReader(f) if row["id"] in bad]
     assert len(rows) == 2
     manifest = write_manifests(synthetic_root, tmp_path, {"train": rows})
-    # one machine, and machine 0 of 2 (whose part is one of the two files)
-    for name, machine in (("one", []), ("two", ["--num-machines", 2, "--machine-rank", 0])):
-        with pytest.raises(SystemExit) as exit_:
-            prepare_data("--config", DEMO, "--out", tmp_path / name, "--shard-size", 1, *machine, *manifest, *TINY)
-        assert exit_.value.code not in (0, None) and "no sample was written" in str(exit_.value.code)
-    assert (tmp_path / "one" / REPORT_FILE).read_text().count("\n") == 2
-    assert (tmp_path / "two" / part_report_file(2, 0)).read_text().count("\n") == 1
+    out = tmp_path / "shards"
+    with pytest.raises(SystemExit, match="no sample written from the 1 records of machine 0's part of train") as exit_:
+        prepare_data("--config", DEMO, "--out", out, "--shard-size", 1, "--num-machines", 2, "--machine-rank", 0,
+                     *manifest, *TINY)  # fmt: skip
+    assert exit_.value.code not in (0, None) and part_report_file(2, 0) in str(exit_.value.code)
+    assert (out / part_report_file(2, 0)).read_text().count("\n") == 1 and not (out / META_FILE).exists()

@@ -107,6 +107,12 @@ def mbt(*overrides: str, heads=None):
     return build_classifier(cfg, heads or {"label": 5})
 
 
+def test_the_pool_setting_is_refused_where_the_bottleneck_classifier_would_ignore_it():
+    with pytest.raises(ValueError, match="finetune.pool=tokens applies to finetune.fusion=pool"):
+        load_config(None, ["finetune.fusion=bottleneck", "finetune.pool=tokens"])
+    assert load_config(None, ["finetune.fusion=pool", "finetune.pool=tokens"]).finetune.pool == "tokens"
+
+
 def test_mbt_bottlenecks_are_the_only_path_between_modalities():
     video, audio = batch()
     other_video = torch.randn_like(video)

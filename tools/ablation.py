@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from avmae.cli import run_tool
 from avmae.ablation import ablation_configs, format_table, run_ablation
 
 
@@ -43,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -8,11 +8,11 @@ its rows to docs/benchmarks.md.
     accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes 1 tools/benchmark.py engine
         --config configs/pretrain/ours_vitb_vggsound.yaml [--data-source device|dataset] [key.sub=value ...]
     python tools/benchmark.py data [--config configs/pretrain/ours_vitb_vggsound.yaml]
-        [--decoders decord pyav shards] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
+        [--decoders decord pyav shards shards-device] [--clips-per-video 1 4] [--stored-forms] [--items N] [--out FILE.json]
         [key.sub=value ...]
     python tools/benchmark.py profile --config CONFIG [--variant avmae] [--steps N] [key.sub=value ...]
     python tools/benchmark.py input-copy --config CONFIG [key.sub=value ...]
-    python tools/benchmark.py gpu-suite --out DIR [--budget-s 480] [--tiny] [--engine-data key=value ...]
+    python tools/benchmark.py gpu-suite --out DIR [--budget-s S] [--only STEP ...] [--tiny] [--engine-data key=value ...]
 
 train-step runs on CUDA when it is available, else on the CPU, in the config's
 train.mixed_precision (bf16 or no). Variants default to avmae, plus the reference rows when the
@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from avmae.cli import run_tool
 from avmae.benchmark import (
     VARIANTS,
     clips_spec,
@@ -50,11 +51,12 @@ from avmae.benchmark import (
     measure_train_step,
     save_record,
     write_benchmark_clips,
+    write_json,
 )
 from avmae.benchmark.engine import SOURCES
 from avmae.benchmark.input_copy import measure_input_copy
 from avmae.benchmark.profile import profile_train_step
-from avmae.benchmark.data_pipeline import SHARDS, measure_stored_forms
+from avmae.benchmark.data_pipeline import SHARDS, SHARDS_DEVICE, measure_stored_forms
 from avmae.benchmark.report import format_row, header_lines
 from avmae.benchmark.suite import FULL, TINY, run_suite, suite_steps
 from avmae.config import load_config
@@ -108,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     suite = commands.add_parser("gpu-suite", help="every GPU measurement, within a time budget, as JSON records")
     suite.add_argument("--out", required=True, help="folder for the records, suite.json and suite.md")
-    suite.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget; later steps are skipped")
+    suite.add_argument("--budget-s", type=float, default=None,
+                       help="wall-clock budget: the steps whose limits fit in it, in order, are run and the plan is "
+                       "printed first (default: every step, the sum of their limits)")
+    suite.add_argument("--only", nargs="+", default=None, metavar="STEP", help="run only these steps")
     suite.add_argument("--tiny", action="store_true", help="micro model, a few steps, no compiled variants (CPU check)")
     suite.add_argument("--in-process", action="store_true", help="run the steps in this process (no timeouts)")
     suite.add_argument("--engine-data", nargs="+", default=None, metavar="KEY=VALUE",
@@ -117,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="clips/s of one data-loading worker per video decoder")
     data.add_argument("--config", default="configs/pretrain/ours_vitb_vggsound.yaml",
                       help="YAML whose data and augment settings are timed")
-    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS], default=[*DECODERS, SHARDS],
-                      help="video decoders of the mp4 path, and shards (the clips prepared by prepare_data)")
+    data.add_argument("--decoders", nargs="+", choices=[*DECODERS, SHARDS, SHARDS_DEVICE], default=[*DECODERS, SHARDS],
+                      help="video decoders of the mp4 path, shards (the clips prepared by prepare_data), and "
+                      "shards-device (the shards with data.device_transforms: the worker decodes and crops only)")
     data.add_argument("--stored-forms", action="store_true",
                       help="also time reading one clip's frames stored as JPEG vs short-GOP H.264")
     data.add_argument("--clips-per-video", nargs="+", type=int, default=[1], help="data.clips_per_video values")
@@ -150,8 +156,9 @@ def run_train_step(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     print(f"train-step on {device}: {', '.join(variants)}, {cfg.model.size}, batch {cfg.data.batch_size}, "
           f"{cfg.train.mixed_precision}", flush=True)  # fmt: skip
+    partial = (lambda record: write_json(record, args.out)) if args.out else None  # kept if the run is stopped
     return measure_train_step(cfg, device, variants, warmup=args.warmup, steps=args.steps, rounds=args.rounds,
-                              gemm_size=args.gemm_size)  # fmt: skip
+                              gemm_size=args.gemm_size, on_round=partial)  # fmt: skip
 
 
 def run_data(args: argparse.Namespace) -> dict:
@@ -188,8 +195,13 @@ def run_input_copy(args: argparse.Namespace) -> dict:
 def run_gpu_suite(args: argparse.Namespace) -> int:
     out = Path(args.out)
     steps = suite_steps(TINY if args.tiny else FULL, out, args.engine_data)
+    if args.only:
+        unknown = set(args.only) - {s.name for s in steps}
+        if unknown:
+            raise ValueError(f"--only: no step named {', '.join(sorted(unknown))} (steps: {', '.join(s.name for s in steps)})")
+        steps = [s for s in steps if s.name in args.only]
     summary = run_suite(steps, out, args.budget_s, in_process=main if args.in_process else None)
-    failed = [s["name"] for s in summary["steps"] if s["status"] not in ("ok", "skipped")]
+    failed = [f"{s['name']} ({s['status']})" for s in summary["steps"] if s["status"] != "ok"]
     print(f"suite: {len(summary['steps'])} steps in {summary['total_s']:.0f} s; records, suite.json and suite.md in {out}"
           + (f"; not ok: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
@@ -211,8 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = save_record(record, command, out, args.docs)
     print("\n".join(header_lines(record["kind"]) + [format_row(r) for r in rows]))
     print(f"record: {out}" + (f"; rows appended to {args.docs}" if args.docs else ""))
+    if record["kind"] == "train_step":
+        failed = {n: v.get("error", "not timed") for n, v in record["variants"].items() if "clips_per_s" not in v}
+        for name, error in failed.items():
+            print(f"{name} failed: {error}", file=sys.stderr)
+        if len(failed) == len(record["variants"]):
+            print("error: every variant failed; nothing was measured", file=sys.stderr)
+            return 1
+        for name, variant in record["variants"].items():
+            if "reference_note" in variant:
+                print(f"{name}: {variant['reference_note']}", file=sys.stderr)
+                break
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from avmae.cli import run_tool
 from avmae.config import load_config
 from avmae.data.audio import fbank_stats
 from avmae.data.manifests import read_manifest
@@ -51,4 +52,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

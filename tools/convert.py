@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 
+from avmae.cli import run_tool
 from avmae.config import load_config
 from avmae.convert import PARTS, SOURCES, CheckSkipped, check, convert
 
@@ -42,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
 
     config = load_config(args.config, args.overrides) if args.config else None
-    out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
-                  num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
+    try:
+        out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
+                      num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
+    except ValueError as err:  # the one line run_tool prints names the checkpoint
+        if args.source in str(err):
+            raise
+        raise type(err)(f"{args.source}: {err}") from err
     description = json.loads((out / "config.json").read_text())
     arch, conversion = description["architecture"], description["conversion"]
     print(f"converted {args.kind} ({'finetuned' if conversion['finetuned'] else 'pretrained'}) to {out}: "
@@ -66,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from avmae.cli import run_tool
 from avmae.demo import format_summary, run_demo
 
 
@@ -38,4 +39,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

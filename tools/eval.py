@@ -18,6 +18,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from avmae.cli import run_tool
 from avmae.engine.finetune import evaluate_finetuned
 
 
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

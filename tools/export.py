@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from avmae.cli import run_tool
 from avmae.formats import EXPORT_CONFIG, PARTS, export
 
 
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from avmae.cli import run_tool
 from avmae.config import load_config
 from avmae.engine.finetune import prepare_config
 from avmae.evaluation.probe import SOURCES, format_probe_results, run_linear_probes
@@ -50,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -8,7 +8,9 @@ See ``avmae.data.synthetic`` for what a class is and which nuisances vary per cl
 from __future__ import annotations
 
 import argparse
+import sys
 
+from avmae.cli import run_tool
 from avmae.data.synthetic import BAD_KINDS, DEFAULT_NUISANCE, SPLITS, generate_dataset
 
 
@@ -76,4 +78,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 
+from avmae.cli import run_tool
 from avmae.config import load_config
 from avmae.models.flops import describe_model
 
@@ -50,4 +51,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

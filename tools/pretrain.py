@@ -15,6 +15,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from avmae.cli import run_tool
 from avmae.config import load_config
 from avmae.engine import TrainingInterrupted, pretrain
 
@@ -35,4 +36,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from avmae.cli import run_tool
 from avmae.visualize import visualize
 
 
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

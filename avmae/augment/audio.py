@@ -48,6 +48,37 @@ def fill_value(aug: AugmentConfig, audio_cfg: AudioConfig) -> float:
     return 0.0
 
 
+def draw_bands(generator: torch.Generator, length: int, max_width: int, num_masks: int) -> list[tuple[int, int]]:
+    """SpecAugment's ``num_masks`` bands ``(start, width)`` along an axis of ``length``, each of
+    width uniform in ``[0, max_width]`` (clipped to ``length``)."""
+    bands = []
+    for _ in range(num_masks):
+        width = rng.randint(generator, 0, min(max_width, length))
+        bands.append((rng.randint(generator, 0, length - width), width))
+    return bands
+
+
+def mask_bands(specs: torch.Tensor, bands: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Set the bands of a batch of fbanks ``(B, T_a, F)`` to ``fill`` (a number, or one per fbank
+    ``(B,)``), in place: ``bands (B, M, 3)`` holds rows ``(axis, start, width)`` (axis 0 = time
+    frames, 1 = frequency bins; width 0 = no band).
+
+    Batched for the device (``avmae.data.device``); the per-clip ``FbankAugment`` calls it with B = 1.
+    """
+    if bands.shape[1] == 0:
+        return specs
+    bands = bands.to(specs.device)
+    axis, start, end = bands[..., 0:1], bands[..., 1:2], bands[..., 1:2] + bands[..., 2:3]  # (B, M, 1)
+    frames = torch.arange(specs.shape[1], device=specs.device)
+    bins = torch.arange(specs.shape[2], device=specs.device)
+    in_time = ((axis == 0) & (frames >= start) & (frames < end)).any(1)  # (B, T_a)
+    in_freq = ((axis == 1) & (bins >= start) & (bins < end)).any(1)  # (B, F)
+    masked = in_time[:, :, None] | in_freq[:, None, :]
+    if isinstance(fill, torch.Tensor):
+        return specs.copy_(torch.where(masked, fill.to(specs)[:, None, None], specs))
+    return specs.masked_fill_(masked, fill)
+
+
 def mask_along_axis(
     spec: torch.Tensor, generator: torch.Generator, axis: int, max_width: int, num_masks: int, value: float = 0.0
 ) -> torch.Tensor:
@@ -55,11 +86,8 @@ def mask_along_axis(
 
     ``spec`` is ``(T_a, F)``; ``axis`` 0 masks time frames, 1 masks frequency bins.
     """
-    length = spec.shape[axis]
-    for _ in range(num_masks):
-        width = rng.randint(generator, 0, min(max_width, length))
-        start = rng.randint(generator, 0, length - width)
-        spec.narrow(axis, start, width).fill_(value)
+    bands = [(axis, *band) for band in draw_bands(generator, spec.shape[axis], max_width, num_masks)]
+    mask_bands(spec[None], torch.tensor(bands, dtype=torch.long).view(1, -1, 3), value)
     return spec
 
 
@@ -84,19 +112,32 @@ class WaveformAugment:
 
 class FbankAugment:
     """Training fbank transform ``(T_a, F) -> (T_a, F)`` (SpecAugment); ``aug`` is effective,
-    ``fill`` the value masked cells take (``fill_value``)."""
+    ``fill`` the value masked cells take (``fill_value``).
+
+    ``draw`` gives the bands as a tensor, so that DataLoader workers can draw them and the device
+    zero them for a whole batch (``mask_bands``); ``__call__`` does both for one clip."""
 
     def __init__(self, aug: AugmentConfig, fill: float = 0.0):
         self.aug = aug
         self.fill = fill
 
+    @property
+    def active(self) -> bool:
+        return self.aug.freq_mask > 0 or self.aug.time_mask > 0
+
+    def draw(self, generator: torch.Generator, frames: int, bins: int) -> torch.Tensor:
+        """``(M, 3)`` rows ``(axis, start, width)`` of an fbank of ``frames x bins``: the frequency
+        bands, then the time bands (none when SpecAugment is off)."""
+        aug = self.aug
+        if not self.active:
+            return torch.zeros(0, 3, dtype=torch.long)
+        bands = [(1, *b) for b in draw_bands(generator, bins, aug.freq_mask, aug.num_freq_masks)]
+        bands += [(0, *b) for b in draw_bands(generator, frames, aug.time_mask, aug.num_time_masks)]
+        return torch.tensor(bands, dtype=torch.long).view(-1, 3)
+
     def __call__(self, fbank: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if fbank.ndim != 2:
             raise ValueError(f"expected an fbank (T_a, F), got shape {tuple(fbank.shape)}")
-        aug = self.aug
-        if aug.freq_mask == 0 and aug.time_mask == 0:
+        if not self.active:
             return fbank
-        fbank = fbank.clone()
-        mask_along_axis(fbank, generator, 1, aug.freq_mask, aug.num_freq_masks, self.fill)
-        mask_along_axis(fbank, generator, 0, aug.time_mask, aug.num_time_masks, self.fill)
-        return fbank
+        return mask_bands(fbank.clone()[None], self.draw(generator, *fbank.shape)[None], self.fill)[0]

@@ -40,7 +40,7 @@ def rotate_hue(frames: torch.Tensor, hue: float) -> torch.Tensor:
     cos, sin = math.cos(2 * math.pi * hue), math.sin(2 * math.pi * hue)
     rotation = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, sin], [0.0, -sin, cos]])
     matrix = torch.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ
-    return torch.einsum("dc,tchw->tdhw", matrix.to(frames.dtype), frames).clamp_(0.0, 1.0)
+    return torch.einsum("dc,tchw->tdhw", matrix.to(frames), frames).clamp_(0.0, 1.0)
 
 
 _JITTER_OPS = {
@@ -147,18 +147,20 @@ def _down_up(frames: torch.Tensor, factor: float) -> torch.Tensor:
     return TF.resize(frames, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=False)
 
 
-def apply_spatial(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoConfig) -> torch.Tensor:
-    """uint8 ``(T, C, H, W)`` -> ``(T, C, size, size)``, the same ops on every frame.
-
-    The crop runs on uint8 (it touches the full-resolution frames); the result stays uint8 when
-    nothing else applies, else it is float in [0, 1], where torchvision's colour ops are several
-    times faster than on uint8 and nothing is rounded between ops.
-    """
+def crop_to_size(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoConfig) -> torch.Tensor:
+    """The crop stage, the only op on the full-resolution frames: uint8 ``(T, C, H, W)`` ->
+    uint8 ``(T, C, size, size)`` (the random resized crop, or the evaluation crop)."""
     size = video_cfg.size
     if params.crop_box is None:
-        frames = spatial_crop(resize_short_side(frames, video_cfg.resize), size)
-    else:
-        frames = TF.resized_crop(frames, *params.crop_box, size=[size, size], antialias=True)
+        return spatial_crop(resize_short_side(frames, video_cfg.resize), size)
+    return TF.resized_crop(frames, *params.crop_box, size=[size, size], antialias=True)
+
+
+def after_crop(frames: torch.Tensor, params: SpatialParams) -> torch.Tensor:
+    """Flip, colour, grayscale, blur and down-up sampling of cropped ``(T, C, size, size)`` uint8,
+    on whatever device the frames are. The result stays uint8 when none of the float ops
+    applies, else it is float in [0, 1], where torchvision's colour ops are several times faster
+    than on uint8 and nothing is rounded between ops."""
     if params.flip:
         frames = TF.horizontal_flip(frames)
     if params.jitter or params.grayscale or params.blur_sigma > 0 or params.downup_factor > 1:
@@ -172,6 +174,12 @@ def apply_spatial(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoC
     if params.downup_factor > 1:
         frames = _down_up(frames, params.downup_factor).clamp(0.0, 1.0)  # may be a view of its input
     return frames
+
+
+def apply_spatial(frames: torch.Tensor, params: SpatialParams, video_cfg: VideoConfig) -> torch.Tensor:
+    """uint8 ``(T, C, H, W)`` -> ``(T, C, size, size)``, the same ops on every frame: the crop on
+    uint8 (``crop_to_size``), then the rest (``after_crop``: uint8, or float in [0, 1])."""
+    return after_crop(crop_to_size(frames, params, video_cfg), params)
 
 
 def to_clip(frames: torch.Tensor) -> torch.Tensor:
@@ -204,10 +212,59 @@ def temporal_order(generator: torch.Generator, aug: AugmentConfig, num_frames: i
     return order
 
 
+_JITTER_NAMES = tuple(_JITTER_OPS)
+PARAMS_WIDTH = 16  # see pack_params
+
+
+def pack_params(params: SpatialParams) -> torch.Tensor:
+    """The post-crop part of ``params`` as float64 ``(16,)`` (exact for Python floats), so that a
+    DataLoader worker can hand it to the device with the cropped frames: flip, four
+    ``(jitter op, factor)`` pairs in order (op -1 = none), grayscale, blur sigma, down-up factor,
+    cutout box (-1 = none)."""
+    jitter = [x for name, factor in params.jitter for x in (_JITTER_NAMES.index(name), factor)]
+    jitter += [-1.0, 0.0] * (len(_JITTER_NAMES) - len(params.jitter))
+    cutout = params.cutout_box if params.cutout_box is not None else (-1, -1, -1, -1)
+    row = [float(params.flip), *jitter, float(params.grayscale), params.blur_sigma, params.downup_factor, *cutout]
+    return torch.tensor(row, dtype=torch.float64)
+
+
+def unpack_params(row: torch.Tensor | list[float]) -> SpatialParams:
+    """``pack_params``' inverse (without the crop box, which the worker applied)."""
+    values = row.tolist() if isinstance(row, torch.Tensor) else row
+    jitter = tuple((_JITTER_NAMES[int(op)], factor) for op, factor in zip(values[1:9:2], values[2:9:2]) if op >= 0)
+    cutout = tuple(int(v) for v in values[12:16])
+    return SpatialParams(None, bool(values[0]), jitter, bool(values[9]), values[10], values[11],
+                         cutout if cutout[0] >= 0 else None)  # fmt: skip
+
+
+def finish_clip(cropped: torch.Tensor, params: list[SpatialParams], order: torch.Tensor, video_cfg: VideoConfig) -> torch.Tensor:
+    """Cropped uint8 ``(T, C, size, size)`` -> the augmented uint8 clip ``(C, T, size, size)``:
+    ``after_crop`` with one parameter draw (or one per frame), frame order ``order``, back to
+    uint8, tube cutout in the mean colour. On the frames' device: DataLoader workers call it
+    through ``VideoAugment``, the device through ``avmae.data.device`` (``data.device_transforms``)."""
+    if len(params) == 1:
+        frames = after_crop(cropped, params[0])
+    else:
+        # frames that drew no float op stay uint8: bring all to one dtype before stacking
+        views = [after_crop(cropped[t : t + 1], p) for t, p in enumerate(params)]
+        if any(v.is_floating_point() for v in views):
+            views = [TF.to_dtype(v, torch.float32, scale=True) for v in views]
+        frames = torch.cat(views)
+    video = to_clip(frames[order.to(frames.device)])
+    fill = mean_colour(video_cfg.mean).to(video.device)
+    for t, p in enumerate(params):
+        if p.cutout_box is not None:
+            # one box through the whole clip (a tube), or one per frame under `per_frame`
+            erase_box(video if len(params) == 1 else video[:, t], p.cutout_box, fill)
+    return video
+
+
 class VideoAugment:
     """Training video transform: uint8 ``(T, C, H, W)`` -> uint8 ``(C, T, size, size)``; the cutout
     fill is the dataset's mean colour (0 once normalised, to within half a level).
 
+    ``crop`` draws every parameter and applies the crop only (what DataLoader workers do under
+    ``data.device_transforms``); ``finish_clip`` does the rest; ``__call__`` is both.
     ``aug`` must be an effective config (see ``apply_strength``).
     """
 
@@ -215,31 +272,19 @@ class VideoAugment:
         self.aug = aug
         self.video_cfg = video_cfg
 
-    def __call__(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def crop(self, frames: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, list[SpatialParams], torch.Tensor]:
+        """The cropped uint8 ``(T, C, size, size)``, the parameter draws (one, or one per frame)
+        and the frame order ``(T,)``."""
         if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected uint8 frames (T, 3, H, W), got {frames.dtype} {tuple(frames.shape)}")
         num_frames, _, height, width = frames.shape
-        size = self.video_cfg.size
-
-        def draw() -> SpatialParams:
-            return draw_spatial_params(generator, self.aug, height, width, size)
-
-        if self.aug.per_frame:
-            params = [draw() for _ in range(num_frames)]
-            # frames that drew no float op stay uint8: bring all to one dtype before stacking
-            views = [apply_spatial(frames[t : t + 1], p, self.video_cfg) for t, p in enumerate(params)]
-            if any(v.is_floating_point() for v in views):
-                views = [TF.to_dtype(v, torch.float32, scale=True) for v in views]
-            frames = torch.cat(views)
+        draws = num_frames if self.aug.per_frame else 1
+        params = [draw_spatial_params(generator, self.aug, height, width, self.video_cfg.size) for _ in range(draws)]
+        if draws == 1:
+            cropped = crop_to_size(frames, params[0], self.video_cfg)
         else:
-            params = [draw()]
-            frames = apply_spatial(frames, params[0], self.video_cfg)
+            cropped = torch.cat([crop_to_size(frames[t : t + 1], p, self.video_cfg) for t, p in enumerate(params)])
+        return cropped, params, temporal_order(generator, self.aug, num_frames)
 
-        frames = frames[temporal_order(generator, self.aug, num_frames)]
-        video = to_clip(frames)
-        fill = mean_colour(self.video_cfg.mean)
-        for t, p in enumerate(params):
-            if p.cutout_box is not None:
-                # one box through the whole clip (a tube), or one per frame under `per_frame`
-                erase_box(video if len(params) == 1 else video[:, t], p.cutout_box, fill)
-        return video
+    def __call__(self, frames: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return finish_clip(*self.crop(frames, generator), self.video_cfg)

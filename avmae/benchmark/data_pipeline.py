@@ -26,6 +26,13 @@ fetching the stored sample. The preparation itself is timed when the shards are 
 compares the candidate stored forms of the frames (JPEG images, H.264 with short keyframe
 intervals) on the read that matters: the frames of one training clip.
 
+The ``shards-device`` setting reads the same shards with ``data.device_transforms``: the
+worker draws the parameters, decodes and crops the frames and augments the waveform (its
+``augment`` stage: ``draw_for_device``), and the rest of the transforms runs batched in the
+training step (``avmae.data.device``). That batched work is timed here on the CPU, as
+``device_ms_per_clip`` (one batch of ``data.batch_size`` items, ``threads`` threads), and on a
+GPU where one is present (``device_ms_per_clip_cuda``, synchronised).
+
 The clips are written once into a cache folder by ``write_benchmark_clips``: 640x360 H.264 + AAC
 mp4 files drawn with the synthetic generator (``avmae.data.synthetic``) at 25 and 30 fps.
 ``generate_dataset`` writes square frames only, so each clip is drawn ``height`` pixels square
@@ -59,6 +66,8 @@ from avmae.augment.transforms import resize_short_side
 from avmae.config import Config, replace
 from avmae.data import AVDataset, build_dataset
 from avmae.data import dataset as dataset_module
+from avmae.data.collate import collate_clips
+from avmae.data.device import apply_device_transforms
 from avmae.data.synthetic import DEFAULT_NUISANCE, VIDEO_CRF, class_specs, render_clip, write_av_file
 from avmae.data.shard_writer import encode_frame, frame_step, prepare_shards
 from avmae.data.shards import decode_frame, needed_frame_rate
@@ -73,6 +82,10 @@ TARGET_CLIPS_PER_CPU_S = 30.0
 TARGET_SHARDS_CLIPS_PER_CPU_S = 40.0
 TARGET_SHARDS_SPEEDUP = 6.0
 SHARDS = "shards"
+SHARDS_DEVICE = "shards-device"  # the shards with data.device_transforms: the worker only decodes and crops
+# Targets with device transforms: the worker at 150 clips/s per core and 2x the shard worker of the same run.
+TARGET_DEVICE_CLIPS_PER_CPU_S = 150.0
+TARGET_DEVICE_SPEEDUP = 2.0
 STAGES = ("video_decode", "audio_decode", "fbank", "augment", "other")
 # The functions of avmae.data.dataset and the dataset methods wrapped to time each stage (the
 # transforms are wrapped too).
@@ -211,12 +224,14 @@ def benchmark_dataset(cfg: Config, clips_dir: str | Path, decoder: str, clips_pe
     """The training dataset of ``cfg`` (geometry, augmentation, seed) over the benchmark clips;
     ``decoder = "shards"``: over the clips prepared as shards (``benchmark_shards``)."""
     clips_dir = Path(clips_dir)
-    if decoder == SHARDS:
+    if decoder in (SHARDS, SHARDS_DEVICE):
         root, _ = benchmark_shards(cfg, clips_dir)
-        data = replace(cfg.data, format=SHARDS, root=str(root), train="train", clips_per_video=clips_per_video)
+        data = replace(cfg.data, format=SHARDS, root=str(root), train="train", clips_per_video=clips_per_video,
+                       device_transforms=decoder == SHARDS_DEVICE)  # fmt: skip
         return build_dataset(replace(cfg, data=data), "train", train=True)
+    data = replace(cfg.data, device_transforms=False)
     data = replace(
-        cfg.data, format="synthetic", root=str(clips_dir), train="train.csv", label_file=None,
+        data, format="synthetic", root=str(clips_dir), train="train.csv", label_file=None,
         video_template=None, audio_root=None, missing_list=str(clips_dir / "missing_{split}.txt"),
         clips_per_video=clips_per_video, video=replace(cfg.data.video, decoder=decoder),
     )  # fmt: skip
@@ -251,9 +266,13 @@ def timed_stages(dataset: AVDataset) -> Iterator[StageTimes]:
             stack.enter_context(mock.patch.object(dataset_module, name, wrapped))
         for name, stage in _TIMED_METHODS.items():
             stack.enter_context(mock.patch.object(dataset, name, times.wrap(stage, getattr(dataset, name))))
-        dataset.transforms = AVTransforms(
-            *(times.wrap("augment", f) for f in (transforms.video, transforms.waveform, transforms.fbank))
-        )
+        if dataset.device_transforms:  # the draws, the crop and the waveform augmentation
+            wrapped = times.wrap("augment", dataset_module.draw_for_device)
+            stack.enter_context(mock.patch.object(dataset_module, "draw_for_device", wrapped))
+        else:
+            dataset.transforms = AVTransforms(
+                *(times.wrap("augment", f) for f in (transforms.video, transforms.waveform, transforms.fbank))
+            )
         try:
             yield times
         finally:
@@ -284,8 +303,33 @@ def _setting_result(decoder: str, k: int, parts: list[dict]) -> dict:
         "cpu_per_wall": cpu / wall,  # > 1: the decoder used more threads; < 1: the process waited
         "round_clips_per_s": [p["clips"] / p["wall_s"] for p in parts],
         "stage_ms_per_clip": {s: 1000.0 * t / clips for s, t in stages.items()},
-        "meets_target": clips / cpu >= (TARGET_SHARDS_CLIPS_PER_CPU_S if decoder == SHARDS else TARGET_CLIPS_PER_CPU_S),
+        "meets_target": clips / cpu >= {SHARDS: TARGET_SHARDS_CLIPS_PER_CPU_S, SHARDS_DEVICE: TARGET_DEVICE_CLIPS_PER_CPU_S}.get(
+            decoder, TARGET_CLIPS_PER_CPU_S),
     }
+
+
+def measure_device_transforms(dataset: AVDataset, batch_size: int, rounds: int = 3) -> dict:
+    """ms per clip of ``apply_device_transforms`` on one collated batch of ``dataset``'s raw
+    items (``data.device_transforms``): on the CPU (this process's threads), and on CUDA when
+    available (the batch copied there first, the time synchronised). The best of ``rounds``."""
+    batch = collate_clips([_item(dataset, _WARMUP_EPOCH * len(dataset) + n) for n in range(batch_size)])
+    clips = int(batch["video"].shape[0])
+    data_cfg = dataset.data_cfg
+    result = {"batch_clips": clips}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        times = []
+        for _ in range(rounds + 1):  # the first round warms up
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            apply_device_transforms(moved, data_cfg)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        result["device_ms_per_clip" + ("" if device == "cpu" else "_cuda")] = 1000.0 * min(times[1:]) / clips
+    return result
 
 
 def measure_data_pipeline(
@@ -308,9 +352,9 @@ def measure_data_pipeline(
     Returns a JSON-ready record: environment, the clips (``clips.json``), the clip geometry and,
     per setting, ``clips_per_s``, ``clips_per_cpu_s``, ``stage_ms_per_clip`` and ``meets_target``.
     """
-    unknown = [d for d in decoders if d not in DECODERS and d != SHARDS]
+    unknown = [d for d in decoders if d not in DECODERS and d not in (SHARDS, SHARDS_DEVICE)]
     if unknown or not decoders:
-        raise ValueError(f"decoders must be some of {', '.join([*DECODERS, SHARDS])}, got {list(decoders)}")
+        raise ValueError(f"decoders must be some of {', '.join([*DECODERS, SHARDS, SHARDS_DEVICE])}, got {list(decoders)}")
     if not clips_per_video or min(clips_per_video) < 1:
         raise ValueError(f"clips_per_video values must be >= 1, got {list(clips_per_video)}")
     if warmup < 0 or threads < 1:
@@ -347,6 +391,8 @@ def measure_data_pipeline(
                 done[setting] += count
                 parts[setting].append({"items": count, "clips": clips, "failures": failures,
                                        "wall_s": wall, "cpu_s": cpu, "stages": dict(times.seconds)})  # fmt: skip
+        device_costs = {s: measure_device_transforms(datasets[s], cfg.data.batch_size) for s in settings
+                        if s[0] == SHARDS_DEVICE}  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -359,8 +405,14 @@ def measure_data_pipeline(
                             for d, k in by_setting if d != SHARDS and k == r["clips_per_video"]}  # fmt: skip
             if "decord" in r["speedup"]:
                 r["meets_target"] = r["meets_target"] and r["speedup"]["decord"] >= TARGET_SHARDS_SPEEDUP
+        if r["decoder"] == SHARDS_DEVICE:
+            r.update(device_costs[(SHARDS_DEVICE, r["clips_per_video"])])
+            r["speedup"] = {d: r["clips_per_cpu_s"] / by_setting[(d, k)]["clips_per_cpu_s"]
+                            for d, k in by_setting if d != SHARDS_DEVICE and k == r["clips_per_video"]}  # fmt: skip
+            if SHARDS in r["speedup"]:
+                r["meets_target"] = r["meets_target"] and r["speedup"][SHARDS] >= TARGET_DEVICE_SPEEDUP
     extra = {}
-    if SHARDS in decoders:
+    if SHARDS in decoders or SHARDS_DEVICE in decoders:
         extra = {"prepare": benchmark_shards(cfg, clips_dir)[1], "target_shards_clips_per_cpu_s":
                  TARGET_SHARDS_CLIPS_PER_CPU_S, "target_shards_speedup_vs_decord": TARGET_SHARDS_SPEEDUP}  # fmt: skip
     return {

@@ -50,10 +50,12 @@ SOURCES = ("device", "dataset")
 def measure_engine(cfg: Config, source: str = "device") -> dict | None:
     """Run ``train.max_steps`` updates of ``pretrain`` on ``DeviceClips`` (``source="device"``)
     or the config's training data (``"dataset"``) into a fresh ``train.output_dir`` (removed
-    first) and return the record on the main process (None on the others). Needs at least two
+    first; its checkpoints are removed afterwards, its TensorBoard logs kept) and return the record
+    on the main process (None on the others). Needs at least two
     logging windows."""
     from avmae.data import build_dataset
     from avmae.engine import pretrain, read_scalars
+    from avmae.engine.checkpoint import CHECKPOINTS_DIR
 
     if source not in SOURCES:
         raise ValueError(f"engine data source must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -79,6 +81,7 @@ def measure_engine(cfg: Config, source: str = "device") -> dict | None:
         return None
 
     windows = read_scalars(output_dir, "train/clips_per_s")
+    shutil.rmtree(output_dir / CHECKPOINTS_DIR)  # a measurement, not a model: leave no checkpoint behind
     steady = [windows[s] for s in sorted(windows)[1:]]
     clips_per_s = sum(steady) / len(steady)
     flops = count_step_flops(cfg, "avmae")

@@ -2,10 +2,12 @@
 
 The suite is a list of ``Step``s, each one ``tools/benchmark.py`` command writing one JSON
 record into the output folder (nothing is appended to docs/benchmarks.md: the rows are collected
-in ``suite.md`` for review). Each step runs in its own process with its own timeout, so a
-compiler that hangs or a variant that runs out of memory costs that step only; steps that no
-longer fit in the remaining budget are skipped and listed. ``suite.json`` records, per step, the
-command, status (ok | error | timeout | skipped), seconds and the record's path.
+in ``suite.md`` for review). Each step runs in its own process with its own time limit, so a
+compiler that hangs or a variant that runs out of memory costs that step only; a step stopped
+at its limit keeps the rows it had finished. Before anything runs, the plan is printed: the steps
+whose limits fit in the budget together, in order of priority, and those left out (``skipped``).
+``suite.json`` records, per step, the command, status (ok | error | timeout | skipped), seconds
+and the record's path; the command exits non-zero unless every step is ok.
 
 Full settings (``FULL``, for one H100/H200, about 8 minutes): the fair reference rows (ViT-B,
 mid fusion: avmae, the reference under bf16 autocast with TF32, the fp32 reference), profiles of
@@ -144,24 +146,43 @@ def command_of(step: Step) -> list[str]:
     return [sys.executable, str(TOOL), *step.argv]
 
 
+def plan_suite(steps: list[Step], budget_s: float | None) -> list[Step]:
+    """The steps whose time limits fit in ``budget_s`` together, taken in order of priority (a later,
+    shorter step may still fit); the others are marked ``skipped`` now, before anything runs, so
+    that no limit can outlast the budget. ``None``: every step (the budget is the sum of the
+    limits). Prints the plan."""
+    used, planned = 0.0, []
+    for step in steps:
+        if budget_s is None or used + step.timeout_s <= budget_s:
+            used += step.timeout_s
+            planned.append(step)
+        else:
+            step.status = "skipped"
+            step.message = f"budget: its {step.timeout_s:.0f} s limit does not fit in the {budget_s - used:.0f} s left"
+    total = f"{budget_s:.0f} s budget" if budget_s is not None else "no budget given"
+    print(f"[suite] plan ({total}): {len(planned)} of {len(steps)} steps, limits adding up to {used:.0f} s", flush=True)
+    for step in steps:
+        print(f"[suite]   {step.name:<20} {step.timeout_s:>5.0f} s  {'run' if step in planned else step.message}",
+              flush=True)  # fmt: skip
+    return planned
+
+
 def run_suite(
     steps: list[Step],
     out_dir: Path,
-    budget_s: float,
+    budget_s: float | None,
     in_process: Callable[[list[str]], int] | None = None,
-    min_step_s: float = 20.0,
 ) -> dict:
-    """Run ``steps`` in order within ``budget_s`` seconds; write ``suite.json`` and ``suite.md``.
+    """Run the steps of ``plan_suite(steps, budget_s)`` in order; write ``suite.json`` and ``suite.md``.
+    A step that times out keeps the record it wrote so far (train-step writes one after each
+    timed round).
 
     ``in_process``: call this (``tools/benchmark.py``'s ``main``) instead of starting processes
     (the tests; no timeouts then)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    planned = plan_suite(steps, budget_s)
     start = time.monotonic()
-    for step in steps:
-        left = budget_s - (time.monotonic() - start)
-        if left < min_step_s:
-            step.status, step.message = "skipped", f"budget: {left:.0f} s left of {budget_s:.0f}"
-            continue
+    for step in planned:
         began = time.monotonic()
         print(f"[suite] {step.name}: {shlex.join(command_of(step))}", flush=True)
         try:
@@ -169,14 +190,16 @@ def run_suite(
                 code = in_process(step.argv)
                 step.status = "ok" if code == 0 else "error"
             else:
-                done = subprocess.run(command_of(step), cwd=REPO, timeout=min(step.timeout_s, left),
+                done = subprocess.run(command_of(step), cwd=REPO, timeout=step.timeout_s,
                                       capture_output=True, text=True)  # fmt: skip
                 (out_dir / f"{step.name}.log").write_text(done.stdout + done.stderr)
                 step.status = "ok" if done.returncode == 0 else "error"
                 if done.returncode:
                     step.message = (done.stderr.strip().splitlines() or [""])[-1]
-        except subprocess.TimeoutExpired:
-            step.status, step.message = "timeout", f"stopped after {min(step.timeout_s, left):.0f} s"
+        except subprocess.TimeoutExpired as err:
+            step.status, step.message = "timeout", f"stopped at its {step.timeout_s:.0f} s limit"
+            output = [o.decode() if isinstance(o, bytes) else o for o in (err.stdout, err.stderr) if o]
+            (out_dir / f"{step.name}.log").write_text("".join(output))
         except (Exception, SystemExit) as err:  # in-process failures are recorded like a failed process
             step.status, step.message = "error", f"{type(err).__name__}: {err}"
         step.seconds = time.monotonic() - began
@@ -184,7 +207,7 @@ def run_suite(
         step.record = str(record) if record.is_file() else None
         print(f"[suite] {step.name}: {step.status} in {step.seconds:.0f} s {step.message}", flush=True)
     summary = {
-        "budget_s": budget_s,
+        "budget_s": budget_s if budget_s is not None else sum(s.timeout_s for s in planned),
         "total_s": time.monotonic() - start,
         "steps": [asdict(s) | {"command": shlex.join(command_of(s))} for s in steps],
     }

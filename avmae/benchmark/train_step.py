@@ -31,6 +31,7 @@ embeddings needs no input gradient, so the count is a little under 3 x forward.
 from __future__ import annotations
 
 import time
+from typing import Callable
 from dataclasses import dataclass
 
 import torch
@@ -194,6 +195,29 @@ def split_rounds(steps: int, rounds: int) -> list[int]:
     return [steps // rounds + (r < steps % rounds) for r in range(rounds)]
 
 
+def reference_ratios(results: dict[str, dict], precision: str) -> None:
+    """Add ``vs_reference_bf16`` / ``vs_reference_fp32`` (clips/s ratios) to every avmae variant
+    that ran, for each reference that ran, and ``vs_reference`` against the fair reference: the
+    same precision (``reference_bf16`` under bf16, with TF32). When the fair one was asked for and
+    failed there is no ``vs_reference`` (the fp32 reference, slower for reasons of its own, never
+    stands in for it); ``reference_note`` says why."""
+    fair_name = "reference_bf16" if precision == "bf16" else "reference_fp32"
+    clips = {r: results.get(r, {}).get("clips_per_s") for r in ("reference_bf16", "reference_fp32")}
+    note = None
+    if fair_name in results and not clips[fair_name]:
+        note = f"no vs_reference: {fair_name} failed ({results[fair_name].get('error', 'no timing')})"
+    for name in results:
+        if SPECS[name].model == "reference" or "clips_per_s" not in results[name]:
+            continue
+        for ref, value in clips.items():
+            if value:
+                results[name][f"vs_{ref}"] = results[name]["clips_per_s"] / value
+        if clips[fair_name]:
+            results[name]["vs_reference"] = results[name]["clips_per_s"] / clips[fair_name]
+        elif note:
+            results[name]["reference_note"] = note
+
+
 def _out_of_memory(err: Exception) -> str:
     return f"out of memory: {str(err).splitlines()[0]}"
 
@@ -206,8 +230,11 @@ def measure_train_step(
     steps: int = 10,
     rounds: int = 2,
     gemm_size: int = 2048,
+    on_round: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measure each variant's training step at ``data.batch_size`` clips; see the module doc.
+    ``on_round`` receives the record so far (with ``partial``) after every timed round but the
+    last, so that a run stopped from outside (the suite's timeout) keeps what it measured.
 
     Returns a JSON-ready record: environment, geometry, FLOPs, the MFU yardstick and, per
     variant, ``clips_per_s``, ``step_ms``, ``round_clips_per_s``, ``peak_memory_bytes``,
@@ -250,6 +277,51 @@ def measure_train_step(
     gemm_dtype = precision or torch.float32
     gemm_before = None if datasheet_peak(device, gemm_dtype) else measure_gemm_flops(device, gemm_dtype, gemm_size)
     timings: dict[str, list[tuple[int, float]]] = {name: [] for name in built}
+
+    def summary(peak: float, peak_source: str) -> dict:
+        """The record from the rounds timed so far."""
+        variants = {name: dict(result) for name, result in results.items()}
+        for name, parts in timings.items():
+            if name not in built or not parts:
+                continue
+            done, seconds = sum(n for n, _ in parts), sum(t for _, t in parts)
+            clips_per_s = done * batch / seconds
+            achieved = flops[name]["step"] * clips_per_s
+            variants[name] |= {
+                "timed_steps": done,
+                "timed_s": seconds,
+                "clips_per_s": clips_per_s,
+                "step_ms": 1000.0 * seconds / done,
+                "round_clips_per_s": [n * batch / t for n, t in parts],
+                "achieved_flops": achieved,
+                "mfu": achieved / peak,
+            }
+        reference_ratios(variants, cfg.train.mixed_precision)
+        video_cfg, audio_cfg = cfg.data.video, cfg.data.audio
+        return {
+            "kind": "train_step",
+            **finish(env),
+            "model_size": cfg.model.size,
+            "batch_size": batch,
+            "precision": cfg.train.mixed_precision,
+            "fused_adamw": device.type == "cuda",
+            "geometry": {
+                "video": [3, video_cfg.num_frames, video_cfg.size, video_cfg.size],
+                "audio": [1, audio_cfg.target_length, audio_cfg.num_mel_bins],
+            },
+            "tokens": tokens,
+            "visible_tokens": num_visible_tokens(cfg),
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+            "rounds": rounds,
+            "flops_per_clip": flops,
+            "flops_convention": "counted forward + backward (torch FlopCounterMode); 3 x forward for comparison: "
+            + ", ".join(f"{n} {3 * f['forward'] / 1e9:.3f} GFLOP" for n, f in flops.items()),
+            "peak_flops": peak,
+            "peak_source": peak_source,
+            "variants": variants,
+        }
+
     for r, count in enumerate(per_round):
         for name in list(built) if r % 2 == 0 else list(reversed(built)):
             try:
@@ -263,57 +335,9 @@ def measure_train_step(
                 results[name]["error"] = _out_of_memory(err)
                 del built[name]
                 torch.cuda.empty_cache()
+        if on_round is not None and r + 1 < len(per_round):
+            before = datasheet_peak(device, gemm_dtype) or (gemm_before, "GEMM measured before the rounds")
+            on_round(summary(*before) | {"partial": f"{r + 1} of {len(per_round)} rounds timed"})
     peak, peak_source = peak_flops(device, gemm_dtype, gemm_size, gemm_before)  # before and after the timed rounds
-
-    for name, parts in timings.items():
-        if name not in built:
-            continue
-        done, seconds = sum(n for n, _ in parts), sum(t for _, t in parts)
-        clips_per_s = done * batch / seconds
-        achieved = flops[name]["step"] * clips_per_s
-        results[name] |= {
-            "timed_steps": done,
-            "timed_s": seconds,
-            "clips_per_s": clips_per_s,
-            "step_ms": 1000.0 * seconds / done,
-            "round_clips_per_s": [n * batch / t for n, t in parts],
-            "achieved_flops": achieved,
-            "mfu": achieved / peak,
-        }
-    # vs_reference: against the fair (same autocast, TF32) reference when it ran, else the fp32 one
-    references = {r: results.get(r, {}).get("clips_per_s") for r in ("reference_bf16", "reference_fp32")}
-    fair = references["reference_bf16"] or references["reference_fp32"]
-    for name in results:
-        if SPECS[name].model == "reference" or "clips_per_s" not in results[name]:
-            continue
-        for ref, clips in references.items():
-            if clips:
-                results[name][f"vs_{ref}"] = results[name]["clips_per_s"] / clips
-        if fair:
-            results[name]["vs_reference"] = results[name]["clips_per_s"] / fair
     set_tf32(False)
-
-    video_cfg, audio_cfg = cfg.data.video, cfg.data.audio
-    return {
-        "kind": "train_step",
-        **finish(env),
-        "model_size": cfg.model.size,
-        "batch_size": batch,
-        "precision": cfg.train.mixed_precision,
-        "fused_adamw": device.type == "cuda",
-        "geometry": {
-            "video": [3, video_cfg.num_frames, video_cfg.size, video_cfg.size],
-            "audio": [1, audio_cfg.target_length, audio_cfg.num_mel_bins],
-        },
-        "tokens": tokens,
-        "visible_tokens": num_visible_tokens(cfg),
-        "warmup_steps": warmup,
-        "timed_steps": steps,
-        "rounds": rounds,
-        "flops_per_clip": flops,
-        "flops_convention": "counted forward + backward (torch FlopCounterMode); 3 x forward for comparison: "
-        + ", ".join(f"{n} {3 * f['forward'] / 1e9:.3f} GFLOP" for n, f in flops.items()),
-        "peak_flops": peak,
-        "peak_source": peak_source,
-        "variants": results,
-    }
+    return summary(peak, peak_source)

@@ -272,27 +272,55 @@ def kaldi_fbank(waveform: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
 
     As CAV-MAE / AST / AudioMAE compute it: mean-subtracted waveform, torchaudio's Kaldi fbank
     with their arguments, zero frames appended (a waveform shorter than the window) or frames
-    cut to ``audio_cfg.target_length``.
+    cut to ``audio_cfg.target_length``. One clip of ``kaldi_fbank_batch``.
     """
     if waveform.ndim != 1:
         raise ValueError(f"expected a mono waveform (N,), got shape {tuple(waveform.shape)}")
-    waveform = waveform.float()
-    waveform = waveform - waveform.mean()
-    features = torchaudio.compliance.kaldi.fbank(
-        waveform[None],
-        htk_compat=True,
-        sample_frequency=audio_cfg.sample_rate,
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=audio_cfg.num_mel_bins,
-        dither=0.0,
-        frame_shift=audio_cfg.frame_shift_ms,
-        frame_length=audio_cfg.frame_length_ms,
-    )
-    missing = audio_cfg.target_length - features.shape[0]
+    return kaldi_fbank_batch(waveform[None], torch.tensor([waveform.numel()]), audio_cfg)[0]
+
+
+def kaldi_fbank_batch(waves: torch.Tensor, lengths: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
+    """``kaldi_fbank`` of a batch ``(B, N)`` of waveforms, of which row ``b`` holds
+    ``lengths[b]`` real samples (zeros after them), on the waves' device: ``(B, target_length, F)``.
+
+    Written with torch's own ops because torchaudio's Kaldi fbank takes one waveform at a time;
+    it computes what ``torchaudio.compliance.kaldi.fbank`` does with CAV-MAE's arguments
+    (snip_edges framing, per-frame DC removal, 0.97 pre-emphasis, symmetric Hann window, zero
+    padding to a power of two, power spectrum, its mel banks, log floored at float epsilon), the
+    same ops in the same order, frame by frame (tests/test_audio.py checks it against torchaudio).
+    A row's frames past its real samples become the zero frames ``kaldi_fbank`` appends.
+    """
+    if waves.ndim != 2:
+        raise ValueError(f"expected waveforms (B, N), got shape {tuple(waves.shape)}")
+    waves, lengths = waves.float(), lengths.to(waves.device)
+    rate = audio_cfg.sample_rate
+    shift = int(rate * audio_cfg.frame_shift_ms * 0.001)  # torchaudio's rounding (MILLISECONDS_TO_SECONDS)
+    size = int(rate * audio_cfg.frame_length_ms * 0.001)
+    padded = 1 << (size - 1).bit_length()
+    real = torch.arange(waves.shape[1], device=waves.device) < lengths[:, None]
+    if bool((lengths == waves.shape[1]).all()):
+        waves = waves - waves.mean(1, keepdim=True)
+    else:
+        waves = waves - (waves * real).sum(1, keepdim=True) / lengths.clamp(min=1)[:, None]
+    target = audio_cfg.target_length
+    if waves.shape[1] < size:
+        return waves.new_zeros(waves.shape[0], target, audio_cfg.num_mel_bins)
+    frames = waves.unfold(1, size, shift)  # (B, m, size), m = 1 + (N - size) // shift
+    frames = frames - frames.mean(-1, keepdim=True)
+    frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], -1)
+    frames = frames * torch.hann_window(size, periodic=False, device=waves.device, dtype=waves.dtype)
+    frames = torch.nn.functional.pad(frames, (0, padded - size))
+    spectrum = torch.fft.rfft(frames).abs().pow(2.0)
+    banks, _ = torchaudio.compliance.kaldi.get_mel_banks(audio_cfg.num_mel_bins, padded, float(rate), 20.0, 0.0, 100.0, -500.0, 1.0)
+    banks = torch.nn.functional.pad(banks.to(spectrum), (0, 1))
+    features = torch.matmul(spectrum, banks.T)
+    features = torch.max(features, torch.tensor(torch.finfo(torch.float).eps, device=waves.device)).log()
+    valid = torch.where(lengths >= size, 1 + (lengths - size) // shift, 0)  # frames of real samples
+    features = features.masked_fill(torch.arange(features.shape[1], device=waves.device)[None, :, None] >= valid[:, None, None], 0.0)
+    missing = target - features.shape[1]
     if missing > 0:
         features = torch.nn.functional.pad(features, (0, 0, 0, missing))
-    return features[: audio_cfg.target_length]
+    return features[:, :target]
 
 
 def normalize_fbank(features: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:

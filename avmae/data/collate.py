@@ -24,8 +24,11 @@ import torch
 from einops import rearrange
 from torch.utils.data import default_collate
 
-# Tensors with a leading clip dimension in a multi-clip item.
-CLIP_KEYS = ("video", "audio", "video2", "audio2")
+from avmae.data.device import DRAW_KEYS
+
+# Tensors with a leading clip dimension in a multi-clip item (with ``data.device_transforms``,
+# also each clip's draws for the device, ``avmae.data.device.DRAW_KEYS``).
+CLIP_KEYS = ("video", "audio", "video2", "audio2", *(key + suffix for key in DRAW_KEYS for suffix in ("", "2")))
 # Per-item counts that must not be multiplied by the number of clips when summed.
 ITEM_KEYS = ("failures",)
 

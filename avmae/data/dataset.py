@@ -61,6 +61,7 @@ from avmae.data.audio import (
     read_audio,
     wrap_starts,
 )
+from avmae.data.device import draw_for_device, use_device_transforms
 from avmae.data.manifests import ClipRecord, Manifest, is_present
 from avmae.augment.transforms import crop_positions, eval_video_transform
 from avmae.data.video import (
@@ -142,6 +143,12 @@ class AVDataset(Dataset):
         self.two_views = train and augment_cfg.two_views
         self.clips_per_video = data_cfg.clips_per_video if train else 1
         self.mixup_alpha = waveform_mixup_alpha(augment_cfg) if train else 0.0  # see the module docstring
+        # workers only decode and crop; the device does the rest (avmae.data.device). Waveform
+        # mixup needs the transformed frames and the fbank of the mixed waveform in the worker.
+        self.device_transforms = train and use_device_transforms(data_cfg) and not self.mixup_alpha
+        if train and data_cfg.device_transforms and self.mixup_alpha:
+            raise ValueError("data.device_transforms: true cannot be combined with augment.mixup_domain: waveform "
+                             "(the workers mix the waveforms before the fbank); set data.device_transforms: false")
         # shared with DataLoader workers, so set_epoch reaches persistent workers and the failure
         # limit counts the bad clips of all workers together
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -251,33 +258,34 @@ class AVDataset(Dataset):
         waves, silent = self._audio_windows(record_index, spans, video_duration, view)
         mix = self._mixup_draw(view, generator) if self.mixup_alpha and not partner else None
 
-        videos, audios = [], []
+        outputs = []  # per clip: video, audio (and the draws for the device)
         for k, (clip_frames, wave) in enumerate(zip(frames, waves)):
             clip_frames = rearrange(clip_frames, "t h w c -> t c h w")
-            if self.train:
-                videos.append(self.transforms.video(clip_frames, generator))
+            if self.train and self.device_transforms:
+                outputs.append(draw_for_device(self.transforms, clip_frames, wave, generator, self.data_cfg))
+            elif self.train:
+                video = self.transforms.video(clip_frames, generator)
                 if partner:
-                    audios.append(wave)
+                    outputs.append({"video": video, "audio": wave})
                     continue
                 if self.mixup_alpha:
-                    videos[-1], wave = self._mix_clip(videos[-1], wave, mix, k)
+                    video, wave = self._mix_clip(video, wave, mix, k)
                 wave = self.transforms.waveform(wave, generator)
-                audios.append(self.transforms.fbank(fbank(wave, audio_cfg), generator)[None])
+                outputs.append({"video": video, "audio": self.transforms.fbank(fbank(wave, audio_cfg), generator)[None]})
             else:
-                videos.append(eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)]))
-                audios.append(fbank(wave, audio_cfg)[None])
+                video = eval_video_transform(clip_frames, video_cfg, self.crops[view % len(self.crops)])
+                outputs.append({"video": video, "audio": fbank(wave, audio_cfg)[None]})
 
         if partner:
-            return {"videos": videos, "waves": audios, "targets": self._targets(record)}
+            return {"videos": [clip["video"] for clip in outputs], "waves": [clip["audio"] for clip in outputs],
+                    "targets": self._targets(record)}  # fmt: skip
         sample = {"id": record.id, "targets": self._targets(record), "no_audio": int(silent)}
         if self.mixup_alpha:
             sample.update(self._mix_targets(sample["targets"], mix))
         for v, suffix in enumerate(["", "2"][:views]):
-            if self.clips_per_video == 1:
-                sample["video" + suffix], sample["audio" + suffix] = videos[v], audios[v]
-            else:
-                sample["video" + suffix] = torch.stack(videos[v::views])
-                sample["audio" + suffix] = torch.stack(audios[v::views])
+            for key in outputs[v]:
+                mine = [clip[key] for clip in outputs[v::views]]
+                sample[key + suffix] = mine[0] if self.clips_per_video == 1 else torch.stack(mine)
         if self.clips_per_video > 1:
             sample["clips"] = self.clips_per_video
         return sample

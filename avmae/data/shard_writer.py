@@ -310,7 +310,7 @@ def merge_shards(cfg: Config, split: str, out: str | Path) -> dict:
         raise ValueError(f"{location}: prepared from another manifest than {manifest.source} ({split})")
     unfinished = unfinished_shards(out)
     if unfinished:
-        raise RuntimeError(f"{location}: {len(unfinished)} of {settings['num_shards']} shards are not finished "
+        raise FileNotFoundError(f"{location}: {len(unfinished)} of {settings['num_shards']} shards are not finished "
                            f"(shards {unfinished[:10]}{' ...' if len(unfinished) > 10 else ''}); "
                            "run every machine's part to its end first")  # fmt: skip
     markers = _read_markers(location, list(range(settings["num_shards"])))

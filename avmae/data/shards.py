@@ -1,7 +1,8 @@
 """Prepared shards, read as the mp4s are: ``ShardDataset`` is an ``AVDataset`` whose media reads
 come from litdata chunks (a folder or an ``s3://`` URL) written by ``avmae.data.shard_writer``;
 clip sampling, fbank, augmentations and the bad-clip policy are AVDataset's own, and items are
-fetched by global index so samplers and exact resume work unchanged. docs/data.md.
+fetched by global index so samplers and exact resume work unchanged. S3 errors are classified and passing faults retried by
+``avmae.data.object_store``. docs/data.md.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 
 from avmae.config import AugmentConfig, DataConfig, VideoConfig
 from avmae.data.audio import AudioDecodeError, NoAudioError, cut_window
+from avmae.data import object_store
 from avmae.data.dataset import AVDataset
 from avmae.data.manifests import ClipRecord, Manifest
-from avmae.data.storage import Location, is_url
 from avmae.data.video import VideoDecodeError, VideoReader
 
 log = logging.getLogger(__name__)
@@ -52,20 +53,28 @@ def decode_frame(data: bytes) -> np.ndarray:
 # Reading
 
 
+def _is_url(root: str) -> bool:
+    return "://" in root
+
+
 def split_location(data_cfg: DataConfig, split: str) -> str:
     """The shard folder or URL of ``split``: ``data.root`` joined with ``data.<split>``."""
     name = getattr(data_cfg, split)
-    if is_url(name) or os.path.isabs(name):
+    if _is_url(name) or os.path.isabs(name):
         return name
     return data_cfg.root.rstrip("/") + "/" + name
 
 
 def _read_small_file(location: str, name: str) -> bytes:
     """A metadata file of a shard folder, local or on an S3-compatible store."""
-    try:
-        return Location(location).read(name)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}; is {location} a finished shard folder (tools/prepare_data.py)?") from err
+    if not _is_url(location):
+        path = Path(location) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; is {location} a finished shard folder (tools/prepare_data.py)?")
+        return path.read_bytes()
+    if not location.startswith("s3://"):
+        raise ValueError(f"{location}: shards are read from a folder or an s3:// URL")
+    return object_store.get_object_bytes(f"{location.rstrip('/')}/{name}")
 
 
 class ShardStore:
@@ -82,17 +91,33 @@ class ShardStore:
         self.entries = [json.loads(line) for line in lines]
         self._stream = None
         self._pid = None
+        self.retries = object_store.new_counter()  # object-store retries, all workers (train/store_retries)
+        self._chunks = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_stream": None, "_pid": None}
 
     def __getitem__(self, index: int) -> dict:
+        if not _is_url(self.location):
+            return self._open()[index]
+        return object_store.call(lambda: self._open()[index], self._chunk_url(index), self.retries)
+
+    def _open(self):
         if self._stream is None or self._pid != os.getpid():
             from litdata import StreamingDataset
 
-            self._stream = StreamingDataset(self.location, cache_dir=self.cache_dir)
+            options = {"config": object_store.client_config()} if _is_url(self.location) else {}
+            self._stream = StreamingDataset(self.location, cache_dir=self.cache_dir, storage_options=options)
             self._pid = os.getpid()  # len(self._stream) is this rank's share; indexing is global
-        return self._stream[index]
+        return self._stream
+
+    def _chunk_url(self, index: int) -> str:
+        """The URL of the chunk holding sample ``index`` (named in errors)."""
+        if self._chunks is None:
+            chunks = json.loads(_read_small_file(self.location, "index.json"))["chunks"]
+            self._chunks = (np.cumsum([c["chunk_size"] for c in chunks]), [c["filename"] for c in chunks])
+        ends, names = self._chunks
+        return f"{self.location.rstrip('/')}/{names[min(int(np.searchsorted(ends, index, side='right')), len(names) - 1)]}"
 
     def check(self, data_cfg: DataConfig, augment_cfg: AugmentConfig) -> None:
         """Raise when the config needs more than the shards hold (a larger short side, a higher

@@ -1,7 +1,8 @@
 """A shard folder as a flat set of named files, local or on an S3-compatible object store
-(``s3://bucket/prefix``): the few operations the shard writer and reader need from either.
-Writes are whole-file and atomic (a reader or a restarted writer never sees half a file), which
-is what lets several machines write one folder and resume after a crash (docs/data.md).
+(``s3://bucket/prefix``): the few operations the shard writer needs from either. Writes are
+whole-file and atomic (a reader or a restarted writer never sees half a file), which is what
+lets several machines write one folder and resume after a crash (docs/data.md). Object-store
+errors are classified and passing faults retried by ``avmae.data.object_store``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+from avmae.data import object_store
 
 
 def is_url(location: str) -> bool:
@@ -50,8 +53,12 @@ class Location:
         if self._client is None or self._pid != os.getpid():  # a boto3 client is not fork-safe
             import boto3
 
-            self._client, self._pid = boto3.client("s3"), os.getpid()
+            self._client, self._pid = boto3.client("s3", config=object_store.client_config()), os.getpid()
         return self._client
+
+    def _call(self, fn, name: str):
+        """``fn()``, an object-store request about ``name``, through ``object_store.call``."""
+        return object_store.call(fn, self.path(name))
 
     def read(self, name: str) -> bytes:
         """The bytes of ``name``; ``FileNotFoundError`` naming it when it cannot be read."""
@@ -60,15 +67,12 @@ class Location:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: not found")
             return path.read_bytes()
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
-        except Exception as err:  # botocore's errors share no useful base class
-            raise FileNotFoundError(f"{self.path(name)}: cannot read it: {err}") from err
+        return self._call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read(), name)
 
     def write(self, name: str, data: bytes) -> None:
         """Store ``name`` whole: a local file is written aside and renamed, an object is one PUT."""
         if self.remote:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+            self._call(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data), name)
             return
         folder = Path(self.location)
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +83,7 @@ class Location:
     def put(self, name: str, local: Path) -> None:
         """Move the finished local file ``local`` (from ``staging``) to ``name``."""
         if self.remote:
-            self.client.upload_file(str(local), self.bucket, self._key(name))
+            self._call(lambda: self.client.upload_file(str(local), self.bucket, self._key(name)), name)
             local.unlink()
         else:
             os.replace(local, Path(self.location) / name)  # staging is inside the folder: same file system
@@ -90,13 +94,16 @@ class Location:
             folder = Path(self.location)
             return sorted(p.name for p in folder.glob(f"{prefix}*") if p.is_file()) if folder.is_dir() else []
         base = self._key("")
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
-        names = [obj["Key"][len(base) :] for page in pages for obj in page.get("Contents", [])]
-        return sorted(n for n in names if "/" not in n)
+
+        def listing() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix)
+            return [obj["Key"][len(base) :] for page in pages for obj in page.get("Contents", [])]
+
+        return sorted(n for n in self._call(listing, prefix + "*") if "/" not in n)
 
     def delete(self, name: str) -> None:
         if self.remote:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+            self._call(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(name)), name)
         else:
             (Path(self.location) / name).unlink(missing_ok=True)
 

@@ -49,6 +49,10 @@ class TrainerState:
     num_processes: int = 1
     batch_size: int = 0
     grad_accum: int = 1
+    # train.on_nonfinite: updates whose loss was not finite so far, and the updates whose batches a
+    # resumed or rolled-back run must discard again (steps, 1-based)
+    nonfinite: int = 0
+    discarded_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 def checkpoint_path(root: str | Path, step: int) -> Path:

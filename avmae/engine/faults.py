@@ -1,4 +1,5 @@
-"""What stops a run early: a non-finite loss, and SIGTERM/SIGINT from a scheduler or a user.
+"""What stops a run early: a non-finite loss (or, by ``train.on_nonfinite``, what the run does about
+it instead), and SIGTERM/SIGINT from a scheduler or a user.
 
 Both are decided by all processes together, so every rank takes the same branch (save, raise,
 or go on) and none is left waiting in a collective.
@@ -16,14 +17,16 @@ from accelerate import Accelerator
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; raised instead of saving a checkpoint from the poisoned weights."""
+    """The loss became NaN or inf; raised instead of saving a checkpoint from the poisoned weights.
+    ``why`` says why the run stops rather than skipping or rolling back (``train.on_nonfinite``)."""
 
-    def __init__(self, step: int, last_checkpoint: str | None):
+    def __init__(self, step: int, last_checkpoint: str | None, why: str = ""):
         self.step = step
         where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
         super().__init__(
-            f"loss is NaN or inf at optimiser step {step}; stopping without saving these weights ({where}). "
-            "Lower train.base_lr, raise train.warmup_epochs, set train.clip_grad, or use bf16 instead of fp16."
+            f"loss is NaN or inf at optimiser step {step}; {why + '; ' if why else ''}stopping without saving "
+            f"these weights ({where}). Lower train.base_lr, raise train.warmup_epochs, set train.clip_grad, use "
+            "bf16 instead of fp16, or see train.on_nonfinite."
         )
 
 
@@ -36,10 +39,24 @@ class NonFiniteGuard:
 
     def __init__(self, device: torch.device):
         self.first_bad_step = torch.full((1,), -1, dtype=torch.long, device=device)
+        self.pending = torch.zeros(1, dtype=torch.bool, device=device)  # for `update_is_bad`
 
     def update(self, loss: torch.Tensor, step: int) -> None:
         newly_bad = ~torch.isfinite(loss.detach().float()) & (self.first_bad_step < 0)
         self.first_bad_step.masked_fill_(newly_bad, step)
+
+    def reset(self) -> None:
+        self.first_bad_step.fill_(-1)
+
+    def note(self, loss: torch.Tensor) -> None:
+        """Remember whether a micro-batch of the update in progress had a non-finite loss."""
+        self.pending |= ~torch.isfinite(loss.detach().float())
+
+    def update_is_bad(self, accelerator: Accelerator) -> bool:
+        """Whether any process noted a non-finite loss since the last call (syncs host and device)."""
+        bad = bool(accelerator.reduce(self.pending.long(), reduction="sum").item())
+        self.pending.zero_()
+        return bad
 
     def check(self, accelerator: Accelerator, last_checkpoint: str | None = None) -> None:
         """Raise `NonFiniteLossError` on every process if any process saw a non-finite loss."""

@@ -13,10 +13,12 @@ says how a batch becomes a loss; the ``Trainer`` does everything else, the same 
 - checkpoints every ``train.checkpoint_every`` updates, written atomically
   (``avmae.engine.checkpoint``); the same command resumes from the newest one exactly;
 - SIGTERM/SIGINT finish the update, save and raise ``TrainingInterrupted``; a NaN or inf loss
-  raises ``NonFiniteLossError`` naming the update, without saving;
+  raises ``NonFiniteLossError`` naming the update, without saving, or (``train.on_nonfinite``)
+  discards that update, or goes back to the last checkpoint and on past that update;
 - TensorBoard scalars (``train/loss``, the model's own ``logs``, ``train/lr``,
-  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``) and a
-  progress bar.
+  ``train/skipped_clips`` from the dataset's bad-clip policy, ``train/clips_per_s``,
+  ``train/data_wait_share``, ``train/store_retries`` over an object store) and a progress bar on
+  a terminal, plain lines in a log file (``avmae.engine.progress``).
 
 Exact resume rests on three things: the sampler's order is a function of (seed, epoch)
 (accelerate's seedable sampler, or the balanced sampler's own seeded draw), the dataset's
@@ -33,18 +35,18 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, parse_flag_from_env, send_to_device
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from avmae.config import Config, VideoConfig, config_to_dict
+from avmae.config import Config, DataConfig, config_to_dict
 from avmae.data import build_loader
-from avmae.data.device import normalize_inputs
+from avmae.data.device import device_inputs
+from avmae.data.object_store import store_retries
 from avmae.engine.checkpoint import (
     CHECKPOINTS_DIR,
     TrainerState,
@@ -54,7 +56,8 @@ from avmae.engine.checkpoint import (
     save_checkpoint,
 )
 from avmae.engine.compile import compile_model
-from avmae.engine.faults import NonFiniteGuard, StopSignal
+from avmae.engine.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
+from avmae.engine.progress import Progress
 from avmae.engine.optim import build_scheduler, effective_batch_size, scaled_lr, total_steps, warmup_steps
 
 # The tensors of a batch that are model inputs (cast to DeepSpeed's dtype).
@@ -82,6 +85,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
     sharded = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or fsdp
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        # what DeepSpeed's own detection would choose, said up front: accelerate imports DeepSpeed
+        # wherever it is installed (to unwrap models), and its detection warns on every CPU run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     handlers = [InitProcessGroupKwargs(backend="gloo")] if sharded and on_cpu else []
     accelerator = Accelerator(
         cpu=on_cpu and not sharded,
@@ -166,29 +173,51 @@ class LogWindow:
         self.sums: dict[str, torch.Tensor] = defaultdict(float)
         self.micro_batches = 0
         self.failures: torch.Tensor | int = 0
+        self.data_wait = 0.0  # seconds this process waited for the loader
         self.start = time.perf_counter()
         self.updates = 0
 
-    def add(self, output: dict, batch: dict) -> None:
+    def add(self, output: dict, batch: dict, loss: bool = True) -> None:
+        """One micro-batch; ``loss=False`` (a discarded update) counts only its skipped clips."""
+        if "failures" in batch:
+            self.failures = self.failures + batch["failures"].sum()
+        if not loss:
+            return
         self.sums["loss"] = self.sums["loss"] + output["loss"].detach().float()
         for name, value in output.get("logs", {}).items():
             self.sums[name] = self.sums[name] + value.detach().float()
-        if "failures" in batch:
-            self.failures = self.failures + batch["failures"].sum()
         self.micro_batches += 1
 
     def reduce(self, accelerator: Accelerator, clips_per_update: int) -> dict[str, float]:
-        """Means over micro-batches and processes, the summed skipped clips, and throughput."""
+        """Means over micro-batches and processes, the summed skipped clips, throughput, and the
+        share of the time spent waiting for data (mean over processes)."""
         names = sorted(self.sums)
         device = accelerator.device
-        values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names])
-        values = torch.cat([values, torch.as_tensor(self.failures, device=device).float().view(1)])
-        totals = accelerator.reduce(values, reduction="sum").tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        # (no names when every update of the window was discarded: train.on_nonfinite=skip)
+        values = torch.stack([torch.as_tensor(self.sums[n], device=device).float() for n in names] or
+                             [torch.zeros((), device=device)])[: len(names)]  # fmt: skip
+        extra = torch.stack([torch.as_tensor(self.failures, device=device).float(),
+                             torch.tensor(self.data_wait / elapsed, device=device).float()])  # fmt: skip
+        totals = accelerator.reduce(torch.cat([values, extra]), reduction="sum").tolist()
         count = max(self.micro_batches, 1) * accelerator.num_processes
         logs = {name: total / count for name, total in zip(names, totals)}
-        logs["skipped_clips"] = totals[-1]
-        logs["clips_per_s"] = self.updates * clips_per_update / max(time.perf_counter() - self.start, 1e-9)
+        logs["skipped_clips"] = totals[-2]
+        logs["data_wait_share"] = totals[-1] / accelerator.num_processes
+        logs["clips_per_s"] = self.updates * clips_per_update / elapsed
         return logs
+
+
+def timed(batches) -> Iterator[tuple[dict, float]]:
+    """``(batch, seconds waited for it)`` for each batch of ``batches``."""
+    batches = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
@@ -199,15 +228,14 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
-def batch_to_device(
-    batch: dict, device: torch.device, video_cfg: VideoConfig, dtype: torch.dtype | None = None
-) -> dict:
+def batch_to_device(batch: dict, device: torch.device, data_cfg: DataConfig, dtype: torch.dtype | None = None) -> dict:
     """The one place a training batch meets the device: tensors moved (a no-op for batches that a
-    prepared loader already placed; ``non_blocking`` from pinned memory on a GPU), uint8 video
-    normalised there by ``video_cfg`` (``avmae.data.device.normalize_inputs``), and the model
-    inputs cast to ``dtype`` when given."""
+    prepared loader already placed; ``non_blocking`` from pinned memory on a GPU), the device
+    transforms run there (``data.device_transforms``) and uint8 video normalised by
+    ``data_cfg.video`` (``avmae.data.device.device_inputs``), and the model inputs cast to
+    ``dtype`` when given."""
     batch = send_to_device(batch, device, non_blocking=torch.device(device).type == "cuda")
-    batch = normalize_inputs(batch, video_cfg)
+    batch = device_inputs(batch, data_cfg)
     if dtype is not None:
         batch = {k: v.to(dtype) if k in MODEL_INPUTS and v.is_floating_point() else v for k, v in batch.items()}
     return batch
@@ -265,6 +293,10 @@ class Trainer:
         self.input_dtype = input_dtype(accelerator)
         optimizer = build_optimizer(model, self.lr, accelerator.device.type == "cuda" and not self.deepspeed)
         _configure_deepspeed(accelerator, cfg)
+        if self.deepspeed and train.on_nonfinite != "stop":
+            # DeepSpeed steps its optimiser inside backward: an update cannot be held back
+            raise ValueError(f"train.on_nonfinite={train.on_nonfinite} needs an optimiser step the loop can "
+                             "withhold, which DeepSpeed does not allow; use stop (DeepSpeed's fp16 skips overflows itself)")
         self.model, self.optimizer, self.loader, *extras = accelerator.prepare(model, optimizer, loader, *extras)
         self.core = accelerator.unwrap_model(self.model)
         # what loss_fn calls: the prepared model, or its compiled step (train.compile)
@@ -291,6 +323,22 @@ class Trainer:
             f"peak lr {self.lr:.3g}"
         )
         return (self.model, *extras)
+
+    def _count_nonfinite(self, step: int, last_checkpoint: str | None) -> None:
+        """One more update with a non-finite loss; past ``train.max_nonfinite`` the run stops."""
+        self.state.nonfinite += 1
+        limit = self.cfg.train.max_nonfinite
+        if self.state.nonfinite > limit:
+            why = f"{self.state.nonfinite} non-finite updates, more than train.max_nonfinite={limit}"
+            raise NonFiniteLossError(step, last_checkpoint, why)
+        if self.cfg.train.on_nonfinite == "skip":
+            self.accelerator.print(
+                f"non-finite loss at update {step}: update skipped ({self.state.nonfinite} of train.max_nonfinite={limit})"
+            )
+
+    def _load(self, checkpoint: Path) -> None:
+        """Model, optimiser, schedule, RNG and ``self.state`` as they were saved in ``checkpoint``."""
+        self.state = load_checkpoint(self.accelerator, checkpoint)
 
     def _resume(self) -> None:
         state, saved = self.state, load_checkpoint(self.accelerator, self.resume_from)
@@ -327,13 +375,12 @@ class Trainer:
         micro_per_epoch, num_steps = self.micro_per_epoch, self.num_steps
 
         accelerator.init_trackers("tensorboard", config=_tracker_config(cfg))
-        progress = tqdm(
-            total=num_steps, initial=state.step, desc=self.name, unit="step", dynamic_ncols=True,
-            disable=not accelerator.is_local_main_process,
-        )  # fmt: skip
+        progress = Progress(self.name, num_steps, state.step, accelerator.is_local_main_process,
+                            train.progress_every, train.progress_seconds)  # fmt: skip
         guard = NonFiniteGuard(accelerator.device)
         window = LogWindow()
         last_saved = self.resume_from
+        policy = train.on_nonfinite
 
         def save() -> Path:
             guard.check(accelerator, str(last_saved) if last_saved else None)  # never save poisoned weights
@@ -341,6 +388,32 @@ class Trainer:
             if at.batch_in_epoch >= micro_per_epoch:
                 at = dataclasses.replace(at, epoch=at.epoch + 1, batch_in_epoch=0)
             return save_checkpoint(accelerator, model, cfg, at, self.checkpoints, train.keep_checkpoints)
+
+        def rolled_back() -> bool:
+            """on_nonfinite=rollback: a non-finite loss since the last check sends the run back to
+            the last checkpoint, with the bad update marked to be discarded when it comes again."""
+            nonlocal state, window
+            if policy != "rollback":
+                return False
+            try:
+                guard.check(accelerator, str(last_saved) if last_saved else None)
+                return False
+            except NonFiniteLossError as err:
+                if last_saved is None:
+                    raise NonFiniteLossError(err.step, None, "no checkpoint to roll back to") from None
+                self._count_nonfinite(err.step, str(last_saved))
+                counts = state.nonfinite, sorted({*state.discarded_steps, err.step})
+                self._load(last_saved)
+                state = self.state
+                state.nonfinite, state.discarded_steps = counts
+                guard.reset()
+                window = LogWindow()
+                progress.restart(state.step)
+                accelerator.print(
+                    f"non-finite loss at update {err.step}: back to {last_saved} (step {state.step}), the batches of "
+                    f"update {err.step} will be discarded ({state.nonfinite} of train.max_nonfinite={train.max_nonfinite})"
+                )
+                return True
 
         model.train()
         stop_signal = 0
@@ -353,39 +426,60 @@ class Trainer:
                     self.dataset.set_epoch(state.epoch)
                 skip = state.batch_in_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+                held: list[tuple[dict, dict]] = []  # the micro-batches of the update in progress
 
-                for batch in epoch_loader:
+                for batch, waited in timed(epoch_loader):
                     if state.batch_in_epoch >= micro_per_epoch:
                         break  # the last, incomplete accumulation window of the epoch is dropped
-                    batch = batch_to_device(batch, accelerator.device, cfg.data.video, self.input_dtype)
+                    window.data_wait += waited
+                    batch = batch_to_device(batch, accelerator.device, cfg.data, self.input_dtype)
+                    # a rolled-back (or resumed) run passes over the update that went bad
+                    discard = state.step + 1 in state.discarded_steps
                     with accelerator.accumulate(model):
                         output = loss_fn(self.forward, batch)
                         accelerator.backward(output["loss"])
-                        if accelerator.sync_gradients and train.clip_grad > 0 and not self.deepspeed:
-                            accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
-                        optimizer.step()
+                        if policy == "skip" and not discard:
+                            guard.note(output["loss"])
+                            if accelerator.sync_gradients and guard.update_is_bad(accelerator):
+                                discard = True
+                                self._count_nonfinite(state.step + 1, str(last_saved) if last_saved else None)
+                                state.discarded_steps.append(state.step + 1)
+                        if not discard:
+                            if accelerator.sync_gradients and train.clip_grad > 0 and not self.deepspeed:
+                                accelerator.clip_grad_norm_(model.parameters(), train.clip_grad)  # DeepSpeed clips itself
+                            optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     state.batch_in_epoch += 1
-                    guard.update(output["loss"], state.step + 1)
-                    window.add(output, batch)
+                    if policy != "skip" and not discard:  # skip decides per update (above)
+                        guard.update(output["loss"], state.step + 1)
+                    held.append((output, batch))
                     if not accelerator.sync_gradients:
                         continue
 
                     state.step += 1
                     window.updates += 1
+                    for output, batch in held:
+                        window.add(output, batch, loss=not discard)
+                    held.clear()
                     lr_used = self.lr_now()
                     scheduler.step_update(state.step)
-                    if hasattr(self.core, "after_optimizer_step"):
+                    if hasattr(self.core, "after_optimizer_step") and not discard:
                         self.core.after_optimizer_step(state.step / num_steps)
-                    progress.update(1)
+                    progress.update(state.step)
 
                     if state.step % train.log_every == 0 or state.step == num_steps:
+                        if rolled_back():
+                            break
                         guard.check(accelerator, str(last_saved) if last_saved else None)
                         logs = window.reduce(accelerator, self.clips_per_update)
                         logs["lr"] = lr_used
                         logs["epoch"] = state.epoch + state.batch_in_epoch / micro_per_epoch
+                        logs["nonfinite_updates"] = state.nonfinite
+                        retries = store_retries(self.dataset)
+                        if retries is not None:  # object-store requests retried so far, all processes and workers
+                            logs["store_retries"] = accelerator.reduce(retries.to(accelerator.device), "sum").item()
                         accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=state.step)
-                        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", refresh=False)
+                        progress.log(state.step, logs)
                         window = LogWindow()
 
                     if on_update is not None:
@@ -395,6 +489,8 @@ class Trainer:
 
                     stop_signal = stop.requested()
                     if state.step % train.checkpoint_every == 0 or state.step == num_steps or stop_signal:
+                        if rolled_back():
+                            break
                         last_saved = save()
                     if state.step >= num_steps or stop_signal:
                         break
