@@ -139,3 +139,17 @@ def test_a_machine_that_writes_no_sample_exits_nonzero(synthetic_root, tmp_path)
                      *manifest, *TINY)  # fmt: skip
     assert exit_.value.code not in (0, None) and part_report_file(2, 0) in str(exit_.value.code)
     assert (out / part_report_file(2, 0)).read_text().count("\n") == 1 and not (out / META_FILE).exists()
+
+
+def test_the_writer_uses_only_litdata_public_api():
+    """The shard writer touches no private member of anything (litdata's writer included: a minor
+    release may rename those), and imports litdata's public names from public modules only."""
+    import ast
+
+    tree = ast.parse((REPO / "avmae" / "data" / "shard_writer.py").read_text())
+    private = [(n.attr, n.lineno) for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")]  # fmt: skip
+    assert not private, private
+    imports = [(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("litdata")
+               for a in n.names]  # fmt: skip
+    assert imports and all(not part.startswith("_") for module, name in imports for part in [*module.split("."), name])
