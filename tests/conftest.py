@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,31 @@ def synthetic_root(tmp_path_factory):
 def synthetic_settings():
     """The arguments ``synthetic_root`` was generated with (a copy)."""
     return dict(SYNTHETIC)
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto's server mode) on a free port of 127.0.0.1 with an empty
+    bucket ``avdata``. The ``AWS_*`` variables point boto3 at it, in this process and in the
+    subprocesses a test starts (returned as a dict too)."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3").create_bucket(Bucket="avdata")
+    try:
+        yield env
+    finally:
+        server.stop()
 
 
 def kill_process_tree(pid: int, marker: str) -> list[int]:

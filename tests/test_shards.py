@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from conftest import kill_process_tree, write_manifests
-from test_engine_launch import DEMO, REPO, free_port, launch_command, losses, run
+from test_engine_launch import DEMO, REPO, launch_command, losses, run
 
 from avmae.config import load_config
 from avmae.data import Manifest, balanced_weights, build_dataset, read_manifest
@@ -84,12 +84,12 @@ def test_prepare_reports_bad_files_skips_them_and_resumes(prepared, capsys):
     chunks = sorted(out.glob("chunk-*.bin"))
     stamps = {p: p.stat().st_mtime_ns for p in chunks}
     (out / "shard-00001.json").unlink()
-    (out / "chunk-1-0.bin").write_bytes(b"half-written")
+    (out / "chunk-0-1.bin").write_bytes(b"half-written")
     prepare_data("--config", DEMO, "--out", out, "--shard-size", 4, *prepared["source"])
     assert "1 missing and 1 undecodable files listed in" in capsys.readouterr().out
     assert sorted(out.glob("chunk-*.bin")) == chunks
     changed = {p.name for p in chunks if p.stat().st_mtime_ns != stamps[p]}
-    assert changed == {"chunk-1-0.bin"}
+    assert changed == {"chunk-0-1.bin"}
     assert json.loads((out / "meta.json").read_text())["num_samples"] == meta["num_samples"]
     dataset = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
     assert [dataset.store[i]["id"] for i in range(len(dataset))] == [r.id for r in dataset.records]
@@ -209,37 +209,24 @@ def test_evaluation_views_in_order(prepared, tmp_path):
         assert (a["video"] - b["video"]).abs().mean() < 0.08 and (a["audio"] - b["audio"]).abs().mean() < 0.02
 
 
-def test_object_store_reads_the_same_items(prepared, tmp_path, monkeypatch):
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+def test_object_store_reads_the_same_items(prepared, tmp_path, s3_server):
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():  # fmt: skip
-            monkeypatch.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="avdata")
-        local = prepared["shards"] / "train"
-        for path in local.iterdir():
-            if path.is_file():
-                client.upload_file(str(path), "avdata", f"synthetic/train/{path.name}")
-        cfg = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/synthetic",
-                                 f"data.shard_cache={tmp_path / 'cache'}"])  # fmt: skip
-        remote = build_dataset(cfg, "train", train=True)
-        reference = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
-        assert len(remote) == len(reference)
-        for index in (0, len(remote) // 2, len(remote) - 1):
-            a, b = remote[index], reference[index]
-            assert a["id"] == b["id"] and torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
-        missing = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/elsewhere"])
-        with pytest.raises(FileNotFoundError, match="s3://avdata/elsewhere/train/meta.json"):
-            build_dataset(missing, "train", train=True)
-    finally:
-        server.stop()
+    client = boto3.client("s3")
+    local = prepared["shards"] / "train"
+    for path in local.iterdir():
+        if path.is_file():
+            client.upload_file(str(path), "avdata", f"synthetic/train/{path.name}")
+    cfg = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/synthetic", f"data.shard_cache={tmp_path / 'cache'}"])
+    remote = build_dataset(cfg, "train", train=True)
+    reference = build_dataset(load_config(DEMO, prepared["train"]), "train", train=True)
+    assert len(remote) == len(reference)
+    for index in (0, len(remote) // 2, len(remote) - 1):
+        a, b = remote[index], reference[index]
+        assert a["id"] == b["id"] and torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    missing = load_config(DEMO, [*prepared["train"], "data.root=s3://avdata/elsewhere"])
+    with pytest.raises(FileNotFoundError, match="s3://avdata/elsewhere/train/meta.json"):
+        build_dataset(missing, "train", train=True)
 
 
 class FaultProxy:
@@ -340,25 +327,17 @@ class FaultProxy:
 
 
 @pytest.fixture
-def s3_shards(prepared, monkeypatch):
+def s3_shards(prepared, s3_server, monkeypatch):
     """The prepared train shards in a bucket of a local S3 server (moto), read through a
     ``FaultProxy``: yields ``(proxy, boto3 client of the server, overrides naming the bucket)``."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    client.create_bucket(Bucket="avdata")
+    endpoint = s3_server["AWS_ENDPOINT_URL"]
+    client = boto3.client("s3", endpoint_url=endpoint)
     for path in (prepared["shards"] / "train").iterdir():
         if path.is_file():
             client.upload_file(str(path), "avdata", f"synthetic/train/{path.name}")
-    proxy = FaultProxy(port)
+    proxy = FaultProxy(int(endpoint.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     from avmae.data import object_store
 
@@ -369,7 +348,6 @@ def s3_shards(prepared, monkeypatch):
         yield proxy, client, [*prepared["train"], "data.root=s3://avdata/synthetic"]
     finally:
         proxy.close()
-        server.stop()
 
 
 def _remote(overrides: list[str], cache: Path):

@@ -10,7 +10,9 @@
 - ``loader``: ``build_loader(cfg, dataset, train)``, the one DataLoader factory.
 - ``synthetic``: the embedded synthetic audiovisual dataset.
 - ``shards``: ``ShardDataset``, the ``AVDataset`` that reads prepared shards (``data.format: shards``);
-  ``shard_writer``: ``prepare_shards``, which decodes every clip once into them; docs/data.md.
+  ``shard_writer``: ``prepare_shards`` (``prepare_part`` on each machine, ``merge_shards``), which
+  decodes every clip once into them; ``storage``: ``Location``, a folder or an ``s3://`` prefix of
+  whole files; docs/data.md.
 """
 
 from avmae.data.audio import AudioDecodeError, NoAudioError, fbank, kaldi_fbank, normalize_fbank, read_audio
