@@ -167,7 +167,23 @@ class Embedder:
     def views(self) -> int:
         return self.cfg.data.test_clips * self.cfg.data.test_crops
 
+    def with_data(self, data: DataConfig) -> "Embedder":
+        """This model on another dataset: ``data``'s format, location and multi-view counts with
+        this model's own preprocessing (``data.video`` and ``data.audio`` of its config)."""
+        data = replace(data, video=self.cfg.data.video, audio=self.cfg.data.audio)
+        other = object.__new__(Embedder)
+        other.device, other.encoder, other.modalities = self.device, self.encoder, self.modalities
+        other.cfg = replace(self.cfg, data=data)
+        return other
+
     # ---- preprocessing ---------------------------------------------------------------------
+
+    def split_dataset(self, split: str, missing_list: Path | None = None) -> AVDataset:
+        """The evaluation dataset of ``split`` of ``cfg.data`` (any manifest format, or shards)."""
+        from avmae.data.dataset import build_dataset
+
+        data = self.cfg.data if missing_list is None else replace(self.cfg.data, missing_list=str(missing_list))
+        return build_dataset(replace(self.cfg, data=data), split, train=False)
 
     def dataset(self, records: list[ClipRecord], missing_list: Path | None = None) -> AVDataset:
         return file_dataset(self.cfg, records, missing_list)
@@ -388,14 +404,15 @@ def extract_to_file(
     embedder: Embedder,
     out: str | Path,
     records: list[ClipRecord] | None = None,
-    dataset: AVDataset | None = None,
+    split: str | None = None,
     batch_size: int = 8,
     num_workers: int = 0,
     outputs: Sequence[str] | None = None,
     progress: bool = True,
     settings: dict | None = None,
 ) -> dict:
-    """Write the embeddings of ``records`` (or of a built ``dataset``) to ``out`` (``.npz``).
+    """Write the embeddings of ``records`` (or of the ``split`` of ``embedder.cfg.data``, see
+    ``Embedder.with_data``) to ``out`` (``.npz``).
 
     The file holds ``id`` (clip ids, unicode), one float32 ``(M, D)`` array per output, and
     ``views``; undecodable and missing files are listed in ``<out>.bad.tsv`` (``id, path,
@@ -418,8 +435,12 @@ def extract_to_file(
             f"remove it or rerun with those settings"
         )
     settings_file.write_text(json.dumps(identity))
-    if dataset is None:
+    if (records is None) == (split is None):
+        raise ValueError("give either records or a split")
+    if records is not None:
         dataset = embedder.dataset(records, missing_list=parts / "missing.tsv")
+    else:
+        dataset = embedder.split_dataset(split, missing_list=parts / "missing.tsv")
     missing = _bad_rows(parts / "missing.tsv")
 
     num_batches = -(-len(dataset.records) // batch_size)
@@ -429,7 +450,7 @@ def extract_to_file(
     if done:
         print(f"resuming: {len(done)} of {num_batches} batches already in {parts}")
     batches = iterate_embeddings(embedder, dataset, indices, batch_size, num_workers, outputs, progress)
-    for b, (emb, bad) in zip(todo, batches):
+    for (emb, bad), b in zip(batches, todo):
         _save_batch(parts / f"batch_{b:08d}.npz", dataset, emb, bad, outputs)
 
     ids, arrays, bad = [], {name: [] for name in outputs}, list(missing)
@@ -516,6 +537,58 @@ def run_retrieval(
     if subset is not None:
         metrics["subset_missing"] = len(subset - {r.id for r in dataset.records})
     return metrics
+
+
+def evaluate_retrieval(
+    export_dir: str | Path,
+    split: str = "test",
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    subset: str | Path | None = None,
+    views: int | None = None,
+    out_dir: str | Path | None = None,
+    device: str | None = None,
+    num_workers: int | None = None,
+) -> dict:
+    """``run_retrieval`` of an export on ``split`` of a dataset: the data section of ``config``
+    (default: the export's own) with ``overrides``, the export's preprocessing, ``views`` clips
+    per file (default ``data.test_clips x data.test_crops``), restricted to the ids of a CAV-MAE
+    JSON ``subset``. Writes ``retrieval.json`` to ``out_dir`` (default
+    ``export_dir/retrieval_<split>``), prints the table, returns the metrics."""
+    from avmae.config import config_to_dict, load_config
+    from avmae.evaluation.retrieval import format_retrieval
+
+    embedder = load(export_dir, device)
+    if config is not None or overrides:
+        if config is not None:
+            data = load_config(config, overrides).data
+        else:  # the export's own data section, overridden
+            base = config_to_dict(embedder.cfg)
+            data = _with_overrides(base, overrides).data
+        embedder = embedder.with_data(data)
+    embedder = embedder.with_data(eval_data_config(embedder.cfg.data, views))
+    workers = embedder.cfg.data.num_workers if num_workers is None else num_workers
+    dataset = embedder.split_dataset(split)
+    metrics = run_retrieval(
+        embedder, dataset, read_subset(subset) if subset else None, embedder.cfg.data.batch_size, workers, progress=True
+    )
+    metrics.update(split=split, views=embedder.views, subset=str(subset) if subset else None)
+    out_dir = Path(out_dir) if out_dir else Path(export_dir) / f"retrieval_{split}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "retrieval.json").write_text(json.dumps(metrics, indent=2))
+    print(format_retrieval(metrics, f"{split}: audio-visual retrieval, {embedder.views} views"))
+    if metrics["bad"]:
+        print(f"{len(metrics['bad'])} clips could not be decoded and were left out (listed in {out_dir / 'retrieval.json'})")
+    return metrics
+
+
+def _with_overrides(base: dict, overrides: list[str] | None) -> Config:
+    from omegaconf import OmegaConf
+
+    from avmae.config import config_from_dict
+
+    merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_dotlist(list(overrides or [])))
+    return config_from_dict(OmegaConf.to_container(merged))
 
 
 # ---------------------------------------------------------------------------------------------

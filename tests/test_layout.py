@@ -2,7 +2,7 @@
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
 The order (docs/architecture.md, "Layers"): config < models < augment < data < export <
-evaluation < engine < visualize, demo, ablation, benchmark, convert < tools. Imports inside functions
+evaluation < engine < inference < visualize, demo, ablation, benchmark, convert < tools. Imports inside functions
 count as much as top-level ones.
 """
 
@@ -21,6 +21,7 @@ LAYERS = [
     {"avmae.export"},
     {"avmae.evaluation"},
     {"avmae.engine"},
+    {"avmae.inference"},
     {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark", "avmae.convert"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
@@ -70,7 +71,7 @@ def module_imports() -> dict[str, set[str]]:
 
 def unit_graph() -> dict[str, set[tuple[str, str]]]:
     """Layer unit -> {(imported unit, importing module)}, the package facade ``avmae`` left out
-    (it only re-exports ``from_pretrained``, lazily)."""
+    (it only re-exports ``from_pretrained`` and ``load``, lazily)."""
     edges: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for module, targets in module_imports().items():
         if module == "avmae":
