@@ -28,7 +28,7 @@ from conftest import decodable_rows, write_manifests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
-# micro model at a small geometry: 4 frames at 4 fps of 64x64, 1.28 s of audio (128 x 64 fbank)
+# micro model at a small geometry: 4 frames at 4 fps of 64x64, 0.64 s of audio (64 x 64 fbank)
 GEOMETRY = [
     "model.size=micro",
     "model.fusion=mid",
@@ -38,12 +38,17 @@ GEOMETRY = [
     "data.video.frame_rate=4.0",
     "data.video.resize=64",
     "data.video.size=64",
-    "data.audio.seconds=1.28",
+    "data.audio.seconds=0.64",
     "data.audio.num_mel_bins=64",
     "data.test_clips=2",
     "data.num_workers=0",
     "data.batch_size=4",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """A micro model: one torch thread is faster than two on a shared machine."""
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +101,9 @@ def test_api_embedding_equals_extract_and_evaluation_features(setup, tmp_path):
     encoder = avmae.from_pretrained(setup["export"]).encoder
     ids = [r.id for r in dataset.records]
     rows = [ids.index(Path(c).stem) for c in clips]
+    batches = list(build_loader(cfg, dataset, train=False))  # decoded once for the three features
     for modalities, name in (("video", "video"), ("audio", "audio"), ("audiovisual", "joint")):
-        features, _ = extract_features({"p": encoder}, build_loader(cfg, dataset, train=False), modalities, cfg)
+        features, _ = extract_features({"p": encoder}, batches, modalities, cfg)
         torch.testing.assert_close(api[name], features["p"][rows], rtol=1e-5, atol=1e-5)
 
     # extract.py on the same files and views
@@ -122,7 +128,7 @@ def test_embedding_model_inputs_and_tokens(setup):
     assert per_view["audio"].shape == (2, 128)
     averaged = model.embed(clip, tokens=True)
     torch.testing.assert_close(averaged["audio"], per_view["audio"].double().mean(0).float(), rtol=1e-5, atol=1e-6)
-    assert averaged["tokens"]["video"].shape == (32, 128) and averaged["tokens"]["audio"].shape == (32, 128)
+    assert averaged["tokens"]["video"].shape == (32, 128) and averaged["tokens"]["audio"].shape == (16, 128)
     # the joint embedding pools the tokens it returns
     torch.testing.assert_close(averaged["joint"][:128], averaged["tokens"]["video"].mean(0), rtol=1e-4, atol=1e-5)
 
@@ -185,12 +191,12 @@ def test_retrieval_over_a_split_and_a_cavmae_subset(setup, tmp_path):
     entries = [{"video_id": i, "wav": f"{i}.wav", "video_path": "/x", "labels": "/m/0"} for i in chosen + ["absent"]]
     subset.write_text(json.dumps({"data": entries}))
     out = tmp_path / "subset"
-    assert eval_tool.main([str(setup["export"]), "--task", "retrieval", "--subset", str(subset), "--out", str(out), "--views", "1"]) == 0
+    assert eval_tool.main([str(setup["export"]), "--task", "retrieval", "--subset", str(subset), "--out", str(out)]) == 0
     metrics = json.loads((out / "retrieval.json").read_text())
-    assert metrics["clips"] == 3 and metrics["subset_missing"] == 1 and metrics["views"] == 1
-    one_view = avmae.load(setup["export"], device="cpu", views=1).embed([setup["root"] / r["video"] for r in setup["rows"]["test"][:3]])
-    expected = retrieval_metrics({"audio": one_view["audio"], "video": one_view["video"]})
+    assert metrics["clips"] == 3 and metrics["subset_missing"] == 1
+    expected = retrieval_metrics({"audio": api["audio"][:3], "video": api["video"][:3]})
     assert metrics["audio->video"] == pytest.approx(expected["audio->video"])
+    assert metrics["video->audio"] == pytest.approx(expected["video->audio"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +204,15 @@ def test_retrieval_over_a_split_and_a_cavmae_subset(setup, tmp_path):
 
 
 def _extract(setup, out, clips, **kwargs):
-    model = avmae.load(setup["export"], device="cpu")
+    model = avmae.load(setup["export"], device="cpu", views=1)
     records = inference.file_records(clips, root=setup["root"])
     return inference.extract_to_file(model, out, records, batch_size=2, progress=False, **kwargs)
 
 
 def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, monkeypatch):
-    clips = sorted((setup["root"] / "clips").glob("*.mp4"))[:9]  # includes bad clips
+    with open(setup["root"] / "bad_clips.csv") as f:
+        bad = [setup["root"] / r["video"] for r in csv.DictReader(f) if r["kind"] in ("truncated", "short")]
+    clips = sorted(_clips(setup, "train")[:4] + bad)  # 6 files, 2 of them bad: 3 batches of 2
     whole = _extract(setup, tmp_path / "whole.npz", clips)
 
     real_save, saved = inference._save_batch, []
@@ -212,22 +220,22 @@ def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, mon
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
         saved.append(args[0])
-        if len(saved) == 2:
-            raise KeyboardInterrupt  # stopped after two of five batches
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # stopped after the first of three batches
 
     monkeypatch.setattr(inference, "_save_batch", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         _extract(setup, tmp_path / "resumed.npz", clips)
     monkeypatch.setattr(inference, "_save_batch", real_save)
     assert not (tmp_path / "resumed.npz").exists()
-    assert len(list((tmp_path / "resumed.npz.parts").glob("batch_*.npz"))) == 2
+    assert len(list((tmp_path / "resumed.npz.parts").glob("batch_*.npz"))) == 1
 
     encoded = []
     real_encode = inference.Embedder.encode_items
     monkeypatch.setattr(inference.Embedder, "encode_items", lambda self, items, *a, **k: encoded.append(len(items)) or real_encode(self, items, *a, **k))
     resumed = _extract(setup, tmp_path / "resumed.npz", clips)
-    assert len(encoded) <= 3  # only the three missing batches were computed
-    assert resumed["clips"] == whole["clips"] and resumed["bad"] == whole["bad"]
+    assert len(encoded) <= 2  # only the two missing batches were computed
+    assert resumed["clips"] == whole["clips"] == 4 and resumed["bad"] == whole["bad"] == 2
     with np.load(tmp_path / "whole.npz") as a, np.load(tmp_path / "resumed.npz") as b:
         assert a.files == b.files
         for name in a.files:
@@ -274,7 +282,11 @@ def test_predict_names_the_class_a_trained_classifier_learned(setup, tmp_path, c
     import predict as predict_tool
 
     cfg = setup["cfg"]
-    cfg = replace(cfg, finetune=replace(cfg.finetune, heads={"label": 4}, modalities="audiovisual"))
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, test_clips=1),
+        finetune=replace(cfg.finetune, heads={"label": 4}, modalities="audiovisual"),
+    )
     torch.manual_seed(0)
     model = build_classifier(cfg, {"label": 4}).eval()
     dataset = build_dataset(cfg, "train", train=False)
