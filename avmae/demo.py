@@ -4,7 +4,8 @@
 would make by hand (``avmae.data.synthetic.generate_dataset``, ``avmae.engine.pretrain``,
 ``avmae.export.export``, ``avmae.evaluation.probe.run_linear_probes``,
 ``avmae.inference.run_retrieval``, ``avmae.visualize.visualize``); the recipe is
-``configs/pretrain/demo.yaml`` and ``configs/probe/synthetic.yaml``. The demo asks two questions,
+``configs/objectives/mae_infonce.yaml`` (``configs/pretrain/demo.yaml`` plus CAV-MAE's InfoNCE
+term) and ``configs/probe/synthetic.yaml``. The demo asks two questions,
 with numbers: does a linear classifier on the pretrained encoder's features beat the same
 classifier on a randomly initialised encoder, and on the raw inputs, on held-out clips? And does
 the pretrained encoder find a held-out clip's video from its audio (and back) better than chance
@@ -22,7 +23,9 @@ import torch
 
 from avmae.config import load_config
 
-PRETRAIN_CONFIG = "configs/pretrain/demo.yaml"
+# The demo recipe (configs/pretrain/demo.yaml) plus CAV-MAE's audio-visual InfoNCE, so that the
+# retrieval step scores an encoder trained to match a clip's audio with its video.
+PRETRAIN_CONFIG = "configs/objectives/mae_infonce.yaml"
 PROBE_CONFIG = "configs/probe/synthetic.yaml"
 LOSS_TAGS = ("train/loss", "train/mae_video", "train/mae_audio")
 SOURCE_NAMES = {"pretrained": "pretrained encoder", "random": "random-init encoder", "raw": "raw inputs"}

@@ -506,6 +506,10 @@ def read_subset(path: str | Path) -> set[str]:
         raise ValueError(f"{path}: not a CAV-MAE data file ({{\"data\": [{{\"video_id\": ...}}]}}): {err}") from err
 
 
+def _stem(record: ClipRecord) -> str | None:
+    return record.video.stem if record.video is not None else None
+
+
 def run_retrieval(
     embedder: Embedder,
     dataset: AVDataset,
@@ -525,7 +529,9 @@ def run_retrieval(
         raise ValueError(f"retrieval needs an encoder of both modalities, got {embedder.modalities}")
     indices = None
     if subset is not None:
-        indices = [i for i, r in enumerate(dataset.records) if r.id in subset]
+        # a CAV-MAE video_id is the record id (VGGSound, CAV-MAE JSON) or the video file's stem
+        # (AudioSet's YTID, whose record id adds the segment start)
+        indices = [i for i, r in enumerate(dataset.records) if r.id in subset or _stem(r) in subset]
         if not indices:
             raise ValueError(f"none of the {len(subset)} subset ids is a record of the dataset")
     emb = embed_dataset(
@@ -535,7 +541,7 @@ def run_retrieval(
     metrics = retrieval_metrics({m: emb[m].to(device) for m in ("audio", "video")}, block)
     metrics["bad"] = [b["id"] for b in emb["bad"]]
     if subset is not None:
-        metrics["subset_missing"] = len(subset - {r.id for r in dataset.records})
+        metrics["subset_missing"] = len(subset - {r.id for r in dataset.records} - {_stem(r) for r in dataset.records})
     return metrics
 
 
