@@ -7,8 +7,8 @@ trained here learned. Real mp4s from the synthetic generator, a micro model."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,14 @@ from avmae.models import build_pretrain_model
 from conftest import decodable_rows, write_manifests
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+
+
+def _tool(name: str):
+    """A script of tools/ as a module, to call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # micro model at a small geometry: 4 frames at 4 fps of 64x64, 0.64 s of audio (64 x 64 fbank)
 GEOMETRY = [
@@ -80,7 +87,7 @@ def _clips(setup, split="test"):
 def test_api_embedding_equals_extract_and_evaluation_features(setup, tmp_path):
     from avmae.data import build_dataset, build_loader
     from avmae.evaluation.probe import extract_features
-    import extract as extract_tool
+    extract_tool = _tool("extract")
 
     clips = _clips(setup)[:3]
     model = avmae.load(setup["export"], device="cpu")
@@ -174,7 +181,7 @@ def test_retrieval_ranks_equal_sorting_without_ties():
 def test_retrieval_over_a_split_and_a_cavmae_subset(setup, tmp_path):
     """tools/eval.py --task retrieval scores the API's per-modality embeddings of the split's
     clips; a CAV-MAE JSON subset restricts it to its video_ids."""
-    import eval as eval_tool
+    eval_tool = _tool("eval")
 
     clips = _clips(setup)
     api = avmae.load(setup["export"], device="cpu").embed(clips)
@@ -245,7 +252,7 @@ def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, mon
 
 
 def test_bad_files_are_listed_and_the_run_goes_on(setup, tmp_path):
-    import extract as extract_tool
+    extract_tool = _tool("extract")
 
     with open(setup["root"] / "bad_clips.csv") as f:
         bad = {row["id"]: row["kind"] for row in csv.DictReader(f)}
@@ -279,7 +286,7 @@ def test_predict_names_the_class_a_trained_classifier_learned(setup, tmp_path, c
     from avmae.evaluation.evaluate import model_inputs
     from avmae.models import build_classifier
     from avmae.config import replace
-    import predict as predict_tool
+    predict_tool = _tool("predict")
 
     cfg = setup["cfg"]
     cfg = replace(
