@@ -27,6 +27,7 @@ Embeddings (docs/architecture.md, "Using a model"):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -427,14 +428,6 @@ def extract_to_file(
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     outputs = tuple(outputs or embedder.outputs)
-    identity = {"views": embedder.views, "outputs": list(outputs), "batch_size": batch_size, **(settings or {})}
-    settings_file = parts / "settings.json"
-    if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(identity)):
-        raise ValueError(
-            f"{parts} holds a run with other settings ({settings_file.read_text().strip()}); "
-            f"remove it or rerun with those settings"
-        )
-    settings_file.write_text(json.dumps(identity))
     if (records is None) == (split is None):
         raise ValueError("give either records or a split")
     if records is not None:
@@ -442,6 +435,16 @@ def extract_to_file(
     else:
         dataset = embedder.split_dataset(split, missing_list=parts / "missing.tsv")
     missing = _bad_rows(parts / "missing.tsv")
+    # batches are positions in this record list: a rerun must see the same list and settings
+    ids = hashlib.sha256("\n".join(f"{r.id}\t{r.video}" for r in dataset.records).encode()).hexdigest()
+    identity = {"views": embedder.views, "outputs": list(outputs), "batch_size": batch_size, "records": ids, **(settings or {})}
+    settings_file = parts / "settings.json"
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != json.loads(json.dumps(identity)):
+        raise ValueError(
+            f"{parts} holds a run with other inputs or settings ({settings_file.read_text().strip()}); "
+            f"remove it or rerun with those"
+        )
+    settings_file.write_text(json.dumps(identity))
 
     num_batches = -(-len(dataset.records) // batch_size)
     done = {int(p.stem.split("_")[1]) for p in parts.glob("batch_*.npz")}

@@ -236,6 +236,8 @@ def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, mon
     monkeypatch.setattr(inference, "_save_batch", real_save)
     assert not (tmp_path / "resumed.npz").exists()
     assert len(list((tmp_path / "resumed.npz.parts").glob("batch_*.npz"))) == 1
+    with pytest.raises(ValueError, match="other inputs or settings"):  # not resumed with other inputs
+        _extract(setup, tmp_path / "resumed.npz", clips[:-1])
 
     encoded = []
     real_encode = inference.Embedder.encode_items
