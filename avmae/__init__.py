@@ -3,6 +3,8 @@
 What users call is listed in ``__all__`` and importable from here; each name is imported on first
 use, so ``import avmae.config`` (every tool) does not pull in the models. The layout of the
 package is in docs/architecture.md.
+``avmae.load(folder).embed("clip.mp4")`` embeds a video with the preprocessing it was trained
+with (``avmae.inference``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time ``__getattr
     from avmae.config import Config, load_config
     from avmae.engine import evaluate_finetuned, finetune, pretrain
     from avmae.formats import export, from_pretrained, load_finetuned, load_timm_audio_vit, timm_audio_vit
+    from avmae.inference import load
 
 # name -> the module that defines it
 _SOURCES = {
@@ -30,7 +33,8 @@ _SOURCES = {
     "pretrain": "avmae.engine",
     "finetune": "avmae.engine",
     "evaluate_finetuned": "avmae.engine",
-    # embeddings: the embedding API goes here
+    # embeddings, retrieval and predictions from a raw video (README, "Use a model")
+    "load": "avmae.inference",
 }
 
 __all__ = sorted(_SOURCES)

@@ -92,3 +92,27 @@ def test_the_summary_states_its_own_numbers(demo):
     for line in ("pretrained encoder", "random-init encoder", "raw inputs", summary["picture"], "accelerate launch"):
         assert line in table
     assert Path(summary["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieval_rows_compare_the_pretrained_and_the_random_encoder(demo):
+    data, _, summary = demo
+    retrieval = summary["retrieval"]
+    assert set(retrieval) == {"pretrained", "random"}
+    bad = {row["id"] for row in csv.DictReader(open(data / "bad_clips.csv"))} if (data / "bad_clips.csv").is_file() else set()
+    test_clips = sum(1 for row in csv.DictReader(open(data / "test.csv")) if row["id"] not in bad)
+    for metrics in retrieval.values():
+        assert metrics["clips"] == test_clips and metrics["bad"] == []
+        assert metrics["chance"]["R@1"] == pytest.approx(100 / test_clips)
+        for direction in ("audio->video", "video->audio"):
+            for k in ("R@1", "R@5"):
+                hits = metrics[direction][k] * test_clips / 100
+                assert hits == pytest.approx(round(hits)), "a recall is a whole number of clips"
+            assert 1 <= metrics[direction]["median_rank"] <= test_clips
+    assert retrieval["pretrained"] != retrieval["random"]  # two encoders, not one scored twice
+    lines = format_summary(summary).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("audio-visual retrieval"))
+    for name in ("pretrained encoder", "random-init encoder"):
+        row = next(line for line in lines[header:] if line.startswith(name))
+        source = "pretrained" if name.startswith("pretrained") else "random"
+        expected = [retrieval[source][d][k] for d in ("audio->video", "video->audio") for k in ("R@1", "R@5")]
+        assert [float(x) for x in row.split()[2:]] == pytest.approx(expected, abs=0.05)

@@ -2,7 +2,7 @@
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
 The order (docs/architecture.md, "Layers"): config, cli < models < augment < data < formats <
-evaluation, convert < engine < visualize, demo, ablation, benchmark < tools. Imports inside functions
+evaluation, convert < engine < inference < visualize, demo, ablation, benchmark < tools. Imports inside functions
 count as much as top-level ones; no two modules import each other, none imports another's private
 name, and no library file is over 600 lines.
 """
@@ -22,6 +22,7 @@ LAYERS = [
     {"avmae.formats"},
     {"avmae.evaluation", "avmae.convert"},
     {"avmae.engine"},
+    {"avmae.inference"},
     {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
@@ -77,7 +78,7 @@ def module_imports() -> dict[str, set[str]]:
 
 def unit_graph() -> dict[str, set[tuple[str, str]]]:
     """Layer unit -> {(imported unit, importing module)}, the package facade ``avmae`` left out
-    (it only re-exports ``from_pretrained``, lazily)."""
+    (it only re-exports ``from_pretrained`` and ``load``, lazily)."""
     edges: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for module, targets in module_imports().items():
         if module == "avmae":

@@ -3,11 +3,14 @@
     python tools/demo.py [--seed S] [--out runs/demo] [--data data/synthetic] [key.sub=value ...]
 
 1. writes the synthetic audiovisual dataset (real H.264 + AAC mp4s) unless --data holds one;
-2. pretrains the micro AV-MAE of configs/pretrain/demo.yaml (overrides apply to it);
+2. pretrains the micro AV-MAE of configs/pretrain/demo.yaml with CAV-MAE's audio-visual InfoNCE
+   added (configs/objectives/mae_infonce.yaml; overrides apply to it);
 3. exports it to safetensors (--out/export);
 4. linear-probes the pretrained encoder, a randomly initialised one and the raw inputs on the
    held-out clips (configs/probe/synthetic.yaml);
-5. draws a masked reconstruction (--out/reconstruction.png);
+5. scores audio->video and video->audio retrieval (R@1, R@5) of the pretrained and the
+   random-init encoder on the held-out clips;
+6. draws a masked reconstruction (--out/reconstruction.png);
 and prints one summary table (also in --out/summary.json). Started again with the same --out, a
 stopped demo resumes from its newest checkpoint.
 """

@@ -215,6 +215,14 @@ class AVDataset(Dataset):
             f"({self.failures} of {len(self.records)} clips failed)"
         )
 
+    def load(self, record_index: int, view: int = 0) -> dict:
+        """View ``view`` of record ``record_index`` as ``__getitem__`` makes it, except that a clip
+        that fails to decode raises (``VideoDecodeError`` / ``AudioDecodeError``) instead of being
+        replaced: feature extraction lists a bad file rather than embedding another one."""
+        sample = self._load(record_index, view, self.generator(record_index, view))
+        sample.update(index=record_index, view=view, failures=0)
+        return sample
+
     def _mark_bad(self, record_index: int, err: Exception) -> None:
         self._bad.add(record_index)
         self._failures += 1
