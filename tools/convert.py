@@ -4,14 +4,19 @@
     python tools/convert.py --from audiomae finetuned.pth runs/audiomae_as2m          # + classifier/
     python tools/convert.py --from cavmae cav-mae-scale++.pth runs/cavmae --check --source-repo ~/src/cav-mae
     python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_in --config configs/pretrain/cavmae_audioset.yaml
+    python tools/convert.py --from cavmae /tmp/cavmae_random.pth runs/cavmae_random --random-weights tiny --check --source-repo ~/src/cav-mae
 
 OUT receives ``model.safetensors`` and ``config.json`` (the source's architecture, input geometry and
 preprocessing, what was dropped and why), which ``avmae.from_pretrained``, ``finetune.pretrained``,
 ``tools/linear_probe.py`` and ``model.init_from`` accept (the last example: CAV-MAE's ImageNet-MAE
 start, converted onto its architecture). A finetuned source also gets
 ``OUT/classifier`` (its head and class order kept) for ``tools/eval.py``. ``--check`` compares the
-converted model's output with the source repository's own model on one input; it is skipped, with
-the reason, when that code is not importable (``--source-repo`` points at a checkout).
+converted model's output with the source repository's own model on one input and exits 1 when
+max |ours - theirs| / max |theirs| is over ``--tolerance``; it is skipped, with the reason, only when
+that code is not there (``--source-repo`` points at a checkout); any other failure of the source
+code ends with its traceback. ``--random-weights SIZE`` first writes SOURCE: the source's own
+finetuned model at that avmae size with random weights (LayerNorms moved away from 1 and 0), the
+last example's way to measure a converter without downloading a checkpoint.
 See docs/checkpoints.md.
 """
 
@@ -22,7 +27,8 @@ import json
 import sys
 
 from avmae.config import load_config
-from avmae.convert import PARTS, SOURCES, CheckSkipped, check, convert
+from avmae.convert import DEFAULT_TOLERANCE, PARTS, SOURCES, CheckSkipped, check, convert, random_source_checkpoint
+from avmae.models import SIZES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-seconds", type=float, default=None, help="another audio window (positions resampled)")
     parser.add_argument("--check", action="store_true", help="compare with the source repository's model code")
     parser.add_argument("--source-repo", default=None, help="checkout of the source repository, for --check")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="--check fails past this max |diff| / max |source output| (default %(default)g)")
+    parser.add_argument("--random-weights", choices=SIZES, default=None, metavar="SIZE",
+                        help="first write SOURCE: the source's own finetuned model of this size, random weights")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     args = parser.parse_intermixed_args(argv)
 
     config = load_config(args.config, args.overrides) if args.config else None
+    if args.random_weights:
+        try:
+            random_source_checkpoint(args.kind, args.source, args.source_repo, size=args.random_weights)
+        except CheckSkipped as err:
+            print(f"cannot build random weights: {err}")
+            return 1
+        print(f"wrote {args.source}: the {args.kind} source model, size {args.random_weights}, random weights")
     out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
                   num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
     description = json.loads((out / "config.json").read_text())
@@ -60,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         except CheckSkipped as err:
             print(f"check skipped: {err}")
             return 0
-        print(f"check against the source model ({result['compared']}): max |diff| {result['max_abs_diff']:.3g} "
-              f"(values up to {result['max_abs_value']:.3g})")
+        verdict = "passed" if result["passed"] else "FAILED"
+        print(f"check against the source model ({result['compared']}): {verdict}, relative difference "
+              f"{result['relative_diff']:.3g} (max |diff| {result['max_abs_diff']:.3g} / max |value| "
+              f"{result['max_abs_value']:.3g}), tolerance {result['tolerance']:.3g}; LayerNorm eps: source "
+              f"{result['source_norm_eps']:g}, converted {result['norm_eps']:g}")
+        return 0 if result["passed"] else 1
     return 0
 
 
