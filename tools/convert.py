@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print("check skipped: only a conversion onto the source's own architecture (no --config) computes the same function")
     elif args.check:
         try:
-            result = check(args.kind, args.source, out, args.source_repo)
+            result = check(args.kind, args.source, out, args.source_repo, tolerance=args.tolerance)
         except CheckSkipped as err:
             print(f"check skipped: {err}")
             return 0
