@@ -14,7 +14,8 @@ start, converted onto its architecture). A finetuned source also gets
 converted model's output with the source repository's own model on one input and exits 1 when
 max |ours - theirs| / max |theirs| is over ``--tolerance``; it is skipped, with the reason, only when
 that code is not there (``--source-repo`` points at a checkout); any other failure of the source
-code ends with its traceback. ``--random-weights SIZE`` first writes SOURCE: the source's own
+code ends with its traceback. Overrides without ``--config`` change the source's own config (the
+check still runs: ``model.norm_eps=1e-6`` on a CAV-MAE checkpoint makes it fail). ``--random-weights SIZE`` first writes SOURCE: the source's own
 finetuned model at that avmae size with random weights (LayerNorms moved away from 1 and 0), the
 last example's way to measure a converter without downloading a checkpoint.
 See docs/checkpoints.md.
@@ -25,9 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 
-from avmae.config import load_config
-from avmae.convert import DEFAULT_TOLERANCE, PARTS, SOURCES, CheckSkipped, check, convert, random_source_checkpoint
+from avmae.config import load_config, save_config
+from avmae.convert import (
+    DEFAULT_TOLERANCE,
+    PARTS,
+    SOURCES,
+    CheckSkipped,
+    check,
+    convert,
+    default_config,
+    random_source_checkpoint,
+    read,
+)
 from avmae.models import SIZES
 
 
@@ -48,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="--check fails past this max |diff| / max |source output| (default %(default)g)")
     parser.add_argument("--random-weights", choices=SIZES, default=None, metavar="SIZE",
                         help="first write SOURCE: the source's own finetuned model of this size, random weights")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    parser.add_argument("overrides", nargs="*",
+                        help="key.sub=value overrides of --config, else of the source's own config")
     args = parser.parse_intermixed_args(argv)
 
-    config = load_config(args.config, args.overrides) if args.config else None
     if args.random_weights:
         try:
             random_source_checkpoint(args.kind, args.source, args.source_repo, size=args.random_weights)
@@ -59,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cannot build random weights: {err}")
             return 1
         print(f"wrote {args.source}: the {args.kind} source model, size {args.random_weights}, random weights")
-    out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
+    config, part = None, args.part
+    if args.config:
+        config = load_config(args.config, args.overrides)
+    elif args.overrides:  # onto the source's own config (e.g. model.norm_eps=1e-6: --check must fail)
+        source = read(args.kind, args.source)
+        part = part or ("encoder" if len(source.branches) > 1 else next(iter(source.branches)))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_config(default_config(source), Path(tmp) / "source.yaml")
+            config = load_config(Path(tmp) / "source.yaml", args.overrides)
+    out = convert(args.kind, args.source, args.out_dir, part=part, config=config,
                   num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
     description = json.loads((out / "config.json").read_text())
     arch, conversion = description["architecture"], description["conversion"]
