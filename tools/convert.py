@@ -16,7 +16,7 @@ max |ours - theirs| / max |theirs| is over ``--tolerance``; it is skipped, with 
 that code is not there (``--source-repo`` points at a checkout); any other failure of the source
 code ends with its traceback. Overrides without ``--config`` change the source's own config (the
 check still runs: ``model.norm_eps=1e-6`` on a CAV-MAE checkpoint makes it fail). ``--random-weights SIZE`` first writes SOURCE: the source's own
-finetuned model at that avmae size with random weights (LayerNorms moved away from 1 and 0), the
+finetuned (``--random-pretrained``: pretraining) model at that avmae size with random weights (LayerNorms moved away from 1 and 0), the
 last example's way to measure a converter without downloading a checkpoint.
 See docs/checkpoints.md.
 """
@@ -61,17 +61,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="--check fails past this max |diff| / max |source output| (default %(default)g)")
     parser.add_argument("--random-weights", choices=SIZES, default=None, metavar="SIZE",
                         help="first write SOURCE: the source's own finetuned model of this size, random weights")
+    parser.add_argument("--random-pretrained", action="store_true",
+                        help="with --random-weights: the source's pretraining model instead")
     parser.add_argument("overrides", nargs="*",
                         help="key.sub=value overrides of --config, else of the source's own config")
     args = parser.parse_intermixed_args(argv)
 
     if args.random_weights:
         try:
-            random_source_checkpoint(args.kind, args.source, args.source_repo, size=args.random_weights)
+            random_source_checkpoint(args.kind, args.source, args.source_repo, size=args.random_weights,
+                                     finetuned=not args.random_pretrained)
         except CheckSkipped as err:
             print(f"cannot build random weights: {err}")
             return 1
-        print(f"wrote {args.source}: the {args.kind} source model, size {args.random_weights}, random weights")
+        what = "pretraining" if args.random_pretrained else "finetuned"
+        print(f"wrote {args.source}: the {args.kind} source's {what} model, size {args.random_weights}, random weights")
     config, part = None, args.part
     if args.config:
         config = load_config(args.config, args.overrides)

@@ -225,20 +225,56 @@ def _source_classifier(kind: str, modules: list, dim: int, depth: int, heads: in
     )  # fmt: skip
 
 
+def _source_pretrained(kind: str, modules: list, dim: int, depth: int, heads: int, mlp_ratio: float,
+                       patch: int, geometry: dict) -> nn.Module:
+    """The pretraining model of the source's code, with the source's own LayerNorm and a small
+    decoder (1 layer, 64 wide: the converters drop it)."""
+    if kind in ("mae", "audiomae"):
+        models_mae = modules[0]
+        if kind == "mae":
+            extra = dict(img_size=geometry["image"], in_chans=3)
+        else:
+            extra = dict(img_size=(geometry["audio_frames"], NUM_MEL_BINS), in_chans=1, audio_exp=True)
+        return models_mae.MaskedAutoencoderViT(
+            patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
+            decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=16,
+            norm_layer=source_norm_layer(models_mae, "MaskedAutoencoderViT", "mae_vit_"), **extra,
+        )  # fmt: skip
+    if kind == "videomae":
+        modeling_pretrain = modules[0]
+        return modeling_pretrain.PretrainVisionTransformer(
+            img_size=geometry["image"], patch_size=patch, encoder_embed_dim=dim, encoder_depth=depth,
+            encoder_num_heads=heads, encoder_num_classes=0, decoder_num_classes=3 * 2 * patch * patch,
+            decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=16, mlp_ratio=mlp_ratio, qkv_bias=True,
+            norm_layer=source_norm_layer(modeling_pretrain, "PretrainVisionTransformer", "pretrain_videomae_"),
+            tubelet_size=2,
+        )  # fmt: skip
+    (cav_mae,) = modules
+    return cav_mae.CAVMAE(
+        img_size=geometry["image"], audio_length=geometry["audio_frames"], patch_size=patch, embed_dim=dim,
+        modality_specific_depth=depth - 1, num_heads=heads, decoder_embed_dim=64, decoder_depth=1,
+        decoder_num_heads=16, mlp_ratio=mlp_ratio, norm_layer=source_norm_layer(cav_mae, "CAVMAE"), norm_pix_loss=True,
+    )  # fmt: skip
+
+
 def random_source_checkpoint(kind: str, path: str | Path, repo: str | Path | None = None, size: str = "micro",
-                             num_classes: int = 5, seed: int = 0) -> Path:
-    """A finetuned model of the source's own code (``RANDOM_GEOMETRY``, avmae's ``size``) with
-    random weights, saved as the source's training code saves it: ``{"model": state_dict}`` for
+                             finetuned: bool = True, num_classes: int = 5, seed: int = 0) -> Path:
+    """A finetuned (else pretraining) model of the source's own code (``RANDOM_GEOMETRY``, avmae's
+    ``size``) with random weights, saved as the source's training code saves it: ``{"model": state_dict}`` for
     MAE, AudioMAE and VideoMAE, a ``DataParallel`` state dict (``module.`` keys) for CAV-MAE.
     Every parameter gets noise; every LayerNorm weight is drawn from U(0.5, 1.5) and its bias from
     N(0, 0.1), and the embedding (``EMBEDDING``) is scaled by ``EMBEDDING_SCALE``, so that a
     LayerNorm eps other than the source's shows in ``check``. CAV-MAE's
-    ``CAVMAEFT`` is always 12 layers deep (1 joint): give it a 12-layer size."""
+    ``CAVMAEFT`` is always 12 layers deep (1 joint): give it a 12-layer size. Plain tensors that
+    are not parameters (VideoMAE's sine table) are left as the source builds them."""
     spec = get_size(size)
     torch.manual_seed(seed)
     with source_code(kind, repo) as modules:
-        model = _source_classifier(kind, modules, spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio, 16,
-                                   RANDOM_GEOMETRY[kind], num_classes)  # fmt: skip
+        dims = (spec.embed_dim, spec.depth, spec.num_heads, spec.mlp_ratio, 16, RANDOM_GEOMETRY[kind])
+        if finetuned:
+            model = _source_classifier(kind, modules, *dims, num_classes)
+        else:
+            model = _source_pretrained(kind, modules, *dims)
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, nn.LayerNorm):
