@@ -3,21 +3,24 @@
     python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_vitb
     python tools/convert.py --from audiomae finetuned.pth runs/audiomae_as2m          # + classifier/
     python tools/convert.py --from cavmae cav-mae-scale++.pth runs/cavmae --check --source-repo ~/src/cav-mae
+    python tools/convert.py --from cavmae /tmp/random.pth runs/cavmae_random --random-weights tiny \
+        --check --source-repo ~/src/cav-mae
     python tools/convert.py --from mae mae_pretrain_vit_base.pth runs/mae_in --config configs/pretrain/cavmae_audioset.yaml
-    python tools/convert.py --from cavmae /tmp/cavmae_random.pth runs/cavmae_random --random-weights tiny --check --source-repo ~/src/cav-mae
 
-OUT receives ``model.safetensors`` and ``config.json`` (the source's architecture, input geometry and
-preprocessing, what was dropped and why), which ``avmae.from_pretrained``, ``finetune.pretrained``,
-``tools/linear_probe.py`` and ``model.init_from`` accept (the last example: CAV-MAE's ImageNet-MAE
-start, converted onto its architecture). A finetuned source also gets
-``OUT/classifier`` (its head and class order kept) for ``tools/eval.py``. ``--check`` compares the
-converted model's output with the source repository's own model on one input and exits 1 when
-max |ours - theirs| / max |theirs| is over ``--tolerance``; it is skipped, with the reason, only when
-that code is not there (``--source-repo`` points at a checkout); any other failure of the source
-code ends with its traceback. Overrides without ``--config`` change the source's own config (the
-check still runs: ``model.norm_eps=1e-6`` on a CAV-MAE checkpoint makes it fail). ``--random-weights SIZE`` first writes SOURCE: the source's own
-finetuned (``--random-pretrained``: pretraining) model at that avmae size with random weights (LayerNorms moved away from 1 and 0), the
-last example's way to measure a converter without downloading a checkpoint.
+OUT receives ``model.safetensors`` and ``config.json`` (the source's architecture, LayerNorm eps,
+input geometry and preprocessing, what was dropped and why), which ``avmae.from_pretrained``,
+``finetune.pretrained``, ``tools/linear_probe.py`` and ``model.init_from`` accept (the last
+example: CAV-MAE's ImageNet-MAE start, converted onto its architecture). A finetuned source also
+gets ``OUT/classifier`` (its head and class order kept) for ``tools/eval.py``.
+
+``--check`` compares the converted model's output with the source repository's own model on one
+input and exits 1 when max |ours - theirs| / max |theirs| is over ``--tolerance``. It is skipped,
+with the reason, only when that code is not there (``--source-repo`` points at a checkout); any
+other failure of the source code ends with its traceback. ``--random-weights SIZE`` first writes
+SOURCE: the source's own finetuned (``--random-pretrained``: pretraining) model at that avmae size
+with random weights, LayerNorms moved away from 1 and 0 (the fourth example: a check without
+downloading a checkpoint). Overrides without ``--config`` change the source's own config and keep
+the check (``model.norm_eps=1e-6`` on a CAV-MAE checkpoint makes it fail).
 See docs/checkpoints.md.
 """
 

@@ -146,7 +146,7 @@ def _one_modality(classifier_dir: Path, modality: str):
 # geometry of ``random_source_checkpoint``'s models: small, and what each reader expects
 # (VideoMAE's fixed sine table is read as 16 frames of 224 px)
 RANDOM_GEOMETRY = {
-    "mae": {"image": 32}, "audiomae": {"audio_frames": 64}, "videomae": {"frames": 16, "image": 224},
+    "mae": {"image": 32}, "audiomae": {"audio_frames": 64}, "videomae": {"frames": 16, "image": 224, "tubelet": 2},
     "cavmae": {"image": 32, "audio_frames": 64},
 }
 NUM_MEL_BINS = 128  # every audio source's fbank
@@ -215,7 +215,7 @@ def _source_classifier(kind: str, modules: list, dim: int, depth: int, heads: in
         return modeling_finetune.VisionTransformer(
             img_size=geometry["image"], patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
             mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=source_norm_layer(modeling_finetune, "VisionTransformer", "vit_"),
-            tubelet_size=2, num_classes=num_classes, all_frames=geometry["frames"],
+            tubelet_size=geometry["tubelet"], num_classes=num_classes, all_frames=geometry["frames"],
         )  # fmt: skip
     (cav_mae,) = modules
     return cav_mae.CAVMAEFT(
@@ -244,10 +244,10 @@ def _source_pretrained(kind: str, modules: list, dim: int, depth: int, heads: in
         modeling_pretrain = modules[0]
         return modeling_pretrain.PretrainVisionTransformer(
             img_size=geometry["image"], patch_size=patch, encoder_embed_dim=dim, encoder_depth=depth,
-            encoder_num_heads=heads, encoder_num_classes=0, decoder_num_classes=3 * 2 * patch * patch,
+            encoder_num_heads=heads, encoder_num_classes=0, decoder_num_classes=3 * geometry["tubelet"] * patch * patch,
             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=16, mlp_ratio=mlp_ratio, qkv_bias=True,
             norm_layer=source_norm_layer(modeling_pretrain, "PretrainVisionTransformer", "pretrain_videomae_"),
-            tubelet_size=2,
+            tubelet_size=geometry["tubelet"],
         )  # fmt: skip
     (cav_mae,) = modules
     return cav_mae.CAVMAE(
@@ -318,7 +318,7 @@ def check(kind: str, checkpoint: str | Path, out_dir: str | Path, repo: str | Pa
     torch.manual_seed(seed)
     video_size, patch = cfg.data.video.size, cfg.model.patch_size
     frames, bins = cfg.data.audio.target_length, cfg.data.audio.num_mel_bins
-    geometry = {"image": video_size, "frames": cfg.data.video.num_frames, "audio_frames": frames}
+    geometry = {"image": video_size, "frames": cfg.data.video.num_frames, "audio_frames": frames, "tubelet": cfg.model.tubelet}
     classifier = None
     if finetuned:
         classifier, _ = load_finetuned(Path(out_dir) / "classifier")
