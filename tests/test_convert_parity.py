@@ -4,14 +4,17 @@ checkouts written here, with the released code's conventions:
 - ``source_code``: the source repositories' model code runs on current timm, NumPy and torch inside
   the block, and everything changed for it, or by it, is put back on leaving (np.float, torch._six,
   qk_scale, CAV-MAE's replacement of timm's classes). Only a missing checkout or module is skipped.
-- ``check``: a finetuned model built by the stand-in code, with random weights (every LayerNorm
-  moved away from 1 and 0), is converted and compared with the stand-in's own output. It passes
+- ``check``: a model built by the stand-in code (MAE's finetuned and pretraining models, CAV-MAE's
+  finetuned one), with random weights (every LayerNorm moved away from 1 and 0), is converted and
+  compared with the stand-in's own output. It passes
   with the source's LayerNorm eps and fails, also as the exit status of ``tools/convert.py
   --check``, when the stand-in's eps is not the one the converter writes.
 
 The stand-ins follow the facts of the released files: facebookresearch/mae ``models_vit.py``
 (timm's ViT subclassed for global pooling under ``fc_norm``; the ``vit_*`` factories set
-``norm_layer=partial(nn.LayerNorm, eps=1e-6)``) and YuanGongND/cav-mae ``src/models/cav_mae.py``
+``norm_layer=partial(nn.LayerNorm, eps=1e-6)``) and ``models_mae.py`` (``cls_token``, ``pos_embed``
+with the class position first, timm blocks, ``norm``; ``forward_encoder`` returning the latent, the
+mask and ``ids_restore``; the ``mae_vit_*`` factories set the same norm) and YuanGongND/cav-mae ``src/models/cav_mae.py``
 (``CAVMAEFT``: ``blocks_a/v/u`` whose blocks carry ``norm1/2`` plus ``_a``/``_v`` copies, 12 layers
 in all, ``norm_a/v``, ``norm``, ``mlp_head`` = LayerNorm + Linear on the mean token, the fbank fed as
 ``(B, T, 128)`` and transposed; ``norm_layer=nn.LayerNorm``, PyTorch's eps 1e-5).
@@ -33,9 +36,15 @@ from avmae.convert import CheckSkipped, check, convert, random_source_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
-MODELS_MAE = """
+MODELS_MAE = '''
+"""MAE's pretraining model (its encoder, and the decoder's first layer), and what the released
+code does at import and construction time."""
+from functools import partial
+
 import numpy as np
 import timm.models.vision_transformer as vt
+import torch
+from torch import nn
 from torch._six import inf
 
 import helper_util
@@ -50,7 +59,41 @@ class PatchEmbed(vt.PatchEmbed):
 def build():
     vt.PatchEmbed = PatchEmbed  # CAV-MAE's constructors do this to timm, module-wide
     return vt.Block(dim=8, num_heads=2, qkv_bias=True, qk_scale=None)
-"""
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        self.patch_embed = vt.PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            vt.Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, qk_scale=None, norm_layer=norm_layer)
+            for _ in range(depth)
+        )
+        self.norm = norm_layer(embed_dim)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+
+    def forward_encoder(self, x, mask_ratio):
+        """With mask_ratio 0 only: every token kept, in order (ids_restore is the identity)."""
+        assert mask_ratio == 0
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(tokens), -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        keep = torch.arange(tokens.shape[1] - 1).expand(len(tokens), -1)
+        return self.norm(tokens), torch.zeros(keep.shape), keep
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return MaskedAutoencoderViT(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
+                                decoder_depth=8, decoder_num_heads=16, mlp_ratio=4,
+                                norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+'''
 
 MODELS_VIT = '''
 """MAE's finetuned ViT: timm's, pooling the mean patch token under fc_norm (global_pool)."""
@@ -250,23 +293,25 @@ def test_only_missing_source_code_is_skipped_and_nothing_is_left_behind(checkout
 
 
 # CAVMAEFT is 12 layers deep whatever its width: avmae's 12-layer "tiny" size
-CASES = {"mae": ("micro", 1e-6), "cavmae": ("tiny", 1e-5)}
+SIZE = {"mae": "micro", "cavmae": "tiny"}
+SOURCE_EPS = {"mae": 1e-6, "cavmae": 1e-5}
 
 
-@pytest.mark.parametrize("kind", CASES)
-def test_check_passes_with_the_source_eps_and_fails_with_another(kind, tmp_path):
-    size, source_eps = CASES[kind]
+@pytest.mark.parametrize("kind,finetuned", [("mae", True), ("mae", False), ("cavmae", True)])
+def test_check_passes_with_the_source_eps_and_fails_with_another(kind, finetuned, tmp_path):
+    size, source_eps = SIZE[kind], SOURCE_EPS[kind]
     results = {}
     for other_eps in (False, True):
         name = "other" if other_eps else "released"
         repo = write_checkout(tmp_path / name, kind, other_eps)
         before = _state()
-        checkpoint = random_source_checkpoint(kind, tmp_path / f"{name}.pth", repo, size=size)
+        checkpoint = random_source_checkpoint(kind, tmp_path / f"{name}.pth", repo, size=size, finetuned=finetuned)
         out = convert(kind, checkpoint, tmp_path / f"{name}_out")
         assert json.loads((out / "config.json").read_text())["config"]["model"]["norm_eps"] == source_eps
         results[name] = check(kind, checkpoint, out, repo)
         assert _state() == before
     released, other = results["released"], results["other"]
+    assert released["compared"].startswith("logits" if finetuned else "encoder tokens")
     assert released["source_norm_eps"] == released["norm_eps"] == source_eps
     assert released["passed"] and released["relative_diff"] <= released["tolerance"] == 1e-5
     assert released["relative_diff"] == pytest.approx(released["max_abs_diff"] / released["max_abs_value"])
