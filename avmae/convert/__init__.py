@@ -4,7 +4,7 @@
 One module per source (``mae``, ``audiomae``, ``videomae``, ``cavmae``: its reader, key map and
 preprocessing) reads the file into the common form of ``source``; ``mapping`` fills an avmae
 encoder from it and writes the export; ``parity`` compares the result with the source
-repository's own model code.
+repository's own model code (with the source's own LayerNorm eps).
 """
 
 from avmae.convert.mapping import (
@@ -19,7 +19,7 @@ from avmae.convert.mapping import (
     size_name,
     write_classifier,
 )
-from avmae.convert.parity import CheckSkipped, check, source_code
+from avmae.convert.parity import DEFAULT_TOLERANCE, CheckSkipped, check, random_source_checkpoint, source_code, source_norm_layer
 from avmae.convert.source import Branch, ConversionError, Source, SourceKeys, read_source
 from avmae.convert.videomae import sinusoid_table
 
@@ -28,6 +28,7 @@ __all__ = [
     "PREPROCESSING",
     "READERS",
     "SOURCES",
+    "DEFAULT_TOLERANCE",
     "Branch",
     "CheckSkipped",
     "ConversionError",
@@ -38,9 +39,11 @@ __all__ = [
     "default_config",
     "encoder_state",
     "read",
+    "random_source_checkpoint",
     "read_source",
     "sinusoid_table",
     "size_name",
     "source_code",
+    "source_norm_layer",
     "write_classifier",
 ]

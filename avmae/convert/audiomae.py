@@ -8,6 +8,8 @@ from __future__ import annotations
 from avmae.convert.mae import read_mae_layout
 from avmae.convert.source import ConversionError, Source, SourceKeys
 
+# models_vit.py vit_* and models_mae.py mae_vit_* build every norm as partial(nn.LayerNorm, eps=1e-6)
+NORM_EPS = 1e-6
 PREPROCESSING = {
     # dataset.py: (fbank - mean) / (std * 2) with main_finetune_as.py's AudioSet statistics
     "audio.norm_mean": -4.2677393, "audio.norm_std": 2 * 4.5689974,

@@ -25,6 +25,9 @@ from avmae.convert.source import (
     timm_blocks,
 )
 
+# src/models/cav_mae.py: CAVMAE and CAVMAEFT take norm_layer=nn.LayerNorm and mlp_head is
+# nn.LayerNorm(embed_dim): PyTorch's default eps in every norm
+NORM_EPS = 1e-5
 PREPROCESSING = {
     "video.mean": IMAGENET_MEAN, "video.std": IMAGENET_STD,
     "audio.norm_mean": -5.081, "audio.norm_std": 4.4849,

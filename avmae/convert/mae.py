@@ -21,6 +21,8 @@ from avmae.convert.source import (
     timm_blocks,
 )
 
+# models_vit.py vit_* and models_mae.py mae_vit_* build every norm as partial(nn.LayerNorm, eps=1e-6)
+NORM_EPS = 1e-6
 PREPROCESSING = {
     "video.mean": IMAGENET_MEAN, "video.std": IMAGENET_STD,
     "source": "facebookresearch/mae main_pretrain.py / util/datasets.py: ImageNet mean and std, 224 px crops",

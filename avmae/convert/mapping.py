@@ -24,6 +24,8 @@ PREPROCESSING = {
     "mae": mae.PREPROCESSING, "audiomae": audiomae.PREPROCESSING,
     "videomae": videomae.PREPROCESSING, "cavmae": cavmae.PREPROCESSING,
 }
+# LayerNorm eps of each source (each module cites the file that sets it): model.norm_eps
+NORM_EPS = {"mae": mae.NORM_EPS, "audiomae": audiomae.NORM_EPS, "videomae": videomae.NORM_EPS, "cavmae": cavmae.NORM_EPS}
 READERS = {
     "mae": mae.read_mae, "audiomae": audiomae.read_audiomae,
     "videomae": videomae.read_videomae, "cavmae": cavmae.read_cavmae,
@@ -54,7 +56,8 @@ def size_name(embed_dim: int, depth: int) -> str:
 
 
 def default_config(source: Source) -> Config:
-    """The avmae config of the source network at its own input geometry and preprocessing."""
+    """The avmae config of the source network at its own input geometry, preprocessing and
+    LayerNorm eps."""
     cfg = Config()
     model = {
         "size": size_name(source.embed_dim, source.depth),
@@ -64,6 +67,7 @@ def default_config(source: Source) -> Config:
         # finetuned MAE-family models norm the pooled token (fc_norm) instead; CAV-MAE keeps its norms
         "final_norm": not source.finetuned or source.kind == "cavmae",
         "drop_path": 0.0,
+        "norm_eps": NORM_EPS[source.kind],
     }
     data: dict = {"video": {}, "audio": {}}
     if "video" in source.branches:

@@ -23,6 +23,9 @@ from avmae.convert.source import (
     timm_blocks,
 )
 
+# modeling_finetune.py vit_*_patch16_* and modeling_pretrain.py pretrain_videomae_* build every norm
+# as partial(nn.LayerNorm, eps=1e-6)
+NORM_EPS = 1e-6
 PREPROCESSING = {
     "video.mean": IMAGENET_MEAN, "video.std": IMAGENET_STD,
     "source": "MCG-NJU/VideoMAE run_mae_pretraining.py / datasets.py: 16 frames at a sampling rate "
