@@ -535,9 +535,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(merged, OmegaConf.create(raw))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides, validated against the dataclasses."""
-    schema = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`) <- YAML file <- `a.b=value` overrides, validated against the dataclasses."""
+    schema = OmegaConf.structured(Config if base is None else base)
     try:
         if path is not None:
             schema = OmegaConf.merge(schema, _read_yaml(Path(path)))
