@@ -2,7 +2,8 @@
 
 A run's configuration is ``Config``. ``load_config(path, overrides)`` merges, in order, the
 dataclass defaults, the YAML file (and the files it lists under ``defaults:``, relative to it),
-and ``key.sub=value`` overrides. Unknown keys and ill-typed values are errors, never ignored.
+and ``key.sub=value`` overrides; ``base=cfg`` starts from a saved config instead of the defaults
+(an export's, say). Unknown keys and ill-typed values are errors, never ignored.
 ``save_config`` writes the resolved tree as YAML; every checkpoint carries one.
 """
 
