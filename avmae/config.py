@@ -2,7 +2,8 @@
 
 A run's configuration is ``Config``. ``load_config(path, overrides)`` merges, in order, the
 dataclass defaults, the YAML file (and the files it lists under ``defaults:``, relative to it),
-and ``key.sub=value`` overrides. Unknown keys and ill-typed values are errors, never ignored.
+and ``key.sub=value`` overrides; ``base=cfg`` starts from a saved config instead of the defaults
+(an export's, say). Unknown keys and ill-typed values are errors, never ignored.
 ``save_config`` writes the resolved tree as YAML; every checkpoint carries one.
 """
 
@@ -535,9 +536,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     return OmegaConf.merge(merged, OmegaConf.create(raw))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- `a.b=value` overrides, validated against the dataclasses."""
-    schema = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults (or `base`) <- YAML file <- `a.b=value` overrides, validated against the dataclasses."""
+    schema = OmegaConf.structured(Config if base is None else base)
     try:
         if path is not None:
             schema = OmegaConf.merge(schema, _read_yaml(Path(path)))

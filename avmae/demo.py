@@ -22,6 +22,14 @@ from pathlib import Path
 import torch
 
 from avmae.config import load_config
+from avmae.data.synthetic import generate_dataset
+from avmae.engine import pretrain, read_scalars
+from avmae.engine.finetune import prepare_config
+from avmae.evaluation.probe import run_linear_probes
+from avmae.formats import export, from_pretrained
+from avmae.inference import Embedder, load, run_retrieval
+from avmae.models import build_encoder
+from avmae.visualize import visualize
 
 # The demo recipe (configs/pretrain/demo.yaml) plus CAV-MAE's audio-visual InfoNCE, so that the
 # retrieval step scores an encoder trained to match a clip's audio with its video.
@@ -40,8 +48,6 @@ def _timed(fn, *args, **kwargs):
 
 def loss_drop(run_dir: Path) -> dict[str, dict[str, float]]:
     """First and last logged value (each the mean of a logging window) of the pretraining losses."""
-    from avmae.engine import read_scalars
-
     drop = {}
     for tag in LOSS_TAGS:
         values = read_scalars(run_dir, tag)
@@ -67,14 +73,6 @@ def run_demo(
     run resumes from its newest checkpoint when started again with the same ``out_dir``.
     ``overrides`` (``key.sub=value``) apply to the pretraining config.
     """
-    from avmae.data.synthetic import generate_dataset
-    from avmae.engine import pretrain
-    from avmae.engine.finetune import prepare_config
-    from avmae.evaluation.probe import run_linear_probes
-    from avmae.formats import export, from_pretrained
-    from avmae.inference import load
-    from avmae.visualize import visualize
-
     data_root, out_dir = Path(data_root), Path(out_dir)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -144,9 +142,6 @@ def run_demo_retrieval(pretrained, probe_cfg) -> dict:
     """Retrieval metrics (``avmae.evaluation.retrieval``) of the pretrained encoder and of a
     random-init encoder of the same architecture (seeded by ``train.seed``, as the probe's), on
     the held-out split with the probe's views; one decoding pass per encoder."""
-    from avmae.inference import Embedder, run_retrieval
-    from avmae.models import build_encoder
-
     pretrained = pretrained.with_data(probe_cfg.data)
     torch.manual_seed(probe_cfg.train.seed)
     random_init = Embedder(build_encoder(pretrained.cfg), pretrained.cfg, pretrained.device)

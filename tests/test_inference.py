@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import avmae
 import avmae.inference as inference
+import avmae.inference.extract as extract
 from avmae.config import load_config, save_config
 from avmae.evaluation.retrieval import rank_metrics, retrieval_metrics, retrieval_ranks
 from avmae.formats import export
@@ -206,6 +207,19 @@ def test_retrieval_over_a_split_and_a_cavmae_subset(setup, tmp_path):
     assert metrics["video->audio"] == pytest.approx(expected["video->audio"])
 
 
+def test_retrieval_overrides_change_the_exports_own_data_section(setup, tmp_path):
+    """Without --config, key=value overrides apply to the export's own config: one view per clip."""
+    clips = _clips(setup)
+    api = avmae.load(setup["export"], device="cpu", views=1).embed(clips)
+    expected = retrieval_metrics({"audio": api["audio"], "video": api["video"]})
+    out = tmp_path / "one_view"
+    assert _tool("eval").main([str(setup["export"]), "--task", "retrieval", "--out", str(out), "data.test_clips=1"]) == 0
+    metrics = json.loads((out / "retrieval.json").read_text())
+    assert metrics["clips"] == len(clips) and metrics["views"] == 1
+    for direction in ("audio->video", "video->audio"):
+        assert metrics[direction] == pytest.approx(expected[direction])
+
+
 # ---------------------------------------------------------------------------------------------
 # extraction: resumable, bad files listed
 
@@ -222,7 +236,7 @@ def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, mon
     clips = sorted(_clips(setup, "train")[:4] + bad)  # 6 files, 2 of them bad: 3 batches of 2
     whole = _extract(setup, tmp_path / "whole.npz", clips)
 
-    real_save, saved = inference._save_batch, []
+    real_save, saved = extract._save_batch, []
 
     def save_then_stop(*args, **kwargs):
         real_save(*args, **kwargs)
@@ -230,10 +244,10 @@ def test_an_interrupted_extraction_resumes_to_the_same_file(setup, tmp_path, mon
         if len(saved) == 1:
             raise KeyboardInterrupt  # stopped after the first of three batches
 
-    monkeypatch.setattr(inference, "_save_batch", save_then_stop)
+    monkeypatch.setattr(extract, "_save_batch", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         _extract(setup, tmp_path / "resumed.npz", clips)
-    monkeypatch.setattr(inference, "_save_batch", real_save)
+    monkeypatch.setattr(extract, "_save_batch", real_save)
     assert not (tmp_path / "resumed.npz").exists()
     assert len(list((tmp_path / "resumed.npz.parts").glob("batch_*.npz"))) == 1
     with pytest.raises(ValueError, match="other inputs or settings"):  # not resumed with other inputs

@@ -2,7 +2,7 @@
 each importing only from the layers below it (or its own), so there is no cycle between them.
 
 The order (docs/architecture.md, "Layers"): config, cli < models < augment < data < formats <
-evaluation, convert < engine < inference < visualize, demo, ablation, benchmark < tools. Imports inside functions
+evaluation, convert < inference < engine < visualize, demo, ablation, benchmark < tools. Imports inside functions
 count as much as top-level ones; no two modules import each other, none imports another's private
 name, and no library file is over 600 lines.
 """
@@ -21,8 +21,8 @@ LAYERS = [
     {"avmae.data"},
     {"avmae.formats"},
     {"avmae.evaluation", "avmae.convert"},
-    {"avmae.engine"},
     {"avmae.inference"},
+    {"avmae.engine"},
     {"avmae.visualize", "avmae.demo", "avmae.ablation", "avmae.benchmark"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}

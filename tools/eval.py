@@ -15,7 +15,7 @@ data, ``per_class_ap_<head>.csv`` to ``--out`` (default ``MODEL_DIR/eval_<split>
 audio->video and video->audio R@1/5/10, median and mean rank over ``--split`` of the dataset of
 ``--config`` (default: the export's own data section; overrides apply to it), optionally only the
 clips of a CAV-MAE JSON data file (``--subset``, e.g. its 5-clips-per-class retrieval lists), with
-the export's preprocessing (avmae.inference.evaluate_retrieval, avmae.evaluation.retrieval).
+the export's preprocessing (avmae.inference.retrieval.evaluate_retrieval, avmae.evaluation.retrieval).
 Writes ``retrieval.json`` to ``--out`` (default ``EXPORT/retrieval_<split>``).
 """
 
@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from avmae.cli import run_tool
 from avmae.engine.finetune import evaluate_finetuned
+from avmae.inference import evaluate_retrieval
 
 
 @record
@@ -43,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the saved config")
     args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     if args.task == "retrieval":
-        from avmae.inference import evaluate_retrieval
-
         evaluate_retrieval(args.model_dir, args.split, args.config, args.overrides, args.subset, args.views, args.out)
         return 0
     if args.config or args.subset or args.views:
