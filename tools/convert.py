@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from avmae.cli import run_tool
-from avmae.config import load_config, save_config
+from avmae.config import load_config
 from avmae.convert import (
     DEFAULT_TOLERANCE,
     PARTS,
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.overrides:  # onto the source's own config (e.g. model.norm_eps=1e-6: --check must fail)
         source = read(args.kind, args.source)
         part = part or ("encoder" if len(source.branches) > 1 else next(iter(source.branches)))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_config(default_config(source), Path(tmp) / "source.yaml")
-            config = load_config(Path(tmp) / "source.yaml", args.overrides)
+        config = load_config(overrides=args.overrides, base=default_config(source))
     try:
         out = convert(args.kind, args.source, args.out_dir, part=part, config=config,
                       num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
