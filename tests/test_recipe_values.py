@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from avmae.config import Config, load_config
-from avmae.models import build_classifier, model_grids
+from avmae.engine.optim import build_optimizer
+from avmae.models import build_classifier, build_pretrain_model, model_grids
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -294,20 +296,57 @@ def test_avmae_finetuning(name, setting, read, source):
     assert same(ours, source), f"{name} {setting}: ours {ours!r}, source {source!r}"
 
 
-def test_stochastic_depth_rises_as_mbts():
-    """scenic projects/av_mae/mbt.py: block i of L drops with probability i / max(L - 1, 1) x rate,
-    in every modality's stack. Here a micro MBT (4 blocks per stack) at the recipes' 0.3."""
-    cfg = load_config(None, [
-        "model.size=micro", "model.patch_size=8", "data.video.num_frames=4", "data.video.size=32",
-        "data.audio.seconds=0.64", "data.audio.num_mel_bins=32", "model.fusion=late",
-        "model.drop_path=0.3", "finetune.fusion=bottleneck", "finetune.fusion_layer=2",
-    ])
+# The recipes shrunk to a micro model (width 128, depth 4, 8 x 8 patches): every other setting is the recipe's.
+MICRO = [
+    "model.size=micro", "model.patch_size=8", "data.video.num_frames=4", "data.video.size=32",
+    "data.audio.seconds=0.64", "data.audio.num_mel_bins=32", "model.decoder_width=64",
+    "model.decoder_depth=1", "model.decoder_heads=4", "finetune.fusion_layer=2",
+]
+
+
+@pytest.mark.parametrize("name", ["avmae_audioset_vitl", "avmae_vggsound_vitl"])
+def test_weight_decay_falls_on_kernels_only(name):
+    """scenic's AV-MAE trainer applies explicit_weight_decay to the parameters whose name holds
+    'kernel' (Dense and Conv weights): not to biases, LayerNorm scales, mask tokens or positions."""
+    cfg = load_config(CONFIGS / "pretrain" / f"{name}.yaml", MICRO)
+    model = build_pretrain_model(cfg)
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))}
+    optimizer = build_optimizer(model, cfg.train, lr=1e-3)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == kernels
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}  # AS-PT / VS-PT: 0.05
+
+
+@pytest.mark.parametrize("name", ["avmae_audioset_vitl", "avmae_vggsound_vitl"])
+def test_stochastic_depth_rises_as_mbts(name):
+    """scenic projects/av_mae/mbt.py: block i of L drops with probability i / max(L - 1, 1) x
+    stochastic_droplayer_rate (0.3 in AS-FT and VS-FT), in every modality's stack."""
+    cfg = load_config(CONFIGS / "finetune" / f"{name}.yaml", MICRO)
     model = build_classifier(cfg, {"label": 5})
     for modality, blocks in model.encoder.modality_blocks.items():
         depth = len(blocks)
         source = [i / max(depth - 1, 1) * 0.3 for i in range(depth)]
         ours = [getattr(b.drop_path1, "drop_prob", 0.0) for b in blocks]
         assert ours == pytest.approx(source), modality
+
+
+@pytest.mark.parametrize("name", ["avmae_audioset_vitl", "avmae_vggsound_vitl"])
+def test_mbt_output_projection_starts_at_zero_and_is_shared(name):
+    """scenic projects/av_mae/mbt.py: classifier 'gap', one output projection for every modality's
+    mean-pooled tokens, zero-initialised (kernel_init zeros)."""
+    cfg = load_config(CONFIGS / "finetune" / f"{name}.yaml", MICRO)
+    model = build_classifier(cfg, {"label": 5})
+    head = model.heads["label"]
+    assert isinstance(head, nn.Linear) and not head.weight.any() and not head.bias.any()
+    g = torch.Generator().manual_seed(0)
+    video, audio = torch.randn(2, 3, 4, 32, 32, generator=g), torch.randn(2, 1, 64, 32, generator=g)
+    model.eval()  # no stochastic depth; evaluation averages the modalities' logits
+    with torch.no_grad():
+        nn.init.normal_(head.weight)
+        tokens = model.forward_tokens(video, audio)
+        logits = model(video, audio)["label"]
+        source = (head(tokens["video"].mean(1)) + head(tokens["audio"].mean(1))) / 2
+    torch.testing.assert_close(logits, source)
 
 
 # ---- CAV-MAE ---------------------------------------------------------------------------------
