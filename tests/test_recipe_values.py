@@ -93,6 +93,9 @@ AVMAE_PRETRAIN_SHARED = {
     "colour augmentation": (lambda p, c: (c.augment.color_jitter, c.augment.grayscale), (0.0, 0.0)),
     # zero_centering = True
     "pixel scale": (lambda p, c: pixel_map(c), ZERO_CENTRED),
+    # scenic projects/av_mae/datasets/dataset_utils.py add_spectrogram: dmvr sample_sequence with
+    # the frames' state, repeat_sequence = True (the window mode is tested in test_audio_window.py)
+    "audio window": (lambda p, c: c.data.audio.window, "wrap"),
     # patches.size = (16, 16, 2), temporal_encoding_config.method = '3d_conv'
     "patches": (lambda p, c: (c.model.patch_size, c.model.tubelet), (16, 2)),
     # positional_embedding = positional_embedding_decoder = 'sinusoidal_1d'
@@ -191,7 +194,7 @@ PRETRAIN_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", PRETRAIN_ROWS, ids=[f"{n}-{s}" for n, s, *_ in PRETRAIN_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", PRETRAIN_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in PRETRAIN_ROWS])
 def test_avmae_pretraining(name, setting, read, source):
     path = CONFIGS / "pretrain" / f"{name}.yaml"
     ours = read(path, recipe(path))
@@ -211,6 +214,9 @@ AVMAE_FINETUNE_SHARED = {
     "flip": (lambda p, c: c.augment.hflip, 0.5),
     # zero_centering = True
     "pixel scale": (lambda p, c: pixel_map(c), ZERO_CENTRED),
+    # add_spectrogram: sample_sequence with the frames' state in training, sample_linspace_sequence
+    # in evaluation, both wrapping (test_audio_window.py)
+    "audio window": (lambda p, c: c.data.audio.window, "wrap"),
     # augmentation_params: prob_color_augment = 0.8, prob_color_drop = 0.1
     "colour": (lambda p, c: (c.augment.color_jitter, c.augment.grayscale), (0.8, 0.1)),
     # hidden_size 1024, num_heads 16, mlp_dim 4096, num_layers 24, patches.size = [16, 16, 2]
@@ -289,7 +295,7 @@ FINETUNE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", FINETUNE_ROWS, ids=[f"{n}-{s}" for n, s, *_ in FINETUNE_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", FINETUNE_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in FINETUNE_ROWS])
 def test_avmae_finetuning(name, setting, read, source):
     path = CONFIGS / "finetune" / f"{name}.yaml"
     ours = read(path, recipe(path))
@@ -369,15 +375,23 @@ CAVMAE_FINETUNE = {
     # src/dataloader.py: mixup=0.5 of the samples, lambda ~ Beta(10, 10), waveforms mixed
     "mixup": (lambda c: (c.augment.mixup, c.augment.mixup_prob, c.augment.mixup_domain), (10.0, 0.5, "waveform")),
 }
+# traintest_cavmae.py runs the model under nn.DataParallel on 4 GPUs (#SBATCH --gres=gpu:4):
+# forward_contrastive sees batch / 4 clips; run_cavmae_pretrain_scale++.sh batch_size=256,
+# run_cavmae_pretrain.sh batch_size=120
+CAVMAE_NEGATIVES = {
+    "cavmae_audioset": (lambda c: (c.model.contrastive_negatives, c.model.contrastive_replica_size), ("replica", 256 // 4)),
+    "cavmae_vggsound": (lambda c: (c.model.contrastive_negatives, c.model.contrastive_replica_size), ("replica", 120 // 4)),
+}
 CAVMAE_ROWS = [
-    (f"pretrain/{n}", s, *r) for n in ("cavmae_audioset", "cavmae_vggsound") for s, r in CAVMAE.items()
+    (f"pretrain/{n}", s, *r) for n in ("cavmae_audioset", "cavmae_vggsound")
+    for s, r in {**CAVMAE, "contrastive negatives": CAVMAE_NEGATIVES[n]}.items()
 ] + [
     (f"finetune/{n}", s, *r) for n in ("cavmae_vggsound", "cavmae_audioset20k")
     for s, r in {**CAVMAE, **CAVMAE_FINETUNE}.items()
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", CAVMAE_ROWS, ids=[f"{n}-{s}" for n, s, *_ in CAVMAE_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", CAVMAE_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in CAVMAE_ROWS])
 def test_cavmae(name, setting, read, source):
     ours = read(recipe(CONFIGS / f"{name}.yaml"))
     assert same(ours, source), f"{name} {setting}: ours {ours!r}, source {source!r}"
