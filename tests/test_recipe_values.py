@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from avmae.config import Config, load_config
-from avmae.engine.optim import build_optimizer
+from avmae.engine.optim import build_optimizer, effective_batch_size, scaled_lr
 from avmae.models import build_classifier, build_pretrain_model, model_grids
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,13 @@ def launched_processes(path: Path) -> int:
 
 
 def global_batch(path: Path, cfg: Config) -> int:
-    return cfg.data.batch_size * launched_processes(path) * cfg.train.grad_accum
+    """Clips per optimiser update when launched as the header says (the engine's count)."""
+    return effective_batch_size(cfg.data.batch_size, launched_processes(path), cfg.train.grad_accum)
 
 
-def scaled_lr(path: Path, cfg: Config) -> float:
-    """The lr of the first step after warmup: base_lr x global batch / 256 (avmae/engine/optim.py)."""
-    return cfg.train.base_lr * global_batch(path, cfg) / 256
+def peak_lr(path: Path, cfg: Config) -> float:
+    """The lr the engine reaches after warmup at that batch (base_lr x batch / 256)."""
+    return scaled_lr(cfg.train, global_batch(path, cfg))
 
 
 def tokens(cfg: Config) -> dict[str, int]:
@@ -60,6 +61,11 @@ def pixel_map(cfg: Config) -> list[float]:
     """Where the normalisation sends pixel values 0, 0.5 and 1 (per channel, flattened)."""
     v = cfg.data.video
     return [round((x - m) / s, 9) for m, s in zip(v.mean, v.std) for x in (0.0, 0.5, 1.0)]
+
+
+def case_ids(rows: list[tuple]) -> list[str]:
+    """`config-setting` with underscores for spaces, so `pytest -k frame_size` selects a setting."""
+    return [f"{name}-{setting.replace(' ', '_')}" for name, setting, *_ in rows]
 
 
 def same(ours, source) -> bool:
@@ -118,7 +124,8 @@ AVMAE_PRETRAIN_SHARED = {
     # stochastic_droplayer_rate = 0, dropout_rate = 0 (no dropout option here)
     "stochastic depth": (lambda p, c: c.model.drop_path, 0.0),
     # optimizer = 'adam', beta1 = 0.9, beta2 = 0.95, explicit_weight_decay = 0.05 (decoupled)
-    "optimiser": (lambda p, c: (c.train.optimizer, tuple(c.train.betas), c.train.weight_decay), ("adamw", (0.9, 0.95), 0.05)),
+    "optimiser": (lambda p, c: (c.train.optimizer, tuple(c.train.betas), c.train.weight_decay),
+                  ("adamw", (0.9, 0.95), 0.05)),
     # warmup_steps = 4 x steps_per_epoch, end_lr = 0 (cosine decay to 0)
     "warmup and end": (lambda p, c: (c.train.warmup_epochs, c.train.min_lr), (4, 0.0)),
     # max_grad_norm not set
@@ -138,7 +145,7 @@ AVMAE_PRETRAIN = {
         # decoder_config L: hidden_size 512, num_layers 4, num_heads 8, mlp_dim 2048
         "decoder": (lambda p, c: (c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads), (512, 4, 8)),
         # base_lr = 3e-4, base_learning_rate = base_lr x batch_size / 256
-        "learning rate": (lambda p, c: scaled_lr(p, c), 3e-4 * 512 / 256),
+        "learning rate": (lambda p, c: peak_lr(p, c), 3e-4 * 512 / 256),
         # num_training_epochs = 120
         "epochs": (lambda p, c: c.train.epochs, 120),
         # checkpoint_steps = steps_per_epoch = AUDIOSET_TRAIN_SIZE // batch_size
@@ -154,7 +161,7 @@ AVMAE_PRETRAIN = {
         "size": (lambda p, c: c.model.size, "base"),
         # decoder_config B: hidden_size 384, num_layers 4, num_heads 6, mlp_dim 1536
         "decoder": (lambda p, c: (c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads), (384, 4, 6)),
-        "learning rate": (lambda p, c: scaled_lr(p, c), 3e-4 * 512 / 256),
+        "learning rate": (lambda p, c: peak_lr(p, c), 3e-4 * 512 / 256),
         "epochs": (lambda p, c: c.train.epochs, 120),
         "checkpoints": (lambda p, c: c.train.checkpoint_every, 1857210 // 512),
         "spectrogram": (lambda p, c: tokens(c)["audio"], (1000 // 16) * (128 // 16)),
@@ -167,7 +174,7 @@ AVMAE_PRETRAIN = {
         "size": (lambda p, c: c.model.size, "large"),
         "decoder": (lambda p, c: (c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads), (512, 4, 8)),
         # VS-PT: base_lr = 1.5e-4, x batch_size / 256
-        "learning rate": (lambda p, c: scaled_lr(p, c), 1.5e-4 * 512 / 256),
+        "learning rate": (lambda p, c: peak_lr(p, c), 1.5e-4 * 512 / 256),
         # VS-PT: num_training_epochs = 400
         "epochs": (lambda p, c: c.train.epochs, 400),
         # VS-PT: checkpoint_steps = VGGSOUND_TRAIN_SIZE // batch_size
@@ -180,7 +187,7 @@ AVMAE_PRETRAIN = {
         "masking": (lambda p, c: (c.model.mask_ratio_video, c.model.mask_ratio_audio), (0.9, 0.5)),
         "size": (lambda p, c: c.model.size, "base"),
         "decoder": (lambda p, c: (c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads), (384, 4, 6)),
-        "learning rate": (lambda p, c: scaled_lr(p, c), 1.5e-4 * 512 / 256),
+        "learning rate": (lambda p, c: peak_lr(p, c), 1.5e-4 * 512 / 256),
         "epochs": (lambda p, c: c.train.epochs, 400),
         "checkpoints": (lambda p, c: c.train.checkpoint_every, 172427 // 512),
         "spectrogram": (lambda p, c: tokens(c)["audio"], (800 // 16) * (128 // 16)),
@@ -194,7 +201,7 @@ PRETRAIN_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", PRETRAIN_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in PRETRAIN_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", PRETRAIN_ROWS, ids=case_ids(PRETRAIN_ROWS))
 def test_avmae_pretraining(name, setting, read, source):
     path = CONFIGS / "pretrain" / f"{name}.yaml"
     ours = read(path, recipe(path))
@@ -250,7 +257,7 @@ AVMAE_FINETUNE = {
         # AS-FT: batch_size = 128
         "batch": (lambda p, c: global_batch(p, c), 128),
         # AS-FT: base_learning_rate = 1.6 (not scaled by the batch)
-        "learning rate": (lambda p, c: scaled_lr(p, c), 1.6),
+        "learning rate": (lambda p, c: peak_lr(p, c), 1.6),
         # AS-FT: fusion_layer = 18
         "fusion layer": (lambda p, c: c.finetune.fusion_layer, 18),
         # AS-FT: label smoothing of the sigmoid targets (mbt_multilabel_classification)
@@ -272,7 +279,7 @@ AVMAE_FINETUNE = {
         # VS-FT: batch_size = 64
         "batch": (lambda p, c: global_batch(p, c), 64),
         # VS-FT: base_learning_rate = 0.8 (not scaled by the batch)
-        "learning rate": (lambda p, c: scaled_lr(p, c), 0.8),
+        "learning rate": (lambda p, c: peak_lr(p, c), 0.8),
         # VS-FT: fusion_layer = 16
         "fusion layer": (lambda p, c: c.finetune.fusion_layer, 16),
         # VS-FT: freq_mask_max_bins 48, freq_mask_count 1; time masks none (time_mask_max_ratio = 0)
@@ -295,7 +302,7 @@ FINETUNE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", FINETUNE_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in FINETUNE_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", FINETUNE_ROWS, ids=case_ids(FINETUNE_ROWS))
 def test_avmae_finetuning(name, setting, read, source):
     path = CONFIGS / "finetune" / f"{name}.yaml"
     ours = read(path, recipe(path))
@@ -378,9 +385,13 @@ CAVMAE_FINETUNE = {
 # traintest_cavmae.py runs the model under nn.DataParallel on 4 GPUs (#SBATCH --gres=gpu:4):
 # forward_contrastive sees batch / 4 clips; run_cavmae_pretrain_scale++.sh batch_size=256,
 # run_cavmae_pretrain.sh batch_size=120
+def negatives(c: Config) -> tuple[str, int]:
+    return c.model.contrastive_negatives, c.model.contrastive_replica_size
+
+
 CAVMAE_NEGATIVES = {
-    "cavmae_audioset": (lambda c: (c.model.contrastive_negatives, c.model.contrastive_replica_size), ("replica", 256 // 4)),
-    "cavmae_vggsound": (lambda c: (c.model.contrastive_negatives, c.model.contrastive_replica_size), ("replica", 120 // 4)),
+    "cavmae_audioset": (negatives, ("replica", 256 // 4)),
+    "cavmae_vggsound": (negatives, ("replica", 120 // 4)),
 }
 CAVMAE_ROWS = [
     (f"pretrain/{n}", s, *r) for n in ("cavmae_audioset", "cavmae_vggsound")
@@ -391,7 +402,7 @@ CAVMAE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("name,setting,read,source", CAVMAE_ROWS, ids=[f"{n}-{s.replace(' ', '_')}" for n, s, *_ in CAVMAE_ROWS])
+@pytest.mark.parametrize("name,setting,read,source", CAVMAE_ROWS, ids=case_ids(CAVMAE_ROWS))
 def test_cavmae(name, setting, read, source):
     ours = read(recipe(CONFIGS / f"{name}.yaml"))
     assert same(ours, source), f"{name} {setting}: ours {ours!r}, source {source!r}"
