@@ -228,9 +228,12 @@ AVMAE_FINETUNE_SHARED = {
     "colour": (lambda p, c: (c.augment.color_jitter, c.augment.grayscale), (0.8, 0.1)),
     # hidden_size 1024, num_heads 16, mlp_dim 4096, num_layers 24, patches.size = [16, 16, 2]
     "model": (lambda p, c: (c.model.size, c.model.patch_size, c.model.tubelet), ("large", 16, 2)),
-    # use_bottleneck = True, n_bottlenecks = 4, test_with_bottlenecks = True, share_encoder = False
-    "fusion": (lambda p, c: (c.finetune.fusion, c.finetune.bottlenecks, c.finetune.test_with_bottlenecks),
-               ("bottleneck", 4, True)),
+    # modality_fusion = ('rgb', 'spectrogram'), use_bottleneck = True, n_bottlenecks = 4,
+    # test_with_bottlenecks = True, share_encoder = False
+    "fusion": (lambda p, c: (c.finetune.modalities, c.finetune.fusion, c.finetune.bottlenecks,
+                             c.finetune.test_with_bottlenecks), ("audiovisual", "bottleneck", 4, True)),
+    # mbt.py: use_modality_tokens not set, False
+    "modality tokens": (lambda p, c: c.model.modality_embed, False),
     # mbt.py add_positional_embed: 'sinusoidal_1d'
     "positions": (lambda p, c: c.model.pos_embed, "1d"),
     # stochastic_droplayer_rate = 0.3 (rising with depth: test_stochastic_depth_rises_as_mbts)
@@ -258,6 +261,8 @@ AVMAE_FINETUNE = {
         "batch": (lambda p, c: global_batch(p, c), 128),
         # AS-FT: base_learning_rate = 1.6 (not scaled by the batch)
         "learning rate": (lambda p, c: peak_lr(p, c), 1.6),
+        # AS-FT: steps_per_epoch = AUDIOSET_TRAIN_SIZE // batch_size, AUDIOSET_TRAIN_SIZE = 508994
+        "epoch size": (lambda p, c: c.data.balanced_epoch_size, 508994),
         # AS-FT: fusion_layer = 18
         "fusion layer": (lambda p, c: c.finetune.fusion_layer, 18),
         # AS-FT: label smoothing of the sigmoid targets (mbt_multilabel_classification)
