@@ -98,6 +98,13 @@ def fixed_table(modality: str, dim: int, grid: tuple[int, ...], kind: str = "gri
     return _BUILDERS[modality](dim, grid, device)
 
 
+def _check(modality: str, kind: str) -> None:
+    if modality not in _BUILDERS:
+        raise ValueError(f"no positional embedding for modality {modality!r}")
+    if kind not in POS_EMBEDS:
+        raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
+
+
 class SinCosPosEmbed(nn.Module):
     """The fixed embedding of one modality at one width.
 
@@ -109,10 +116,7 @@ class SinCosPosEmbed(nn.Module):
 
     def __init__(self, modality: str, dim: int, grid: tuple[int, ...], kind: str = "grid") -> None:
         super().__init__()
-        if modality not in _BUILDERS:
-            raise ValueError(f"no positional embedding for modality {modality!r}")
-        if kind not in POS_EMBEDS:
-            raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
+        _check(modality, kind)
         self.modality = modality
         self.dim = dim
         self.kind = kind
@@ -182,10 +186,7 @@ class LearnedPosEmbed(nn.Module):
 
     def __init__(self, modality: str, dim: int, grid: tuple[int, ...], kind: str = "grid") -> None:
         super().__init__()
-        if modality not in _BUILDERS:
-            raise ValueError(f"no positional embedding for modality {modality!r}")
-        if kind not in POS_EMBEDS:
-            raise ValueError(f"positional embedding kind must be one of {', '.join(POS_EMBEDS)}, got {kind!r}")
+        _check(modality, kind)
         self.modality = modality
         self.dim = dim
         self.grid = tuple(grid)
