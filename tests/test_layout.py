@@ -240,3 +240,11 @@ def test_the_build_backend_reads_the_license_field():
     (requirement,) = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
     bound = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", requirement.replace(" ", ""))
     assert bound and int(bound.group(1)) >= 77, requirement
+
+
+def test_every_tool_ends_through_run_tool():
+    # avmae.cli.run_tool gives every tool the same exit statuses and one-line errors (docs/architecture.md)
+    tools = sorted((REPO / "tools").glob("*.py"))
+    assert tools
+    missing = [p.name for p in tools if "sys.exit(run_tool(main))" not in p.read_text()]
+    assert not missing, f"these tools do not end through avmae.cli.run_tool: {missing}"
