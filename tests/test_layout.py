@@ -248,3 +248,13 @@ def test_every_tool_ends_through_run_tool():
     assert tools
     missing = [p.name for p in tools if "sys.exit(run_tool(main))" not in p.read_text()]
     assert not missing, f"these tools do not end through avmae.cli.run_tool: {missing}"
+
+
+def test_the_readme_states_these_layers():
+    # README, "Layout": "Packages import only from the layers below them (config, cli < models < ...)"
+    import re
+
+    text = " ".join((REPO / "README.md").read_text().split())
+    order = re.search(r"Packages import only from the layers below them \(([^;)]*)", text).group(1)
+    stated = [{f"avmae.{name.strip()}" for name in layer.split(",")} for layer in order.split("<")]
+    assert stated[-1] == {"avmae.tools"} and stated[:-1] == LAYERS, order
