@@ -123,15 +123,6 @@ def call(fn: Callable[[], T], url: str, counter: torch.Tensor | None = None) -> 
     raise AssertionError("unreachable")
 
 
-def get_object_bytes(url: str, counter: torch.Tensor | None = None) -> bytes:
-    """The whole object at ``s3://bucket/key`` (a small metadata file), through ``call``."""
-    import boto3  # credentials and endpoint from the environment (AWS_ENDPOINT_URL for non-AWS stores)
-
-    bucket, _, key = url[len("s3://") :].partition("/")
-    client = boto3.client("s3", config=client_config())
-    return call(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), url, counter)
-
-
 def store_retries(dataset) -> torch.Tensor | None:
     """The retry counter of a dataset read from an object store (``dataset.store.retries``), else None."""
     return getattr(getattr(dataset, "store", None), "retries", None)

@@ -22,6 +22,7 @@ from avmae.data.audio import AudioDecodeError, NoAudioError, cut_window
 from avmae.data import object_store
 from avmae.data.dataset import AVDataset
 from avmae.data.manifests import ClipRecord, Manifest
+from avmae.data.storage import Location, is_url
 from avmae.data.video import VideoDecodeError, VideoReader
 
 log = logging.getLogger(__name__)
@@ -53,28 +54,22 @@ def decode_frame(data: bytes) -> np.ndarray:
 # Reading
 
 
-def _is_url(root: str) -> bool:
-    return "://" in root
-
-
 def split_location(data_cfg: DataConfig, split: str) -> str:
     """The shard folder or URL of ``split``: ``data.root`` joined with ``data.<split>``."""
     name = getattr(data_cfg, split)
-    if _is_url(name) or os.path.isabs(name):
+    if is_url(name) or os.path.isabs(name):
         return name
     return data_cfg.root.rstrip("/") + "/" + name
 
 
 def _read_small_file(location: str, name: str) -> bytes:
     """A metadata file of a shard folder, local or on an S3-compatible store."""
-    if not _is_url(location):
-        path = Path(location) / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; is {location} a finished shard folder (tools/prepare_data.py)?")
-        return path.read_bytes()
-    if not location.startswith("s3://"):
-        raise ValueError(f"{location}: shards are read from a folder or an s3:// URL")
-    return object_store.get_object_bytes(f"{location.rstrip('/')}/{name}")
+    try:
+        return Location(location).read(name)
+    except FileNotFoundError as err:
+        if is_url(location):  # the store's own message names the URL
+            raise
+        raise FileNotFoundError(f"{err}; is {location} a finished shard folder (tools/prepare_data.py)?") from err
 
 
 class ShardStore:
@@ -98,7 +93,7 @@ class ShardStore:
         return {**self.__dict__, "_stream": None, "_pid": None}
 
     def __getitem__(self, index: int) -> dict:
-        if not _is_url(self.location):
+        if not is_url(self.location):
             return self._open()[index]
         return object_store.call(lambda: self._open()[index], self._chunk_url(index), self.retries)
 
@@ -106,7 +101,7 @@ class ShardStore:
         if self._stream is None or self._pid != os.getpid():
             from litdata import StreamingDataset
 
-            options = {"config": object_store.client_config()} if _is_url(self.location) else {}
+            options = {"config": object_store.client_config()} if is_url(self.location) else {}
             self._stream = StreamingDataset(self.location, cache_dir=self.cache_dir, storage_options=options)
             self._pid = os.getpid()  # len(self._stream) is this rank's share; indexing is global
         return self._stream
