@@ -121,16 +121,7 @@ def _audio_from_video(video: Branch, notes: dict) -> Branch:
     if video.patch_weight.shape[2] != 1:
         raise ConversionError("an audio branch can start only from an image network (one-frame patches)")
     notes["audio_from_video"] = "audio branch initialised from the image network: patch kernel summed over RGB"
-    return Branch(
-        patch_weight=video.patch_weight[:, :, 0].sum(dim=1, keepdim=True),
-        patch_bias=video.patch_bias,
-        pos=video.pos,
-        grid=video.grid,
-        blocks=video.blocks,
-        norm=video.norm,
-        cls=video.cls,
-        modality_embed=video.modality_embed,
-    )
+    return replace(video, patch_weight=video.patch_weight[:, :, 0].sum(dim=1, keepdim=True))
 
 
 def encoder_state(source: Source, cfg: Config, modalities: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
