@@ -4,8 +4,8 @@
 would make by hand (``avmae.data.synthetic.generate_dataset``, ``avmae.engine.pretrain``,
 ``avmae.formats.export``, ``avmae.evaluation.probe.run_linear_probes``,
 ``avmae.inference.run_retrieval``, ``avmae.visualize.visualize``); the recipe is
-``configs/objectives/mae_infonce.yaml`` (``configs/pretrain/demo.yaml`` plus CAV-MAE's InfoNCE
-term) and ``configs/probe/synthetic.yaml``. The demo asks two questions,
+``configs/pretrain/demo_infonce.yaml`` (``configs/pretrain/demo.yaml`` plus CAV-MAE's InfoNCE
+term) and ``configs/probe/synthetic.yaml``; the dataset is written with ``hue_sets_pitch``. The demo asks two questions,
 with numbers: does a linear classifier on the pretrained encoder's features beat the same
 classifier on a randomly initialised encoder, and on the raw inputs, on held-out clips? And does
 the pretrained encoder find a held-out clip's video from its audio (and back) better than chance
@@ -32,10 +32,11 @@ from avmae.models import build_encoder
 from avmae.visualize import visualize
 
 # The demo recipe (configs/pretrain/demo.yaml) plus CAV-MAE's audio-visual InfoNCE, so that the
-# retrieval step scores an encoder trained to match a clip's audio with its video.
-PRETRAIN_CONFIG = "configs/objectives/mae_infonce.yaml"
+# retrieval step scores an encoder trained to match a clip's audio with its video; the dataset it
+# writes ties each clip's pitch to its background's hue, the link that retrieval can learn here.
+PRETRAIN_CONFIG = "configs/pretrain/demo_infonce.yaml"
 PROBE_CONFIG = "configs/probe/synthetic.yaml"
-LOSS_TAGS = ("train/loss", "train/mae_video", "train/mae_audio")
+LOSS_TAGS = ("train/mae", "train/mae_video", "train/mae_audio", "train/contrastive")
 SOURCE_NAMES = {"pretrained": "pretrained encoder", "random": "random-init encoder", "raw": "raw inputs"}
 RETRIEVAL_SPLIT = "test"
 
@@ -80,9 +81,16 @@ def run_demo(
     if (data_root / "train.csv").is_file():
         print(f"[1/6] synthetic dataset: using the one in {data_root}")
         seconds["data"] = 0.0
+        if not has_hue_link(data_root):
+            print(
+                f"warning: {data_root} was written without --hue-sets-pitch: its audio and video share "
+                "nothing this model learns to match, so expect retrieval at chance"
+            )
     else:
         print(f"[1/6] synthetic dataset: writing {num_clips} clips of {num_classes} classes to {data_root}")
-        _, seconds["data"] = _timed(generate_dataset, data_root, num_clips, num_classes, data_seed)
+        _, seconds["data"] = _timed(
+            generate_dataset, data_root, num_clips, num_classes, data_seed, hue_sets_pitch=True
+        )
 
     print(f"[2/6] pretraining ({PRETRAIN_CONFIG})")
     pretrain_dir = out_dir / "pretrain"
@@ -121,7 +129,10 @@ def run_demo(
     seconds["total"] = time.perf_counter() - started
     summary = {
         "seed": seed,
-        "data": {"root": str(data_root), "num_clips": num_clips, "num_classes": num_classes},
+        "data": {
+            "root": str(data_root), "num_clips": num_clips, "num_classes": num_classes,
+            "hue_sets_pitch": has_hue_link(data_root),
+        },
         "steps": cfg.train.max_steps,
         "checkpoint": str(checkpoint),
         "export": str(export_dir),
@@ -136,6 +147,13 @@ def run_demo(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def has_hue_link(data_root: Path) -> bool:
+    """Whether the synthetic dataset in ``data_root`` was written with ``hue_sets_pitch``
+    (its ``metadata.jsonl`` rows say so)."""
+    with open(data_root / "metadata.jsonl") as f:
+        return bool(json.loads(f.readline()).get("hue_sets_pitch", False))
 
 
 def run_demo_retrieval(pretrained, probe_cfg) -> dict:
@@ -161,7 +179,7 @@ def format_summary(summary: dict) -> str:
     data = summary["data"]
     made = f"{s['data']:.0f} s" if s["data"] else "reused"
     lines.append(f"{'data':<14} {made:>8}  {data['root']}")
-    loss = losses.get("loss")
+    loss = losses.get("mae")
     parts = [f"{summary['steps']} steps"]
     if loss:
         parts.append(f"reconstruction loss {loss['first']:.3f} -> {loss['last']:.3f} ({loss['factor']:.1f}x lower)")
@@ -169,6 +187,9 @@ def format_summary(summary: dict) -> str:
         if f"mae_{m}" in losses:
             x = losses[f"mae_{m}"]
             parts.append(f"{m} {x['first']:.3f} -> {x['last']:.3f}")
+    if "contrastive" in losses:
+        x = losses["contrastive"]
+        parts.append(f"InfoNCE {x['first']:.3f} -> {x['last']:.3f}")
     lines.append(f"{'pretraining':<14} {s['pretrain']:>6.0f} s  " + "; ".join(parts))
     lines.append(f"{'export':<14} {s['export']:>6.0f} s  {summary['export']}")
     lines.append(f"{'linear probes':<14} {s['probe']:>6.0f} s  {Path(summary['export']).parent / 'probe'}")
@@ -202,15 +223,16 @@ def format_summary(summary: dict) -> str:
 
 
 def format_retrieval_rows(retrieval: dict) -> list[str]:
-    """R@1 / R@5 (%) both ways per encoder, against chance."""
+    """R@1 / R@5 (%) and the median rank both ways per encoder, against chance."""
     first = next(iter(retrieval.values()))
     chance = first["chance"]
+    keys = ("R@1", "R@5", "median_rank")
     lines = [
-        f"audio-visual retrieval, R@k % ({first['clips']} {RETRIEVAL_SPLIT} clips; chance R@1 "
-        f"{chance['R@1']:.2f}, R@5 {chance['R@5']:.2f})",
-        f"{'encoder':<22} {'a->v R@1':>9} {'a->v R@5':>9} {'v->a R@1':>9} {'v->a R@5':>9}",
+        f"audio-visual retrieval ({first['clips']} {RETRIEVAL_SPLIT} clips; chance R@1 {chance['R@1']:.2f} %, "
+        f"R@5 {chance['R@5']:.2f} %, median rank {chance['median_rank']:.1f})",
+        f"{'encoder':<22} " + " ".join(f"{d} {k.replace('_rank', ''):>4}".rjust(11) for d in ("a->v", "v->a") for k in keys),
     ]
     for source, m in retrieval.items():
-        cells = [m[d][k] for d in ("audio->video", "video->audio") for k in ("R@1", "R@5")]
-        lines.append(f"{SOURCE_NAMES[source]:<22} " + " ".join(f"{c:>9.1f}" for c in cells))
+        cells = [m[d][k] for d in ("audio->video", "video->audio") for k in keys]
+        lines.append(f"{SOURCE_NAMES[source]:<22} " + " ".join(f"{c:>11.1f}" for c in cells))
     return lines

@@ -40,11 +40,18 @@ def test_the_dataset_is_real_h264_and_aac(demo):
         assert container.streams.audio[0].codec_context.name == "aac"
 
 
+def test_the_demo_writes_its_dataset_with_the_hue_pitch_link(demo):
+    data, _, summary = demo
+    rows = [json.loads(line) for line in open(data / "metadata.jsonl")]
+    assert rows and all(row["hue_sets_pitch"] for row in rows)
+    assert summary["data"]["hue_sets_pitch"] is True
+
+
 def test_the_reported_losses_are_the_runs_own(demo):
     _, out, summary = demo
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["steps"] == 3 and Path(summary["checkpoint"]).name == "step_00000003"
-    for name in ("loss", "mae_video", "mae_audio"):
+    for name in ("mae", "mae_video", "mae_audio", "contrastive"):
         logged = read_scalars(out / "pretrain", f"train/{name}")
         assert sorted(logged) == [1, 2, 3]  # one logging window per step here
         reported = summary["losses"][name]
@@ -87,8 +94,9 @@ def test_the_summary_states_its_own_numbers(demo):
     assert f"pretraining adds {test['pretrained'] - test['random']:+.1f} points over the random-init encoder" in table
     assert f"{test['pretrained'] - test['raw']:+.1f} over the raw inputs" in table
     assert f"one test clip is {100 / records:.2f} points" in table
-    loss = summary["losses"]["loss"]
+    loss, infonce = summary["losses"]["mae"], summary["losses"]["contrastive"]
     assert f"reconstruction loss {loss['first']:.3f} -> {loss['last']:.3f}" in table
+    assert f"InfoNCE {infonce['first']:.3f} -> {infonce['last']:.3f}" in table
     for line in ("pretrained encoder", "random-init encoder", "raw inputs", summary["picture"], "accelerate launch"):
         assert line in table
     assert Path(summary["picture"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -103,6 +111,7 @@ def test_retrieval_rows_compare_the_pretrained_and_the_random_encoder(demo):
     for metrics in retrieval.values():
         assert metrics["clips"] == test_clips and metrics["bad"] == []
         assert metrics["chance"]["R@1"] == pytest.approx(100 / test_clips)
+        assert metrics["chance"]["median_rank"] == (test_clips + 1) / 2
         for direction in ("audio->video", "video->audio"):
             for k in ("R@1", "R@5"):
                 hits = metrics[direction][k] * test_clips / 100
@@ -114,5 +123,6 @@ def test_retrieval_rows_compare_the_pretrained_and_the_random_encoder(demo):
     for name in ("pretrained encoder", "random-init encoder"):
         row = next(line for line in lines[header:] if line.startswith(name))
         source = "pretrained" if name.startswith("pretrained") else "random"
-        expected = [retrieval[source][d][k] for d in ("audio->video", "video->audio") for k in ("R@1", "R@5")]
+        keys = ("R@1", "R@5", "median_rank")
+        expected = [retrieval[source][d][k] for d in ("audio->video", "video->audio") for k in keys]
         assert [float(x) for x in row.split()[2:]] == pytest.approx(expected, abs=0.05)

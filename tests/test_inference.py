@@ -162,7 +162,7 @@ def test_retrieval_ranks_equal_hand_computed_ranks_with_ties():
     metrics = retrieval_metrics({"audio": audio, "video": video}, block=3)
     assert metrics["audio->video"] == {"R@1": 25.0, "R@5": 100.0, "R@10": 100.0, "median_rank": 2.5, "mean_rank": 2.25}
     assert metrics["video->audio"] == {"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "median_rank": 1.5, "mean_rank": 1.5}
-    assert metrics["clips"] == 4 and metrics["chance"]["R@1"] == 25.0
+    assert metrics["clips"] == 4 and metrics["chance"]["R@1"] == 25.0 and metrics["chance"]["median_rank"] == 2.5
     # a collapsed encoder (every clip one vector) ranks every partner last
     assert retrieval_ranks(torch.ones(5, 3), torch.ones(5, 3)).tolist() == [5] * 5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import json
 import runpy
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from avmae.data.synthetic import (
     BAD_KINDS,
+    LINKED_PITCH_HZ,
     SHORT_SECONDS,
     class_specs,
     generate_dataset,
@@ -301,3 +303,30 @@ def test_visual_event_and_sound_share_their_instants(make_clip, motion, fps):
         assert onset_ratio(audio, int(round(t * 16000))) > 20.0
         checked += 1
     assert checked >= 2
+
+
+def test_hue_sets_pitch_ties_the_pitch_to_the_decoded_background_and_changes_nothing_else(make_clip):
+    """With ``hue_sets_pitch`` a clip's pitch is ``LINKED_PITCH_HZ * 2 ** (2 * hue - 1)`` whatever
+    its class, the hue measured here on the decoded frames and the pitch on the decoded sound (a
+    whistle: a pure tone); the frames, events and every other draw are those of the unlinked clip."""
+    spec = next(s for s in class_specs(8) if s.sound == "whistle")
+    for seed in range(4):
+        linked = render_clip(spec, np.random.default_rng(seed), duration=2.0, nuisance=0.0, hue_sets_pitch=True)
+        free = render_clip(spec, np.random.default_rng(seed), duration=2.0, nuisance=0.0)
+        assert np.array_equal(linked.frames, free.frames) and np.array_equal(linked.events, free.events)
+        others = ("pitch_hz", "hue_sets_pitch")
+        assert {k: v for k, v in linked.meta.items() if k not in others} == {
+            k: v for k, v in free.meta.items() if k not in others
+        }
+        frames, audio = decode(make_clip(f"clip{seed}.mp4", linked.frames, 25.0, linked.audio))
+        # at nuisance 0 the background is one colour: the median pixel of the first frame
+        red, green, blue = np.median(frames[0].reshape(-1, 3).astype(np.float64), axis=0) / 255.0
+        expected = LINKED_PITCH_HZ * 2.0 ** (2.0 * colorsys.rgb_to_hsv(red, green, blue)[0] - 1.0)
+        # the whistle's vibrato spreads its power evenly around the pitch: take the centroid
+        # of the power within 100 Hz of the strongest bin
+        power = np.abs(np.fft.rfft(audio * np.hanning(audio.size))) ** 2
+        freqs = np.fft.rfftfreq(audio.size, 1 / 16000)
+        near = np.abs(freqs - freqs[np.argmax(power)]) < 100.0
+        assert (freqs[near] * power[near]).sum() / power[near].sum() == pytest.approx(expected, rel=0.015)
+        # unlinked, the pitch is its own draw, which does not follow the hue
+        assert free.meta["pitch_hz"] != pytest.approx(expected, rel=0.03)

@@ -2,9 +2,10 @@
 
     python tools/demo.py [--seed S] [--out runs/demo] [--data data/synthetic] [key.sub=value ...]
 
-1. writes the synthetic audiovisual dataset (real H.264 + AAC mp4s) unless --data holds one;
+1. writes the synthetic audiovisual dataset (real H.264 + AAC mp4s), each clip's pitch set by
+   its background's hue (make_synthetic.py --hue-sets-pitch), unless --data holds one;
 2. pretrains the micro AV-MAE of configs/pretrain/demo.yaml with CAV-MAE's audio-visual InfoNCE
-   added (configs/objectives/mae_infonce.yaml; overrides apply to it);
+   added (configs/pretrain/demo_infonce.yaml; overrides apply to it);
 3. exports it to safetensors (--out/export);
 4. linear-probes the pretrained encoder, a randomly initialised one and the raw inputs on the
    held-out clips (configs/probe/synthetic.yaml);

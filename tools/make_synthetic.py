@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"strength of the class-independent nuisances: 0 gives clean clips, 1 the strongest "
         f"designed (default {DEFAULT_NUISANCE})",
     )
+    parser.add_argument(
+        "--hue-sets-pitch", action="store_true",
+        help="set each clip's pitch from its background's hue instead of drawing it: a per-clip "
+        "audio-visual link that retrieval can learn (the demo's dataset)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     return parser.parse_args(argv)
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         workers=args.workers,
         nuisance=args.nuisance,
         overwrite=args.overwrite,
+        hue_sets_pitch=args.hue_sets_pitch,
     )
     print(format_summary(summary))
     return summary

@@ -63,7 +63,8 @@ def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
 
 def retrieval_metrics(features: dict[str, torch.Tensor], block: int = 1024) -> dict[str, dict[str, float]]:
     """Both directions' ``rank_metrics`` from ``{"audio": (N, D), "video": (N, D)}`` embeddings of
-    the same N clips; plus ``clips`` (N) and ``chance`` (R@1 of a random ranking, 100 / N)."""
+    the same N clips; plus ``clips`` (N) and ``chance``: what a random ranking scores, R@k
+    ``100 k / N`` and median rank ``(N + 1) / 2`` (the expectation of both)."""
     n = features["audio"].shape[0]
     if n == 0:
         raise ValueError("retrieval needs at least one clip")
@@ -72,6 +73,7 @@ def retrieval_metrics(features: dict[str, torch.Tensor], block: int = 1024) -> d
         result[name] = rank_metrics(retrieval_ranks(features[query], features[gallery], block))
     result["clips"] = n
     result["chance"] = {f"R@{k}": 100.0 * min(k, n) / n for k in RECALL_AT}
+    result["chance"]["median_rank"] = (n + 1) / 2
     return result
 
 

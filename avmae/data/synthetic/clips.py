@@ -6,6 +6,7 @@ and their synchrony; everything else is a per-clip nuisance drawn independently 
 
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,8 @@ SHAPES = ("circle", "square", "diamond", "triangle", "ring")
 #   nuisance 1.0: pretrained 30 / 28, random init 25 / 28, raw 20 / 21
 # 0.3 is the default: the classes are far from solved, and pretraining helps.
 DEFAULT_NUISANCE = 0.3
+# Pitch at the middle hue of clips written with hue_sets_pitch: 400 Hz at hue 0 to 1600 Hz at hue 1.
+LINKED_PITCH_HZ = 800.0
 # The moving object's fading trail: (seconds ago, opacity), oldest first, over the last 0.32 s.
 TRAIL = tuple((0.04 * k, 0.6 * (1.0 - k / 9.0)) for k in range(8, 0, -1))
 
@@ -189,6 +192,12 @@ def _background(
     # Bilinear weights from the 4 knots to the ``size`` pixels of one axis: (size, 4).
     weights = np.stack([np.interp(np.linspace(0.0, 3.0, size), np.arange(4), np.eye(4)[k]) for k in range(4)], 1)
     return image + np.einsum("yi,xj,ijc->yxc", weights, weights, coarse)
+
+
+def background_hue(background: np.ndarray) -> float:
+    """Hue in [0, 1) of the mean colour of an ``(H, W, 3)`` background in [0, 255]."""
+    red, green, blue = np.clip(background.reshape(-1, 3).mean(axis=0), 0.0, 255.0) / 255.0
+    return colorsys.rgb_to_hsv(red, green, blue)[0]
 
 
 def _contrasting_colour(
@@ -321,11 +330,17 @@ def render_clip(
     size: int = 64,
     sample_rate: int = 16000,
     nuisance: float = DEFAULT_NUISANCE,
+    hue_sets_pitch: bool = False,
 ) -> Clip:
     """Draw one clip of class ``spec``.
 
     ``nuisance`` scales every class-independent distraction (texture, distractor shapes and
     sounds, pixel and audio noise, hum); 0 gives a clean clip, 1 the strongest designed.
+    ``hue_sets_pitch`` ties one nuisance of each modality together: the pitch is set by the hue
+    of the background's mean colour, ``LINKED_PITCH_HZ * 2 ** (2 * hue - 1)`` for every class,
+    instead of drawn around the class's centre, so that a clip's audio and video share something
+    a small encoder can learn to match (retrieval) and that says nothing of the class. Every
+    other draw, and so every frame, stays the same.
     """
     if size % 2 or size < 16:
         raise ValueError(f"size must be even and >= 16, got {size}")
@@ -388,7 +403,9 @@ def render_clip(
     frames = np.clip(np.rint(video), 0, 255).astype(np.uint8)
 
     # The sound: one class sound per event at the same instant, plus class-independent nuisances.
-    pitch = spec.pitch_hz * 2.0 ** rng.uniform(-1.0, 1.0)
+    pitch = spec.pitch_hz * 2.0 ** rng.uniform(-1.0, 1.0)  # drawn in either case: later draws stay
+    if hue_sets_pitch:
+        pitch = LINKED_PITCH_HZ * 2.0 ** (2.0 * background_hue(background) - 1.0)
     gain = 10.0 ** (rng.uniform(-16.0, -4.0) / 20.0)
     audio = np.zeros(num_samples)
     for t in events[events < duration]:
@@ -427,6 +444,7 @@ def render_clip(
         "centre": [round(float(c), 3) for c in centre],
         "distractors": num_distractors,
         "pitch_hz": round(float(pitch), 3),
+        "hue_sets_pitch": hue_sets_pitch,
         "distractor_sounds": num_distractor_sounds,
     }
     return Clip(frames, audio.astype(np.float32), in_clip, meta)

@@ -38,6 +38,7 @@ class _ClipJob:
     size: int
     sample_rate: int
     nuisance: float
+    hue_sets_pitch: bool
 
 
 def split_by_class(
@@ -77,7 +78,9 @@ def _make_clip_file(job: _ClipJob, out_dir: Path) -> dict[str, Any]:
     """Render and write one clip (or, for ``missing``, nothing); returns its metadata row."""
     rng = np.random.default_rng([job.seed, job.index])
     duration = SHORT_SECONDS if job.kind == "short" else job.duration
-    clip = render_clip(job.spec, rng, duration, job.fps, job.size, job.sample_rate, job.nuisance)
+    clip = render_clip(
+        job.spec, rng, duration, job.fps, job.size, job.sample_rate, job.nuisance, job.hue_sets_pitch
+    )
     relative = f"clips/{job.clip_id}.mp4"
     path = out_dir / relative
     if job.kind != "missing":
@@ -130,6 +133,7 @@ def generate_dataset(
     workers: int | None = None,
     nuisance: float = DEFAULT_NUISANCE,
     overwrite: bool = False,
+    hue_sets_pitch: bool = False,
 ) -> dict[str, Any]:
     """Write a synthetic audiovisual dataset to ``out_dir``.
 
@@ -142,6 +146,9 @@ def generate_dataset(
     num_clips)`` of the listed clips, but at least one of each kind when ``bad_fraction > 0``,
     are bad: ``video_only`` (no audio stream), ``silent`` (an all-zero audio stream), ``short``
     (0.4 s), ``truncated`` (bytes cut, undecodable) and ``missing`` (listed, never written).
+
+    ``hue_sets_pitch``: each clip's pitch follows its background's hue (``render_clip``), a
+    per-clip audio-visual link that retrieval can learn; off, the two are drawn independently.
 
     Every clip draws from its own generator seeded by ``(seed, index)``, so the content does not
     depend on ``workers``; the same arguments give byte-identical files.
@@ -178,7 +185,7 @@ def generate_dataset(
     jobs = [
         _ClipJob(
             i, f"clip_{i:0{width}d}", int(labels[i]), splits[i], bad.get(i, "ok"), specs[labels[i]],
-            seed, duration, fps, size, sample_rate, nuisance,
+            seed, duration, fps, size, sample_rate, nuisance, hue_sets_pitch,
         )
         for i in range(num_clips)
     ]
