@@ -5,9 +5,10 @@ would make by hand (``avmae.data.synthetic.generate_dataset``, ``avmae.engine.pr
 ``avmae.formats.export``, ``avmae.evaluation.probe.run_linear_probes``,
 ``avmae.inference.run_retrieval``, ``avmae.visualize.visualize``); the recipe is
 ``configs/pretrain/demo_infonce.yaml`` (``configs/pretrain/demo.yaml`` plus CAV-MAE's InfoNCE
-term) and ``configs/probe/synthetic.yaml``; the dataset is written with ``hue_sets_pitch``. The demo asks two questions,
-with numbers: does a linear classifier on the pretrained encoder's features beat the same
-classifier on a randomly initialised encoder, and on the raw inputs, on held-out clips? And does
+term) and ``configs/probe/synthetic.yaml``; the dataset is written with ``hue_sets_pitch``.
+The demo asks two questions, with numbers: does a linear classifier on the pretrained
+encoder's features beat the same classifier on a randomly initialised encoder, and on the raw
+inputs, on held-out clips? And does
 the pretrained encoder find a held-out clip's video from its audio (and back) better than chance
 and than the random-init encoder (the recipe's InfoNCE term trains exactly that)?
 """
