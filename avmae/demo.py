@@ -82,15 +82,16 @@ def run_demo(
     if (data_root / "train.csv").is_file():
         print(f"[1/6] synthetic dataset: using the one in {data_root}")
         seconds["data"] = 0.0
-        if not has_hue_link(data_root):
-            print(
-                f"warning: {data_root} was written without --hue-sets-pitch: its audio and video share "
-                "nothing this model learns to match, so expect retrieval at chance"
-            )
     else:
         print(f"[1/6] synthetic dataset: writing {num_clips} clips of {num_classes} classes to {data_root}")
         _, seconds["data"] = _timed(
             generate_dataset, data_root, num_clips, num_classes, data_seed, hue_sets_pitch=True
+        )
+    hue_link = has_hue_link(data_root)
+    if not hue_link:
+        print(
+            f"warning: {data_root} was written without --hue-sets-pitch: its audio and video share "
+            "nothing this model learns to match, so expect retrieval at chance"
         )
 
     print(f"[2/6] pretraining ({PRETRAIN_CONFIG})")
@@ -132,7 +133,7 @@ def run_demo(
         "seed": seed,
         "data": {
             "root": str(data_root), "num_clips": num_clips, "num_classes": num_classes,
-            "hue_sets_pitch": has_hue_link(data_root),
+            "hue_sets_pitch": hue_link,
         },
         "steps": cfg.train.max_steps,
         "checkpoint": str(checkpoint),

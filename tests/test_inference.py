@@ -339,3 +339,41 @@ def test_predict_names_the_class_a_trained_classifier_learned(setup, tmp_path, c
         assert p["label"][0]["score"] >= p["label"][1]["score"]
     assert predict_tool.main([str(folder), files[0]]) == 0
     assert classes[int(rows[0]["label"])] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("aggregate", ["probs", "logits"])
+def test_predict_scores_equal_the_multiview_evaluation(setup, tmp_path, aggregate):
+    """``Classifier.scores`` of the test files equal ``evaluate``'s view-aggregated scores of the
+    same records, with the views' probabilities or their logits averaged (finetune.eval_aggregate)."""
+    from accelerate import Accelerator
+
+    from avmae.config import replace
+    from avmae.data import build_dataset, build_loader
+    from avmae.evaluation.evaluate import evaluate
+    from avmae.formats import save_finetuned
+    from avmae.inference import Classifier
+    from avmae.models import build_classifier
+
+    cfg = setup["cfg"]
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, test_clips=2),
+        finetune=replace(cfg.finetune, heads={"label": 4}, modalities="audiovisual", eval_aggregate=aggregate),
+    )
+    torch.manual_seed(0)
+    model = build_classifier(cfg, {"label": 4}).eval()
+    with torch.no_grad():  # logits far from uniform, so that the two aggregates differ
+        model.heads["label"][-1].weight.normal_(std=2.0)
+    folder = save_finetuned(model, cfg, tmp_path / "classifier")
+
+    dataset = build_dataset(cfg, "test", train=False)
+    _, agg = evaluate(model, build_loader(cfg, dataset, train=False), Accelerator(cpu=True), "audiovisual",
+                      False, video_cfg=cfg.data.video, aggregate=aggregate)  # fmt: skip
+    files = [dataset.records[i].video for i in agg["index"].tolist()]
+    scores, _ = Classifier(folder, device="cpu").scores(files)
+    predicted = torch.stack([s["label"] for s in scores])
+    torch.testing.assert_close(predicted, agg["scores"]["label"], rtol=1e-5, atol=1e-6)
+    other = "probs" if aggregate == "logits" else "logits"
+    _, agg_other = evaluate(model, build_loader(cfg, dataset, train=False), Accelerator(cpu=True), "audiovisual",
+                            False, video_cfg=cfg.data.video, aggregate=other)  # fmt: skip
+    assert not torch.allclose(predicted, agg_other["scores"]["label"], rtol=1e-3, atol=1e-4)

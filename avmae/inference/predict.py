@@ -12,7 +12,7 @@ import torch
 
 from avmae.config import Config, modality_set
 from avmae.data.manifests import read_class_list, read_manifest
-from avmae.evaluation.evaluate import model_inputs
+from avmae.evaluation.evaluate import model_inputs, probabilities
 from avmae.formats import load_finetuned
 from avmae.inference.embed import as_paths, default_device, file_views
 
@@ -24,8 +24,9 @@ class Classifier:
     """A finetuned classifier folder (``model.safetensors`` + ``config.yaml``, see
     ``avmae.formats.load_finetuned``) with its evaluation preprocessing and class names.
 
-    ``predict(files, k)`` averages the per-view softmax (sigmoid for multi-label data) over the
-    config's ``data.test_clips x data.test_crops`` views, as ``tools/eval.py`` scores them.
+    ``predict(files, k)`` scores the config's ``data.test_clips x data.test_crops`` views of each
+    file as ``tools/eval.py`` does: softmax (sigmoid for multi-label data), with the views'
+    probabilities or logits averaged as ``finetune.eval_aggregate`` says.
     """
 
     def __init__(
@@ -42,9 +43,11 @@ class Classifier:
         self.classes, self.multi_label = class_names(self.cfg, labels)
 
     @torch.no_grad()
-    def scores(self, sources: Sequence[str | Path | bytes], batch_size: int = 8) -> tuple[list[dict], list[str]]:
-        """Per decodable file: head -> ``(K,)`` view-averaged probabilities; plus the ids of the
-        records (file stems, in order); bad files raise ``ValueError`` naming them."""
+    def scores(self, sources: Sequence[str | Path | bytes]) -> tuple[list[dict], list[str]]:
+        """Per decodable file: head -> ``(K,)`` probabilities over its views, aggregated by
+        ``finetune.eval_aggregate`` as ``avmae.evaluation.evaluate.evaluate_multiview`` does; plus
+        the ids of the records (file stems, in order); bad files raise ``ValueError`` naming them."""
+        average_logits = self.cfg.finetune.eval_aggregate == "logits"
         with as_paths(list(sources)) as paths:
             views = file_views(self.cfg, paths)
             results = []
@@ -54,8 +57,11 @@ class Classifier:
                     raise ValueError(item["error"])
                 inputs = {m: item[m].to(self.device) for m in modality_set(self.modalities)}
                 logits = self.model(**model_inputs(inputs, self.modalities, video_cfg=self.cfg.data.video))
-                act = (lambda x: x.float().sigmoid()) if self.multi_label else (lambda x: x.float().softmax(dim=-1))
-                results.append({h: act(l).double().mean(dim=0).float().cpu() for h, l in logits.items()})
+                if average_logits:  # the probabilities of the mean logits
+                    per_head = {h: probabilities(l.float().double().mean(dim=0).float(), self.multi_label) for h, l in logits.items()}
+                else:  # the mean of the views' probabilities
+                    per_head = {h: probabilities(l, self.multi_label).double().mean(dim=0).float() for h, l in logits.items()}
+                results.append({h: p.cpu() for h, p in per_head.items()})
         return results, [Path(str(s)).name if not isinstance(s, (bytes, bytearray)) else "<bytes>" for s in sources]
 
     def predict(self, sources: Sequence[str | Path | bytes], k: int = 5) -> list[dict]:
