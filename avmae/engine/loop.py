@@ -157,14 +157,15 @@ class LogWindow:
         self.start = time.perf_counter()
         self.updates = 0
 
-    def add(self, output: dict, batch: dict, loss: bool = True) -> None:
-        """One micro-batch; ``loss=False`` (a discarded update) counts only its skipped clips."""
+    def count_failures(self, batch: dict) -> None:
+        """The clips a micro-batch's loader skipped (counted whether or not its update is kept)."""
         if "failures" in batch:
             self.failures = self.failures + batch["failures"].sum()
-        if not loss:
-            return
-        self.sums["loss"] = self.sums["loss"] + output["loss"].detach().float()
-        for name, value in output.get("logs", {}).items():
+
+    def add(self, loss: torch.Tensor, logs: dict[str, torch.Tensor]) -> None:
+        """One micro-batch of a kept update: its loss and its ``logs`` scalars."""
+        self.sums["loss"] = self.sums["loss"] + loss.detach().float()
+        for name, value in logs.items():
             self.sums[name] = self.sums[name] + value.detach().float()
         self.micro_batches += 1
 
@@ -406,7 +407,9 @@ class Trainer:
                     self.dataset.set_epoch(state.epoch)
                 skip = state.batch_in_epoch
                 epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-                held: list[tuple[dict, dict]] = []  # the micro-batches of the update in progress
+                # (loss, logs) of the micro-batches of the update in progress, kept until the
+                # update is known to be kept (train.on_nonfinite=skip decides at its end)
+                held: list[tuple[torch.Tensor, dict]] = []
 
                 for batch, waited in timed(epoch_loader):
                     if state.batch_in_epoch >= micro_per_epoch:
@@ -432,14 +435,16 @@ class Trainer:
                     state.batch_in_epoch += 1
                     if policy != "skip" and not discard:  # skip decides per update (above)
                         guard.update(output["loss"], state.step + 1)
-                    held.append((output, batch))
+                    window.count_failures(batch)
+                    held.append((output["loss"].detach(), output.get("logs", {})))
                     if not accelerator.sync_gradients:
                         continue
 
                     state.step += 1
                     window.updates += 1
-                    for output, batch in held:
-                        window.add(output, batch, loss=not discard)
+                    if not discard:
+                        for loss, logs in held:
+                            window.add(loss, logs)
                     held.clear()
                     lr_used = self.lr_now()
                     scheduler.step_update(state.step)
