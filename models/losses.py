@@ -120,14 +120,15 @@ def info_nce(
         all_a, all_b, first_column = a, b, rank * rows
     else:
         all_a, all_b, first_column = gather_with_grad(a), gather_with_grad(b), 0
-    labels = torch.arange(rows, device=a.device) + rank * rows - first_column
+    global_rows = _local_labels(rows, a.device)  # each local row's place in the global batch
+    labels = global_rows - first_column
     logits = [logit_scale * a @ all_b.t()]  # (B, columns)
     if symmetric:
         logits.append(logit_scale * b @ all_a.t())
     if not group:
         return sum(F.cross_entropy(x, labels) for x in logits) / len(logits)
 
-    row_group = (torch.arange(rows, device=a.device) + rank * rows) // group
+    row_group = global_rows // group
     column_group = (torch.arange(all_b.shape[0], device=a.device) + first_column) // group
     outside = row_group[:, None] != column_group[None, :]
     per_row = sum(F.cross_entropy(x.masked_fill(outside, float("-inf")), labels, reduction="none") for x in logits)
