@@ -454,3 +454,22 @@ def test_a_known_conversion_error_is_one_line_naming_the_file(tmp_path, capsys):
     assert err.startswith(f"error: {source}: ") and "patch_embed" in err
     with pytest.raises(ConversionError, match=re.escape(str(source))):
         run_tool(_tool("convert").main, [*argv, "--debug"])
+
+
+def test_tool_overrides_without_config_go_onto_the_sources_own_config(tmp_path):
+    """tools/convert.py SOURCE OUT key=value: the override lands on the source's own config (CAV-MAE's
+    eps 1e-5 becomes 1e-6 in config.json) and the part stays the source's default (both branches)."""
+    torch.manual_seed(2)
+    path = save(cavmae_checkpoint(finetuned=False), tmp_path / "cav-mae.pth", wrap=None)
+    plain, changed = tmp_path / "plain", tmp_path / "changed"
+    assert _tool("convert").main(["--from", "cavmae", str(path), str(plain)]) == 0
+    assert _tool("convert").main(["--from", "cavmae", str(path), str(changed), "model.norm_eps=1e-6"]) == 0
+    plain_cfg, changed_cfg = (json.loads((d / "config.json").read_text()) for d in (plain, changed))
+    assert plain_cfg["config"]["model"]["norm_eps"] == 1e-5
+    assert changed_cfg["config"]["model"]["norm_eps"] == 1e-6
+    assert plain_cfg["part"] == changed_cfg["part"] == "encoder"
+    # a one-branch source keeps its one branch as the part
+    mae_path = save(vit_checkpoint(3, (2, 2), finetuned=False), tmp_path / "mae_pretrain.pth")
+    assert _tool("convert").main(["--from", "mae", str(mae_path), str(tmp_path / "mae"), "model.norm_eps=1e-5"]) == 0
+    mae_cfg = json.loads((tmp_path / "mae" / "config.json").read_text())
+    assert mae_cfg["part"] == "video" and mae_cfg["config"]["model"]["norm_eps"] == 1e-5

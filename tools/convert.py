@@ -39,9 +39,7 @@ from avmae.convert import (
     CheckSkipped,
     check,
     convert,
-    default_config,
     random_source_checkpoint,
-    read,
 )
 from avmae.models import SIZES
 
@@ -78,16 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         what = "pretraining" if args.random_pretrained else "finetuned"
         print(f"wrote {args.source}: the {args.kind} source's {what} model, size {args.random_weights}, random weights")
-    config, part = None, args.part
-    if args.config:
-        config = load_config(args.config, args.overrides)
-    elif args.overrides:  # onto the source's own config (e.g. model.norm_eps=1e-6: --check must fail)
-        source = read(args.kind, args.source)
-        part = part or ("encoder" if len(source.branches) > 1 else next(iter(source.branches)))
-        config = load_config(overrides=args.overrides, base=default_config(source))
+    # overrides go onto --config, else onto the source's own config (e.g. model.norm_eps=1e-6:
+    # --check must fail)
+    config = load_config(args.config, args.overrides) if args.config else None
     try:
-        out = convert(args.kind, args.source, args.out_dir, part=part, config=config,
-                      num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds)
+        out = convert(args.kind, args.source, args.out_dir, part=args.part, config=config,
+                      num_frames=args.num_frames, image_size=args.image_size, audio_seconds=args.audio_seconds,
+                      overrides=None if args.config else args.overrides)
     except ValueError as err:  # the one line run_tool prints names the checkpoint
         if args.source in str(err):
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from avmae.config import Config, config_from_dict, config_to_dict, replace
+from avmae.config import Config, config_from_dict, config_to_dict, load_config, replace
 from avmae.convert import audiomae, cavmae, mae, videomae
 from avmae.convert.source import Branch, ConversionError, Source, SourceKeys, read_source
 from avmae.formats import save_finetuned, write_export
@@ -271,19 +271,25 @@ def convert(
     num_frames: int | None = None,
     image_size: int | None = None,
     audio_seconds: float | None = None,
+    overrides: list[str] | None = None,
 ) -> Path:
     """Convert ``checkpoint`` (a ``kind`` source) into the export folder ``out_dir``.
 
     ``config``: a target avmae config (e.g. a CAV-MAE pretraining config to start from ImageNet
     MAE); default: the source's own architecture, geometry and preprocessing
-    (``default_config``). ``num_frames`` / ``image_size`` / ``audio_seconds``: another input
+    (``default_config``), with ``overrides`` (``key.sub=value``) applied to it. ``num_frames`` / ``image_size`` / ``audio_seconds``: another input
     geometry; stored positional tables are resampled to it (the method lands in config.json).
     ``part``: ``encoder``, ``audio`` or ``video`` (default: the source's modalities).
     A finetuned source also gets ``out_dir/classifier`` (classifier weights + ``config.yaml``),
     which ``tools/eval.py`` runs directly.
     """
     source = read(kind, checkpoint)
-    cfg = config if config is not None else default_config(source)
+    if config is not None:
+        if overrides:
+            raise ValueError("convert: apply overrides to the config passed in, not alongside it")
+        cfg = config
+    else:
+        cfg = load_config(overrides=overrides, base=default_config(source)) if overrides else default_config(source)
     cfg = _with_geometry(cfg, num_frames, image_size, audio_seconds)
     if part is None:
         part = "encoder" if len(source.branches) > 1 or config is not None else next(iter(source.branches))
