@@ -63,12 +63,18 @@ def client_config():
                   read_timeout=POLICY.read_timeout_s)  # fmt: skip
 
 
+def _code_status(response: dict) -> tuple[str, str]:
+    """The error code and the HTTP status of a botocore error response ("" when absent)."""
+    code = str(response.get("Error", {}).get("Code") or "")
+    status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+    return code, status
+
+
 def _code(err: BaseException) -> str | None:
     response = getattr(err, "response", None)
     if not isinstance(response, dict):
         return None
-    code = str(response.get("Error", {}).get("Code") or "")
-    status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+    code, status = _code_status(response)
     return code or status or None
 
 
@@ -77,9 +83,7 @@ def classify(err: BaseException) -> str:
     import botocore.exceptions as bex
 
     if isinstance(err, bex.ClientError):
-        response = err.response
-        code = str(response.get("Error", {}).get("Code") or "")
-        status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+        code, status = _code_status(err.response)
         for kind, codes in (("missing", MISSING), ("access", ACCESS), ("transient", TRANSIENT)):
             if code in codes or (not code and status in codes):
                 return kind
@@ -94,13 +98,18 @@ def classify(err: BaseException) -> str:
     return "other"
 
 
-def call(fn: Callable[[], T], url: str, counter: torch.Tensor | None = None) -> T:
-    """``fn()``, its object-store errors classified, the passing ones retried and counted in ``counter``."""
+def call(fn: Callable[[], T], url: str | Callable[[], str], counter: torch.Tensor | None = None) -> T:
+    """``fn()``, its object-store errors classified, the passing ones retried and counted in ``counter``.
+
+    ``url`` names what ``fn`` reads in the errors and warnings; a callable is asked only when
+    something fails (the per-sample reads of shards need no name otherwise)."""
     for attempt in range(POLICY.attempts):
         try:
             return fn()
         except Exception as err:  # noqa: BLE001 - classified below, re-raised when not the store's
             kind = classify(err)
+            if callable(url):
+                url = url()
             code = _code(err) or type(err).__name__
             if kind == "missing":
                 raise FileNotFoundError(f"{url}: no such object in the store ({code})") from err

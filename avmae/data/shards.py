@@ -95,7 +95,7 @@ class ShardStore:
     def __getitem__(self, index: int) -> dict:
         if not is_url(self.location):
             return self._open()[index]
-        return object_store.call(lambda: self._open()[index], self._chunk_url(index), self.retries)
+        return object_store.call(lambda: self._open()[index], lambda: self._chunk_url(index), self.retries)
 
     def _open(self):
         if self._stream is None or self._pid != os.getpid():
