@@ -17,19 +17,15 @@ from avmae.formats import save_finetuned, write_export
 from avmae.models import SIZES, build_classifier, build_encoder, model_grids
 from avmae.models.pos_embed import RESAMPLE_METHOD, resample_table
 
-SOURCES = ("mae", "audiomae", "videomae", "cavmae")
+# One module per source: its reader read_<kind>, PREPROCESSING and NORM_EPS
+_MODULES = {"mae": mae, "audiomae": audiomae, "videomae": videomae, "cavmae": cavmae}
+SOURCES = tuple(_MODULES)
 PARTS = ("encoder", "audio", "video")  # what a conversion writes: export parts without a decoder
 # Preprocessing of each source, with the file that sets it (recorded in config.json).
-PREPROCESSING = {
-    "mae": mae.PREPROCESSING, "audiomae": audiomae.PREPROCESSING,
-    "videomae": videomae.PREPROCESSING, "cavmae": cavmae.PREPROCESSING,
-}
+PREPROCESSING = {kind: module.PREPROCESSING for kind, module in _MODULES.items()}
 # LayerNorm eps of each source (each module cites the file that sets it): model.norm_eps
-NORM_EPS = {"mae": mae.NORM_EPS, "audiomae": audiomae.NORM_EPS, "videomae": videomae.NORM_EPS, "cavmae": cavmae.NORM_EPS}
-READERS = {
-    "mae": mae.read_mae, "audiomae": audiomae.read_audiomae,
-    "videomae": videomae.read_videomae, "cavmae": cavmae.read_cavmae,
-}
+NORM_EPS = {kind: module.NORM_EPS for kind, module in _MODULES.items()}
+READERS = {kind: getattr(module, f"read_{kind}") for kind, module in _MODULES.items()}
 
 
 def read(kind: str, path: str | Path) -> Source:
