@@ -213,7 +213,6 @@ def temporal_order(generator: torch.Generator, aug: AugmentConfig, num_frames: i
 
 
 _JITTER_NAMES = tuple(_JITTER_OPS)
-PARAMS_WIDTH = 16  # see pack_params
 
 
 def pack_params(params: SpatialParams) -> torch.Tensor:
