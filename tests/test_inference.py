@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,11 @@ def test_embedding_model_inputs_and_tokens(setup):
     assert averaged["tokens"]["video"].shape == (32, 128) and averaged["tokens"]["audio"].shape == (16, 128)
     # the joint embedding pools the tokens it returns
     torch.testing.assert_close(averaged["joint"][:128], averaged["tokens"]["video"].mean(0), rtol=1e-4, atol=1e-5)
+    # a file that is not there is named, as embed names it
+    absent = clip.with_name("absent.mp4")
+    for call in (model.preprocess, model.embed):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(absent))):
+            call(absent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,10 +153,7 @@ class Embedder:
         """This model on another dataset: ``data``'s format, location and multi-view counts with
         this model's own preprocessing (``data.video`` and ``data.audio`` of its config)."""
         data = replace(data, video=self.cfg.data.video, audio=self.cfg.data.audio)
-        other = object.__new__(Embedder)
-        other.device, other.encoder, other.modalities = self.device, self.encoder, self.modalities
-        other.cfg = replace(self.cfg, data=data)
-        return other
+        return Embedder(self.encoder, replace(self.cfg, data=data), self.device)
 
     # ---- preprocessing ---------------------------------------------------------------------
 
@@ -171,7 +168,7 @@ class Embedder:
     def preprocess(self, source: str | Path | bytes) -> dict[str, torch.Tensor]:
         """One file (a path or its bytes) -> ``{"video": (V, C, T, H, W) uint8, "audio": (V, 1, T_a, F)}``."""
         with as_path(source) as path:
-            item = RecordViews(self.dataset([ClipRecord(Path(path).stem, Path(path))]))[0]
+            item = file_views(self.cfg, [Path(path)])[0]
         if "error" in item:
             raise ValueError(item["error"])
         return {m: item[m] for m in ("video", "audio")}
@@ -211,13 +208,13 @@ class Embedder:
         evaluation does (``avmae.evaluation.evaluate.aggregate_views``): ``{"index": (B,), name: (B, D)}``."""
         views = items[0]["video"].shape[0] if "video" in items[0] else items[0]["audio"].shape[0]
         batch = {m: torch.cat([it[m] for it in items]) for m in ("video", "audio") if m in items[0]}
-        index = torch.tensor([it["index"] for it in items]).repeat_interleave(views)
+        records = torch.tensor([it["index"] for it in items])
         view = torch.arange(views).repeat(len(items))
         encoded = self.encode(batch, outputs, tokens)
         token_maps = encoded.pop("tokens", None)
-        agg = aggregate_views(index, view, encoded, {})
-        order = torch.tensor([it["index"] for it in items]).argsort().argsort()  # agg is sorted by index
-        out = {"index": torch.tensor([it["index"] for it in items])}
+        agg = aggregate_views(records.repeat_interleave(views), view, encoded, {})
+        order = records.argsort().argsort()  # agg is sorted by index
+        out = {"index": records}
         out.update({name: f[order] for name, f in agg["scores"].items()})
         if token_maps is not None:
             out["tokens"] = {
