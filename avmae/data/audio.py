@@ -16,6 +16,7 @@ hop, Hanning window, no dither, waveform mean removed) normalised by the configu
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,8 +312,7 @@ def kaldi_fbank_batch(waves: torch.Tensor, lengths: torch.Tensor, audio_cfg: Aud
     frames = frames * torch.hann_window(size, periodic=False, device=waves.device, dtype=waves.dtype)
     frames = torch.nn.functional.pad(frames, (0, padded - size))
     spectrum = torch.fft.rfft(frames).abs().pow(2.0)
-    banks, _ = torchaudio.compliance.kaldi.get_mel_banks(audio_cfg.num_mel_bins, padded, float(rate), 20.0, 0.0, 100.0, -500.0, 1.0)
-    banks = torch.nn.functional.pad(banks.to(spectrum), (0, 1))
+    banks = _mel_banks(audio_cfg.num_mel_bins, padded, float(rate), spectrum.device, spectrum.dtype)
     features = torch.matmul(spectrum, banks.T)
     features = torch.max(features, torch.tensor(torch.finfo(torch.float).eps, device=waves.device)).log()
     valid = torch.where(lengths >= size, 1 + (lengths - size) // shift, 0)  # frames of real samples
@@ -321,6 +321,15 @@ def kaldi_fbank_batch(waves: torch.Tensor, lengths: torch.Tensor, audio_cfg: Aud
     if missing > 0:
         features = torch.nn.functional.pad(features, (0, 0, 0, missing))
     return features[:, :target]
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_banks(num_mel_bins: int, padded: int, rate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """torchaudio's Kaldi mel banks with CAV-MAE's arguments, a zero Nyquist column appended:
+    ``(num_mel_bins, padded // 2 + 1)``, made once per geometry, device and dtype (every batch
+    and every worker clip would otherwise rebuild them, and copy them to the device)."""
+    banks, _ = torchaudio.compliance.kaldi.get_mel_banks(num_mel_bins, padded, rate, 20.0, 0.0, 100.0, -500.0, 1.0)
+    return torch.nn.functional.pad(banks.to(device=device, dtype=dtype), (0, 1))
 
 
 def normalize_fbank(features: torch.Tensor, audio_cfg: AudioConfig) -> torch.Tensor:
