@@ -137,7 +137,8 @@ class AVDataset(Dataset):
         self.split = split
         self.classes = manifest.classes
         self.multi_label = manifest.multi_label
-        self.records = self._present_records(manifest, missing_list)
+        # records with their media files; those without, left out (listed in missing_list)
+        self.records, self.missing = self._present_records(manifest, missing_list)
         self.crops = crop_positions(data_cfg.test_crops)
         self.views = 1 if train else data_cfg.test_clips * len(self.crops)
         self.two_views = train and augment_cfg.two_views
@@ -156,7 +157,9 @@ class AVDataset(Dataset):
         self._bad: set[int] = set()  # records this process failed to decode
         self._silent: set[int] = set()  # records this process fed silence for
 
-    def _present_records(self, manifest: Manifest, missing_list: Path | None) -> list[ClipRecord]:
+    def _present_records(
+        self, manifest: Manifest, missing_list: Path | None
+    ) -> tuple[list[ClipRecord], list[ClipRecord]]:
         present, missing = [], []
         for record in manifest.records:
             (present if is_present(record) else missing).append(record)
@@ -175,7 +178,7 @@ class AVDataset(Dataset):
                 f"{manifest.source}: none of the {len(manifest.records)} records has its media files "
                 f"(first missing: {missing[0].video if missing else None}); check data.root and data.video_template"
             )
-        return present
+        return present, missing
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch

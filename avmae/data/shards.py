@@ -169,11 +169,13 @@ class ShardDataset(AVDataset):
         self._last: tuple[int, dict, dict] | None = None
         super().__init__(manifest, data_cfg, augment_cfg, train, transforms, seed, missing_list=None, split=split)
 
-    def _present_records(self, manifest: Manifest, missing_list: Path | None) -> list[ClipRecord]:
+    def _present_records(
+        self, manifest: Manifest, missing_list: Path | None
+    ) -> tuple[list[ClipRecord], list[ClipRecord]]:
         if not manifest.records:
             raise FileNotFoundError(f"{manifest.source}: the shards hold no samples")
         log.info("%s %s: %d samples in shards", manifest.source, self.split, len(manifest.records))
-        return manifest.records
+        return manifest.records, []  # preparation kept only the records it could write
 
     def _sample(self, record_index: int) -> tuple[dict, dict]:
         """The stored sample of a record; ``_load`` asks twice in a row (video, then audio)."""

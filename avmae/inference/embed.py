@@ -276,9 +276,8 @@ def file_views(cfg: Config, paths: list[Path]) -> RecordViews:
     ``cfg.data``'s preprocessing; a missing file raises ``FileNotFoundError`` naming it
     (``AVDataset`` would drop it)."""
     dataset = file_dataset(cfg, [ClipRecord(str(i), Path(p)) for i, p in enumerate(paths)])
-    if len(dataset.records) != len(paths):
-        present = {str(r.video) for r in dataset.records}
-        raise FileNotFoundError(f"no such file: {next(str(p) for p in paths if str(p) not in present)}")
+    if dataset.missing:
+        raise FileNotFoundError(f"no such file: {dataset.missing[0].video}")
     return RecordViews(dataset)
 
 

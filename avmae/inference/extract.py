@@ -64,17 +64,6 @@ def embed_dataset(embedder: Embedder, dataset: AVDataset, indices: Sequence[int]
     return out
 
 
-def _bad_rows(path: Path) -> list[dict]:
-    """Records of a missing-file list (``id<TAB>video<TAB>audio``) as bad rows."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        clip_id, video, audio = (line.split("\t") + ["", ""])[:3]
-        rows.append({"id": clip_id, "path": video, "error": f"file not found: {audio or video}"})
-    return rows
-
-
 def bad_list_path(out: Path) -> Path:
     """``emb.npz`` -> ``emb.bad.tsv``."""
     return out.with_name(out.name.removesuffix(".npz") + ".bad.tsv")
@@ -113,7 +102,9 @@ def extract_to_file(
         dataset = embedder.dataset(records, missing_list=parts / "missing.tsv")
     else:
         dataset = embedder.split_dataset(split, missing_list=parts / "missing.tsv")
-    missing = _bad_rows(parts / "missing.tsv")
+    missing = [
+        {"id": r.id, "path": str(r.video), "error": f"file not found: {r.audio or r.video}"} for r in dataset.missing
+    ]
     # batches are positions in this record list: a rerun must see the same list and settings
     ids = hashlib.sha256("\n".join(f"{r.id}\t{r.video}" for r in dataset.records).encode()).hexdigest()
     identity = {"views": embedder.views, "outputs": list(outputs), "batch_size": batch_size, "records": ids, **(settings or {})}
