@@ -40,7 +40,7 @@ from avmae.data.shard_writer import encode_frame, frame_step, prepare_shards
 from avmae.data.shards import decode_frame, needed_frame_rate
 from avmae.data.video import DECODERS, open_video
 
-from .machine import environment, finish
+from .machine import environment, finish, synchronize
 from .train_step import split_rounds
 
 # Targets: 30 clips/s per CPU core on 360p H.264; on prepared shards 40 clips/s per core and 6x
@@ -288,12 +288,10 @@ def measure_device_transforms(dataset: AVDataset, batch_size: int, rounds: int =
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         times = []
         for _ in range(rounds + 1):  # the first round warms up
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize(torch.device(device))
             start = time.perf_counter()
             apply_device_transforms(moved, data_cfg)
-            if device == "cuda":
-                torch.cuda.synchronize()
+            synchronize(torch.device(device))
             times.append(time.perf_counter() - start)
         result["device_ms_per_clip" + ("" if device == "cpu" else "_cuda")] = 1000.0 * min(times[1:]) / clips
     return result
